@@ -1,0 +1,304 @@
+"""SentencePiece tokenizer: training, loading, and the fixed special ids.
+
+This is the only module that imports sentencepiece. Every model trained by rlhf_jax uses the same
+special ids, so padding, packing and masking code can rely on them without a tokenizer at hand:
+
+    PAD_ID = 0, UNK_ID = 1, BOS_ID = 2, EOS_ID = 3     (pad is never -1)
+
+Models are trained so that text round-trips exactly: identity normalization (no NFKC, no
+whitespace collapsing), no dummy-prefix space, and byte fallback so characters never seen in
+training still encode (as UTF-8 byte pieces) instead of becoming <unk>. Because there is no dummy
+prefix, `decode(encode(a) + encode(b)) == a + b`, which later stages rely on when they join a
+prompt and a response.
+
+CLI:
+    python -m rlhf_jax.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model
+    python -m rlhf_jax.tokenizer encode --model tok.model "some text"
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+# 256 byte pieces + the 4 special ids must fit, plus at least one learned piece.
+_MIN_VOCAB = 256 + 4 + 1
+# SentencePiece skips training sentences longer than max_sentence_length bytes, so long lines are
+# cut into chunks of at most this many characters (<= 4 bytes each in UTF-8).
+_MAX_CHUNK_CHARS = 2048
+_MAX_SENTENCE_BYTES = 4 * _MAX_CHUNK_CHARS
+# The thread count changes the trained model, so it is a constant, not os.cpu_count().
+_TRAIN_THREADS = 4
+
+MODEL_TYPES = ("bpe", "unigram")
+
+
+def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
+    """Yields the non-empty lines of every document, long lines cut into chunks."""
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            for start in range(0, len(line), _MAX_CHUNK_CHARS):
+                yield line[start : start + _MAX_CHUNK_CHARS]
+
+
+def _sample(sentences: Iterator[str], max_sentences: int, seed: int) -> list[str]:
+    """Seeded uniform sample of at most `max_sentences` sentences, in corpus order.
+
+    SentencePiece's own sampling (input_sentence_size) is not reproducible across processes, so
+    we sample here (reservoir sampling) and let SentencePiece use everything it is given.
+    """
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for i, sentence in enumerate(sentences):
+        if i < max_sentences:
+            reservoir.append((i, sentence))
+        else:
+            j = rng.randrange(i + 1)
+            if j < max_sentences:
+                reservoir[j] = (i, sentence)
+    reservoir.sort()
+    return [sentence for _, sentence in reservoir]
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` via a temp file in the same directory and os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a model file is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    seed: int = 0,
+    *,
+    max_sentences: int = 5_000_000,
+) -> str:
+    """Trains a SentencePiece model on documents and writes it atomically to `out_path`.
+
+    The result is deterministic given the same texts, arguments and sentencepiece version.
+
+    Args:
+      texts: documents; each is split into lines, and every non-empty line is one training
+        sentence.
+      out_path: where to write the `.model` file; parent directories are created. A killed run
+        never leaves a partial file there.
+      vocab_size: requested vocabulary size, at least 261 (256 byte pieces + 4 special ids + 1).
+        It is a soft limit: a tiny corpus yields a smaller vocabulary (see Tokenizer.vocab_size).
+      model_type: "bpe" or "unigram".
+      seed: seeds the sampling of training sentences when there are more than `max_sentences`.
+      max_sentences: at most this many sentences (a seeded uniform sample) are used for training,
+        which bounds memory on large corpora.
+
+    Returns:
+      out_path.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type: {model_type!r}; expected one of {MODEL_TYPES}")
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB} (256 byte-fallback pieces + 4 special ids "
+            f"+ 1 learned piece), got {vocab_size}"
+        )
+    sentences = _sample(_training_sentences(texts), max_sentences, seed)
+    if not sentences:
+        raise ValueError("cannot train a tokenizer: the documents contain no non-empty text")
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        input_sentence_size=0,  # use every sentence given; sampling happened above
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        num_threads=_TRAIN_THREADS,
+        minloglevel=2,  # errors only; training chatter would drown the CLI summary
+    )
+    _atomic_write_bytes(out_path, model.getvalue())
+    return out_path
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with rlhf_jax's fixed special ids.
+
+    Attributes:
+      path: the `.model` file this tokenizer was loaded from.
+    """
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+        self._sp = processor
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Loads a `.model` file and checks its special ids.
+
+        Args:
+          path: a SentencePiece model file, e.g. written by `train_tokenizer`.
+
+        Returns:
+          The tokenizer.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model file {path!r} does not exist")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path!r} is not a valid sentencepiece model ({e})") from e
+        found = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+        expected = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+        if found != expected:
+            raise ValueError(
+                f"tokenizer {path!r} has pad/unk/bos/eos ids {found} but rlhf_jax requires "
+                f"{expected}; retrain it with `python -m rlhf_jax.tokenizer train`"
+            )
+        return cls(processor, path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special and byte pieces included (ids are 0..vocab_size-1)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    def encode(self, text: str) -> list[int]:
+        """Encodes text to ids, without bos/eos.
+
+        Args:
+          text: any string; characters unseen in training become byte pieces.
+
+        Returns:
+          Token ids, [n].
+        """
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encodes many texts at once (SentencePiece's C++ batch path); same ids as `encode`."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=_TRAIN_THREADS)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decodes ids to text; pad ids are dropped, bos/eos decode to nothing.
+
+        Args:
+          ids: token ids, [n] (a list or a 1-D integer array).
+
+        Returns:
+          The text. Decoding does not stop at eos.
+        """
+        return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary piece of one id (e.g. '▁the', '<0x0A>', '<s>')."""
+        return self._sp.id_to_piece(int(token_id))
+
+    def check_model_vocab(self, model_vocab_size: int, where: str = "model.vocab_size") -> None:
+        """Raises if token ids could index past a model's embedding table.
+
+        A model vocabulary larger than the tokenizer's (padded, e.g. to a multiple of 128) is fine.
+
+        Args:
+          model_vocab_size: rows of the model's embedding / unembedding.
+          where: how to name the model's setting in the error (a config key).
+        """
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"tokenizer {self.path!r} has {self.vocab_size} tokens but {where} is "
+                f"{model_vocab_size}, so token ids would index past the embedding; "
+                f"set {where} >= {self.vocab_size}"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_jax.tokenizer", description="Train or try a SentencePiece tokenizer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a tokenizer on .jsonl / .txt documents")
+    train.add_argument("--input", nargs="+", required=True, help="files or globs")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output .model path")
+    train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    train.add_argument("--seed", type=int, default=0)
+    encode = commands.add_parser("encode", help="print the ids and pieces of a text")
+    encode.add_argument("--model", required=True)
+    encode.add_argument("text")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        # Imported here: data.py imports this module for the special ids.
+        from rlhf_jax.data import read_documents
+
+        start = time.time()
+        docs = read_documents(args.input)
+        train_tokenizer(docs, args.out, args.vocab_size, args.model_type, args.seed)
+        tok = Tokenizer.load(args.out)
+        print(
+            f"trained {args.model_type} tokenizer: vocab {tok.vocab_size} "
+            f"(asked {args.vocab_size}) from {len(docs)} documents in "
+            f"{time.time() - start:.1f}s -> {args.out}"
+        )
+    elif args.command == "encode":
+        tok = Tokenizer.load(args.model)
+        ids = tok.encode(args.text)
+        print(f"ids ({len(ids)}): {ids}")
+        print(f"pieces: {[tok.id_to_piece(i) for i in ids]}")
+    else:
+        raise ValueError(f"unknown command: {args.command!r}; expected one of ('train', 'encode')")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        # Bad input is one clear sentence, not a traceback.
+        sys.exit(f"error: {e}")
