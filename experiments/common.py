@@ -1,0 +1,109 @@
+"""Shared config presets. Experiment files start from these; they never copy them.
+
+Every key a run may override lives here with a typed default, so `--config.train.stepz=1`
+(a typo) or `--config.train.steps=abc` (a wrong type) is an error at start-up.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from rlhf_jax import sharding
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+    """Parses the `:k=v,k2=v2` suffix of `--config experiments/x.py:...` with typed defaults.
+
+    A key not in `defaults` is an error, and each value takes the type of its default.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config arg {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; expected one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config arg {key}={value!r} is not a bool")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"config arg {key}={value!r} is not a {kind.__name__}") from None
+    return mlc.ConfigDict(out)
+
+
+def model_config(size: str = "tiny") -> mlc.ConfigDict:
+    """`size` picks a preset from rlhf_jax/model.py; the other keys override it when set."""
+    return mlc.ConfigDict(
+        dict(
+            size=size,
+            family="",  # "" -> the preset's family (gpt2); or "llama"
+            vocab_size=0,  # 0 -> the tokenizer's vocabulary rounded up to a multiple of 128
+            max_len=0,  # 0 -> the preset's
+            n_kv_heads=0,  # 0 -> the preset's (no grouping); llama-style GQA when smaller
+            dtype="bfloat16",  # compute dtype
+            param_dtype="float32",
+            scan_layers=False,  # unrolled is faster on GPU; scan compiles deep models faster
+            remat="none",  # none | full | dots
+            attention="auto",  # auto | xla | cudnn
+        )
+    )
+
+
+def train_config(**overrides) -> mlc.ConfigDict:
+    c = mlc.ConfigDict(
+        dict(
+            steps=1000,
+            batch_size=32,  # global, in sequences, per optimizer step
+            seq_len=256,
+            grad_accum=1,  # microbatches per step (batch_size must divide evenly)
+            lr=6e-4,
+            warmup_steps=100,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+            log_every=10,
+            eval_every=200,  # 0 disables eval
+            eval_batches=8,
+            ckpt_every=200,
+            keep_ckpts=3,
+        )
+    )
+    c.update(overrides)
+    return c
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    """ICI (within a slice / node) and DCN (across slices / nodes) mesh shapes; -1 fills."""
+    return mlc.ConfigDict(
+        dict(
+            ici=dict(data=data, fsdp=fsdp, tensor=tensor),
+            dcn=dict(data=1, fsdp=1, tensor=1),
+        )
+    )
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.stage = "pretrain"
+    c.seed = 0
+    c.init_from = ""  # a previous stage's workdir: restores its params only
+    c.model = model_config()
+    c.tokenizer = mlc.ConfigDict(
+        dict(
+            path="",  # "" -> train one on data.train into <workdir>/tokenizer.model
+            vocab_size=512,  # used only when training a tokenizer
+            model_type="bpe",
+        )
+    )
+    c.data = mlc.ConfigDict(dict(train="", eval_fraction=0.05, cache=True))
+    c.train = train_config()
+    c.mesh = mesh_config()
+    c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
+    return c

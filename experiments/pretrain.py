@@ -1,0 +1,57 @@
+"""LM pretraining: next-token cross-entropy on a text corpus.
+
+Tiny model on the bundled corpus, CPU (about 2 minutes on 2 cores; loss falls from ~6.2 to ~1.2):
+  python -m launch.run --config experiments/pretrain.py --workdir runs/pretrain_tiny
+
+GPT-2 124M on your own corpus, one GPU:
+  python -m launch.run --config experiments/pretrain.py:size=small \
+      --config.data.train='corpus/*.jsonl' --config.tokenizer.path=tok.model \
+      --workdir runs/pretrain_small
+
+Args (after the colon): size (tiny|small|medium|large|xl|1.3b|6b|175b), family (gpt2|llama),
+fsdp and tensor (mesh axis sizes; data parallelism fills the remaining devices).
+"""
+
+import os
+
+from experiments import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1)
+    c = common.base_config()
+    c.stage = "pretrain"
+    c.model = common.model_config(arg.size)
+    c.model.family = arg.family
+    c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    c.data.train = os.path.join(HERE, "data", "tiny_corpus.jsonl")
+    if arg.size == "tiny":
+        c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower
+        c.train.update(
+            steps=300,
+            batch_size=16,
+            seq_len=128,
+            lr=3e-3,
+            warmup_steps=30,
+            log_every=10,
+            eval_every=100,
+            eval_batches=4,
+            ckpt_every=100,
+        )
+    else:
+        # GPT-2 small recipe (nanoGPT): 0.5M tokens per step via accumulation, lr 6e-4.
+        c.tokenizer.vocab_size = 32000
+        c.train.update(
+            steps=20000,
+            batch_size=480,
+            seq_len=1024,
+            grad_accum=40,
+            lr=6e-4,
+            warmup_steps=700,
+            log_every=10,
+            eval_every=500,
+            ckpt_every=1000,
+        )
+    return c

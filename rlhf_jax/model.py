@@ -1,0 +1,442 @@
+"""Decoder-only transformer, GPT-2 and LLaMA families, in Flax NNX used functionally.
+
+This module owns the model config, the size presets, the NNX modules and the KV-cache layout.
+Stages split the model once (`nnx.split`) and merge it inside their jitted pure steps; nothing
+here builds a mesh or knows mesh axes: parameters carry *logical* axis names in their `axes`
+metadata and activations are constrained through `sharding.constrain` with logical names.
+
+Dimension glossary (used in names and `# [...]` comments):
+  B batch, T query length, S key length (cache size), D d_model, F d_ff, N query heads,
+  K key/value heads, H head dim, V vocab, L layers.
+
+KV cache (explicit pytree, passed in and returned by `Transformer.__call__`):
+  {"k": [L, B, S, K, H], "v": [L, B, S, K, H], "mask": [B, S] bool (slot holds a real token),
+   "index": [] int32 (next slot to write)}
+Every row writes at the same `index`; left padding is expressed through `mask`, so a row's
+results do not depend on how much padding it carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import sharding
+
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics. Zero-valued sizes are derived in `__post_init__`."""
+
+    family: str = "gpt2"  # gpt2: learned pos, LayerNorm, GELU, tied, biases; llama: RoPE...
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 0  # 0 -> n_heads (no grouping)
+    head_dim: int = 0  # 0 -> d_model // n_heads
+    d_ff: int = 0  # 0 -> 4 D (gpt2) or the LLaMA 8/3 D rule rounded to 256
+    max_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool | None = None  # None -> family default (gpt2 tied, llama untied)
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False  # lax.scan over stacked layers (compile time for deep models)
+    remat: str = "none"  # none | full | dots
+    attention: str = "auto"  # auto (cudnn on GPU when possible, else xla) | xla | cudnn
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model.family: {self.family!r}; expected one of {FAMILIES}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"unknown model.remat: {self.remat!r}; expected none, full or dots")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(
+                f"unknown model.attention: {self.attention!r}; expected auto, xla or cudnn"
+            )
+        set_ = functools.partial(object.__setattr__, self)
+        if not self.n_kv_heads:
+            set_("n_kv_heads", self.n_heads)
+        if not self.head_dim:
+            set_("head_dim", self.d_model // self.n_heads)
+        if not self.d_ff:
+            if self.family == "gpt2":
+                set_("d_ff", 4 * self.d_model)
+            else:
+                set_("d_ff", 256 * math.ceil(int(8 * self.d_model / 3) / 256))
+        if self.tie_embeddings is None:
+            set_("tie_embeddings", self.family == "gpt2")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}"
+            )
+
+    @property
+    def use_bias(self) -> bool:
+        return self.family == "gpt2"
+
+
+# GPT-2 sizes (Radford et al. 2019) and the InstructGPT policy sizes (GPT-3 1.3B, 6.7B, 175B;
+# Brown et al. 2020, Table 2.1). Vocabulary 50257 padded to 50304 (a multiple of 128).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_len=256),
+    "small": dict(d_model=768, n_layers=12, n_heads=12),
+    "medium": dict(d_model=1024, n_layers=24, n_heads=16),
+    "large": dict(d_model=1280, n_layers=36, n_heads=20),
+    "xl": dict(d_model=1600, n_layers=48, n_heads=25),
+    "1.3b": dict(d_model=2048, n_layers=24, n_heads=16, max_len=2048),
+    "6b": dict(d_model=4096, n_layers=32, n_heads=32, max_len=2048),
+    "175b": dict(d_model=12288, n_layers=96, n_heads=96, max_len=2048),
+}
+
+
+def preset(size: str, **overrides) -> ModelConfig:
+    """Returns the `ModelConfig` of a named size, with non-default overrides applied."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown model.size: {size!r}; expected one of {tuple(PRESETS)}")
+    kw = dict(PRESETS[size])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**kw)
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+def _param(rngs, shape, axes, cfg, std=0.02, init="normal"):
+    """An `nnx.Param` with logical axis names; `init` is normal(std), zeros or ones."""
+    dtype = _dt(cfg.param_dtype)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init: {init!r}")
+    return nnx.Param(value, axes=axes)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.rms = cfg.family == "llama"
+        self.eps = cfg.norm_eps
+        self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, init="ones")
+        self.bias = None if self.rms else _param(rngs, (cfg.d_model,), ("norm",), cfg, init="zeros")
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.rms:
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+            return (x * self.scale[...]).astype(dtype)
+        mean = jnp.mean(x, -1, keepdims=True)
+        x = x - mean
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+        return (x * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, half-split layout (as LLaMA checkpoints store q/k). x: [B, T, N, H]."""
+    h = x.shape[-1]
+    freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
+    cos = jnp.cos(angle)[:, :, None, :]
+    sin = jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _attention_impl(cfg: ModelConfig, masked: bool) -> str:
+    """Picks the dot_product_attention backend: cuDNN flash needs GPU, 16-bit and no free mask."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    ok = (
+        jax.default_backend() == "gpu"
+        and not masked
+        and _dt(cfg.dtype) in (jnp.bfloat16, jnp.float16)
+        and cfg.head_dim % 8 == 0
+        and cfg.head_dim <= 128
+    )
+    return "cudnn" if ok else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual-projection scaling
+        self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
+        self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
+        if cfg.use_bias:
+            self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.o_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
+
+    def __call__(self, x, positions, key_mask, kv):
+        """x: [B, T, D]; positions: [B, T]; key_mask: [B, S] bool or None;
+        kv: None, or (k_cache [B, S, K, H], v_cache, index) to write into and attend over.
+        Returns (y [B, T, D], (k, v) written cache or None)."""
+        cfg = self.cfg
+        dt = _dt(cfg.dtype)
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        if cfg.use_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.family == "llama":
+            q = rope(q, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg.rope_theta)
+        q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
+        new_kv = None
+        t = x.shape[1]
+        if kv is None and key_mask is None:
+            y = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=_attention_impl(cfg, masked=False)
+            )
+        else:
+            if kv is not None:
+                k_cache, v_cache, index = kv
+                k_cache = jax.lax.dynamic_update_slice_in_dim(
+                    k_cache, k.astype(k_cache.dtype), index, axis=1
+                )
+                v_cache = jax.lax.dynamic_update_slice_in_dim(
+                    v_cache, v.astype(v_cache.dtype), index, axis=1
+                )
+                new_kv = (k_cache, v_cache)
+                k, v = k_cache.astype(dt), v_cache.astype(dt)
+                q_slot = index + jnp.arange(t)  # cache slot of each query  [T]
+            else:
+                q_slot = jnp.arange(t)
+            s = k.shape[1]
+            causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+            mask = causal[None, None]  # [1, 1, T, S]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :]
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, implementation=_attention_impl(cfg, masked=True)
+            )
+        y = jnp.einsum("btnh,nhd->btd", y, self.o[...].astype(dt))
+        if cfg.use_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y, new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.d_ff
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+        if cfg.family == "llama":
+            self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        if cfg.use_bias:
+            self.up_bias = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+            self.down_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
+
+    def __call__(self, x):  # [B, T, D]
+        cfg = self.cfg
+        dt = _dt(cfg.dtype)
+        h = x @ self.up[...].astype(dt)  # [B, T, F]
+        if cfg.use_bias:
+            h = h + self.up_bias[...].astype(dt)
+        if cfg.family == "llama":
+            h = jax.nn.silu(x @ self.gate[...].astype(dt)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        h = sharding.constrain(h, ("act_batch", "act_len", "act_mlp"))
+        y = h @ self.down[...].astype(dt)
+        if cfg.use_bias:
+            y = y + self.down_bias[...].astype(dt)
+        return y
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.ln1 = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln2 = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, key_mask, kv):
+        y, new_kv = self.attn(self.ln1(x), positions, key_mask, kv)
+        x = x + y
+        x = x + self.mlp(self.ln2(x))
+        x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
+        return x, new_kv
+
+
+def _run_block(graphdef, cfg: ModelConfig, layer_params, x, positions, key_mask, kv):
+    """Applies one block given its params as a pytree (the unit that remat and scan wrap)."""
+    return nnx.merge(graphdef, layer_params)(x, positions, key_mask, kv)
+
+
+def _remat(fn, cfg: ModelConfig):
+    if cfg.remat == "full":
+        return jax.checkpoint(fn)
+    if cfg.remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
+class Transformer(nnx.Module):
+    """The decoder. `__call__` returns (logits [B, T, V] or hidden [B, T, D], new cache)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        v, d = cfg.vocab_size, cfg.d_model
+        self.embed = _param(rngs, (v, d), ("vocab", "embed"), cfg)
+        if cfg.family == "gpt2":
+            self.pos_embed = _param(rngs, (cfg.max_len, d), ("pos", "embed"), cfg, std=0.01)
+        if cfg.scan_layers:
+            # One stacked Block whose params carry a leading [L] axis ("layers").
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(cfg, rngs)
+
+            self.layers = make(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), cfg)
+
+    def __call__(
+        self, tokens, *, positions=None, key_mask=None, cache=None, return_hidden: bool = False
+    ):
+        """Forward pass.
+
+        Args:
+          tokens: [B, T] int32.
+          positions: [B, T] int32 position ids; default 0..T-1 (or index.. with a cache).
+          key_mask: [B, T] bool, False at padding. Without a cache it masks the keys of this
+            call; with a cache it is written into the cache's mask at the slots being filled.
+          cache: None, or the KV-cache pytree described in the module docstring.
+          return_hidden: return the final normed hidden states [B, T, D] instead of logits.
+
+        Returns:
+          (logits [B, T, V] in the compute dtype, or hidden [B, T, D]; the updated cache or None).
+        """
+        cfg = self.cfg
+        dt = _dt(cfg.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        if cfg.family == "gpt2":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+        x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
+
+        attn_mask = key_mask
+        if cache is not None:
+            index = cache["index"]
+            new_mask = key_mask if key_mask is not None else jnp.ones((b, t), bool)
+            attn_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
+
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+            step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
+
+            def body(x, layer):
+                params, kv = layer
+                kv = None if kv is None else (kv[0], kv[1], cache["index"])
+                x, new_kv = step(params, x, positions, attn_mask, kv)
+                return x, new_kv
+
+            xs = (stacked, None if cache is None else (cache["k"], cache["v"]))
+            x, new_kvs = jax.lax.scan(body, x, xs)
+        else:
+            new_k, new_v = [], []
+            for i, block in enumerate(self.blocks):
+                graphdef, params = nnx.split(block)
+                step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
+                kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
+                x, layer_kv = step(params, x, positions, attn_mask, kv)
+                if cache is not None:
+                    new_k.append(layer_kv[0])
+                    new_v.append(layer_kv[1])
+            new_kvs = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+
+        x = self.final_norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = {
+                "k": new_kvs[0],
+                "v": new_kvs[1],
+                "mask": attn_mask,
+                "index": cache["index"] + t,
+            }
+        if return_hidden:
+            return x, new_cache
+        w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
+        logits = x @ w.astype(dt)
+        logits = sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+        return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows and `max_len` slots (see module docstring)."""
+    dtype = _dt(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Builds a model with concrete parameters (tests, small models). Stages use `state.py`."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig):
+    """(graphdef, abstract params pure dict of ShapeDtypeStruct, logical axes pytree)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    axes: dict = {}
+    for path, var in nnx.to_flat_state(params):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = _axes_of(var)
+    return graphdef, params.to_pure_dict(), axes
+
+
+def _axes_of(var: nnx.Variable) -> tuple:
+    axes = tuple(var.get_metadata().get("axes", ()))
+    ndim = len(var.shape)
+    if ndim == len(axes) + 1:  # stacked by scan_layers
+        axes = ("layers",) + axes
+    if ndim != len(axes):
+        raise ValueError(f"param of shape {var.shape} has logical axes {axes}")
+    return axes
+
+
+def param_count(params, cfg: ModelConfig | None = None, *, exclude_positions: bool = False) -> int:
+    """Number of parameters; `exclude_positions` drops GPT-2's position table (as in 6N FLOPs)."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if exclude_positions and cfg is not None and cfg.family == "gpt2":
+        n -= cfg.max_len * cfg.d_model
+    return n

@@ -1,0 +1,165 @@
+"""Logical-to-mesh sharding: the only place where logical axis names meet mesh axes.
+
+Model code names dimensions logically (`embed`, `mlp`, `act_batch`, ...). A list of rules
+(`config.sharding.rules`, default `DEFAULT_RULES`) maps each logical name to a mesh axis, a tuple
+of mesh axes, or None (replicated). This module turns logical names into `PartitionSpec`s and
+`NamedSharding`s, constrains activations inside jitted code, and assembles global batches from
+per-process host data.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer
+state), `tensor` (Megatron-style tensor parallel over heads / mlp / vocab).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Params: vocab/heads/mlp over `tensor`, the model dimension over `fsdp` (ZeRO-3-like).
+# Activations: batch over (data, fsdp); heads / mlp / vocab over `tensor`.
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("pos", None),
+)
+
+_log = logging.getLogger(__name__)
+_ctx = threading.local()
+
+
+def normalize_rules(rules) -> tuple[tuple[str, object], ...]:
+    """Validates rules given as pairs `(logical, mesh_axis | (mesh_axes...) | None)`."""
+    out = []
+    for i, rule in enumerate(rules):
+        if len(rule) != 2:
+            raise ValueError(f"sharding.rules[{i}] = {rule!r} is not a (logical, mesh) pair")
+        name, target = rule
+        targets = () if target is None else (target,) if isinstance(target, str) else target
+        for t in targets:
+            if t not in MESH_AXES:
+                raise ValueError(
+                    f"sharding.rules[{i}]: unknown mesh axis {t!r}; expected one of {MESH_AXES}"
+                )
+        out.append((str(name), tuple(targets)))
+    return tuple(out)
+
+
+def logical_to_spec(names, rules, mesh: Mesh, shape=None) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical names.
+
+    Mesh axes of size 1 are dropped, a mesh axis is used at most once per array, and a dimension
+    that the mesh axes do not divide is replicated (logged once) rather than padded.
+    """
+    table = dict(normalize_rules(rules))
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        targets = table.get(name, ()) if name is not None else ()
+        targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1 and t not in used)
+        if shape is not None and targets:
+            size = math.prod(mesh.shape[t] for t in targets)
+            if shape[i] % size:
+                _warn_once(
+                    f"dim {i} ({name}) of shape {tuple(shape)} is not divisible by mesh "
+                    f"axes {targets} (size {size}); replicating it"
+                )
+                targets = ()
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def _warn_once(msg: str):
+    seen = getattr(_ctx, "warned", None)
+    if seen is None:
+        seen = _ctx.warned = set()
+    if msg not in seen:
+        seen.add(msg)
+        _log.warning(msg)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(axes_tree, abstract_tree, mesh: Mesh, rules):
+    """NamedShardings for a pytree, given its logical-axes pytree (tuples as leaves)."""
+    return jax.tree.map(
+        lambda axes, a: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, a.shape)),
+        axes_tree,
+        abstract_tree,
+        is_leaf=_is_axes,
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a host batch: leading dim over the `act_batch` mesh axes, rest replicated."""
+    names = ("act_batch",) + (None,) * (ndim - 1)
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+    """How many ways the batch is split (the product of the `act_batch` mesh axes)."""
+    spec = logical_to_spec(("act_batch",), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def put_batch(local: dict, mesh: Mesh, rules) -> dict:
+    """Per-process numpy batch -> global jax.Arrays sharded along the batch axis.
+
+    Each process passes its own slice ([global_batch / process_count, ...]); the result is one
+    global array per key. This is the single entry point of host data into the device.
+    """
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        sh = batch_sharding(mesh, rules, value.ndim)
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sh, value, global_shape)
+    return out
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules):
+    """Activates (mesh, rules) for `constrain` while tracing jitted model code."""
+    prev = getattr(_ctx, "active", None)
+    _ctx.active = (mesh, normalize_rules(rules))
+    try:
+        yield
+    finally:
+        _ctx.active = prev
+
+
+def constrain(x, names):
+    """`with_sharding_constraint` by logical names; a no-op outside `use_rules`."""
+    active = getattr(_ctx, "active", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
