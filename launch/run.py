@@ -56,12 +56,30 @@ def dispatch(config, mesh, workdir):
     raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a bad override (unknown key, wrong type) as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl raises several types here, ml_collections AttributeError
+        text = str(e)
+        if "Traceback" in text:  # an error raised inside get_config: keep its last line
+            text = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+        if len(text) > 1 and text[0] == text[-1] == "'":
+            text = text[1:-1]
+        if "Did you mean" in text or isinstance(e, AttributeError):
+            text = f"unknown config key {text}"
+        print(f"error: bad flag or config override: {text}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
     init_distributed()
     import jax
 
@@ -88,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -279,49 +279,59 @@ def run(config, mesh, workdir: str):
         f"data: {info}; starting at step {start}"
     )
 
-    pending, last_ckpt, t_last = [], (start or None), time.time()
-    for step in range(start, t.steps):
-        batch = sharding.put_batch(next(train_iter), mesh, rules)
-        state, m = train_fn(state, batch)
-        s = step + 1
-        pending.append((s, m))
-        is_log = s % t.log_every == 0 or s == t.steps
-        is_ckpt = s % t.ckpt_every == 0 or s == t.steps
-        is_eval = t.eval_every > 0 and (s % t.eval_every == 0 or s == t.steps)
-        if is_log or is_ckpt:
-            host = jax.device_get(pending)
-            _finite_or_raise(host, last_ckpt)
-            dt = time.time() - t_last
-            tokens = sum(float(h["train/tokens"]) for _, h in host)
-            tps = t.batch_size * t.seq_len * len(host) / dt
-            loss = float(np.mean([h["train/loss"] for _, h in host]))
-            out = {
-                "train/loss": loss,
-                "train/perplexity": math.exp(min(loss, 50.0)),
-                "train/grad_norm": float(host[-1][1]["train/grad_norm"]),
-                "train/lr": float(schedule(s - 1)),
-                "train/tokens_per_sec": tps,
-                "train/loss_tokens": tokens,
-                "train/step_time": dt / len(host),
-            }
-            if peak:
-                out["train/mfu"] = tps * fpt / (peak * jax.device_count())
-            writer.write(s, out)
-            pending, t_last = [], time.time()
-        if is_eval and eval_batches:
-            writer.write(s, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
-            t_last = time.time()
-        if is_ckpt:
-            ckpt.save(
-                s,
-                {"params": state["params"], "opt_state": state["opt_state"]},
-                data=train_iter.get_state(),
-                meta=meta,
-            )
-            last_ckpt = s
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
+    try:
+        for step in range(start, t.steps):
+            batch = sharding.put_batch(next(train_iter), mesh, rules)
+            state, m = train_fn(state, batch)
+            s = step + 1
+            pending.append((s, m))
+            if step == start:
+                # Time the first step (compilation) apart so tokens/s measures steady state.
+                jax.block_until_ready(m)
+                compile_s, t_last, untimed = time.time() - t_last, time.time(), 1
+                writer.log(f"first step (compile + run) took {compile_s:.1f}s")
+            is_log = s % t.log_every == 0 or s == t.steps
+            is_ckpt = s % t.ckpt_every == 0 or s == t.steps
+            is_eval = t.eval_every > 0 and (s % t.eval_every == 0 or s == t.steps)
+            if is_ckpt and not is_log:
+                _finite_or_raise(jax.device_get(pending), last_ckpt)  # never save a NaN state
+            if is_log:
+                host = jax.device_get(pending)
+                _finite_or_raise(host, last_ckpt)
+                dt = time.time() - t_last
+                timed = max(len(host) - untimed, 1)
+                tokens = sum(float(h["train/tokens"]) for _, h in host)
+                tps = t.batch_size * t.seq_len * timed / dt
+                loss = float(np.mean([h["train/loss"] for _, h in host]))
+                out = {
+                    "train/loss": loss,
+                    "train/perplexity": math.exp(min(loss, 50.0)),
+                    "train/grad_norm": float(host[-1][1]["train/grad_norm"]),
+                    "train/lr": float(schedule(s - 1)),
+                    "train/tokens_per_sec": tps,
+                    "train/loss_tokens": tokens,
+                    "train/step_time": dt / timed,
+                }
+                if peak:
+                    out["train/mfu"] = tps * fpt / (peak * jax.device_count())
+                writer.write(s, out)
+                pending, t_last, untimed = [], time.time(), 0
+            if is_eval and eval_batches:
+                writer.write(s, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
+                t_last = time.time()
+            if is_ckpt:
+                ckpt.save(
+                    s,
+                    {"params": state["params"], "opt_state": state["opt_state"]},
+                    data=train_iter.get_state(),
+                    meta=meta,
+                )
+                last_ckpt = s
+    finally:
+        # An exception (NaN, preemption signal, bug) still completes the checkpoint in flight.
+        ckpt.close()
+        writer.close()
     return state
 
 
