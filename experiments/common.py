@@ -10,6 +10,10 @@ import ml_collections as mlc
 
 from rlhf_jax import sharding
 
+# One prompt format for every stage after pretraining: the policy sees this text before it
+# responds, in SFT, in RM scoring, in PPO rollouts and in `generate`.
+PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
+
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     """Parses the `:k=v,k2=v2` suffix of `--config experiments/x.py:...` with typed defaults.
@@ -58,6 +62,7 @@ def train_config(**overrides) -> mlc.ConfigDict:
     c = mlc.ConfigDict(
         dict(
             steps=1000,
+            epochs=0.0,  # SFT: > 0 sets steps to this many passes over the demonstrations
             batch_size=32,  # global, in sequences, per optimizer step
             seq_len=256,
             grad_accum=1,  # microbatches per step (batch_size must divide evenly)
@@ -102,7 +107,19 @@ def base_config() -> mlc.ConfigDict:
             model_type="bpe",
         )
     )
-    c.data = mlc.ConfigDict(dict(train="", eval_fraction=0.05, cache=True))
+    c.data = mlc.ConfigDict(
+        dict(
+            train="",  # files or globs, comma-separated
+            eval="",  # held-out file(s); "" -> an eval_fraction split of train
+            eval_fraction=0.05,
+            cache=True,  # keep tokenized pretraining text under <workdir>/cache
+            prompt_template=PROMPT_TEMPLATE,  # SFT/RM/PPO: how a prompt is shown to the model
+        )
+    )
+    # Samples logged at every SFT eval, for held-out prompts.
+    c.sft = mlc.ConfigDict(
+        dict(eval_samples=4, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0)
+    )
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

@@ -26,7 +26,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 
 
 def _multi_process_env() -> bool:
@@ -49,7 +49,7 @@ def init_distributed():
 
 def dispatch(config, mesh, workdir):
     stage = config.stage
-    if stage == "pretrain":
+    if stage in ("pretrain", "sft"):
         from rlhf_jax.stages import lm
 
         return lm.run(config, mesh, workdir)

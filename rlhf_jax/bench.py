@@ -24,7 +24,7 @@ import numpy as np
 from rlhf_jax import model as model_lib
 from rlhf_jax import sharding
 from rlhf_jax import state as state_lib
-from rlhf_jax.stages import lm
+from rlhf_jax.stages import lm, setup
 
 
 def environment() -> dict:
@@ -107,10 +107,10 @@ def bench_train(args) -> dict:
     step_s = statistics.median(times)
     tokens = args.batch * args.seq_len
     n_params = model_lib.param_count(state["params"])
-    fpt = lm.flops_per_token(
+    fpt = setup.flops_per_token(
         cfg, model_lib.param_count(state["params"], cfg, exclude_positions=True), args.seq_len
     )
-    peak = lm.peak_flops(jax.devices()[0])
+    peak = setup.peak_flops(jax.devices()[0])
     return {
         "bench": "train",
         "size": args.size,

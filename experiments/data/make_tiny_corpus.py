@@ -1,4 +1,4 @@
-"""Writes tiny_corpus.jsonl: a small, seeded, templated English corpus for CPU smoke runs.
+"""Writes tiny_corpus.jsonl and tiny_demos.jsonl: small, seeded, templated data for CPU runs.
 
 It has enough regularity (counting, sums, simple stories) that a tiny model's loss falls far
 within a few hundred steps. Regenerate with `python experiments/data/make_tiny_corpus.py`.
@@ -38,7 +38,19 @@ def arithmetic(r: random.Random) -> str:
     return f"{x} minus {y} is {x - y}."
 
 
-def main(n_docs: int = 3000, seed: int = 0):
+def demo(r: random.Random) -> dict:
+    """An instruction and a correct, properly ended answer (for the tiny SFT example)."""
+    x, y = r.randint(0, 20), r.randint(0, 20)
+    if r.random() < 0.5:
+        return {"prompt": f"what is {x} plus {y}?", "response": f"{x} plus {y} is {x + y}."}
+    a, thing = r.choice(NAMES), r.choice(THINGS)
+    return {
+        "prompt": f"{a} has {x} {thing} and gets {y} more. how many {thing} now?",
+        "response": f"{a} has {x + y} {thing}.",
+    }
+
+
+def main(n_docs: int = 3000, n_demos: int = 2000, seed: int = 0):
     r = random.Random(seed)
     kinds = [story, counting, arithmetic]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_corpus.jsonl")
@@ -47,6 +59,11 @@ def main(n_docs: int = 3000, seed: int = 0):
             text = " ".join(r.choice(kinds)(r) for _ in range(r.randint(1, 4)))
             f.write(json.dumps({"text": text}) + "\n")
     print(f"wrote {n_docs} documents to {path}")
+    path = os.path.join(os.path.dirname(path), "tiny_demos.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n_demos):
+            f.write(json.dumps(demo(r)) + "\n")
+    print(f"wrote {n_demos} demonstrations to {path}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Language-model stage: pretraining (and, with a demonstrations dataset, SFT).
+"""Language-model stage: pretraining (`stage="pretrain"`) and supervised fine-tuning (`"sft"`).
 
 Owns the pure jitted `train_step` / `eval_step` and the `run(config, mesh, workdir)` loop:
 tokenizer -> data -> sharded state (fresh, resumed from this workdir, or params from
-`config.init_from`) -> steps with periodic logging, eval and checkpoints.
+`config.init_from`) -> steps with periodic logging, eval and checkpoints. The two stages differ
+only in their data: packed text with every token a target, or demonstrations with the loss on
+response tokens only (see data_demos.py); SFT evals also log sampled completions.
 
 Host/device traffic: one batch in per step through `sharding.put_batch`; scalar metrics leave
 once per log step (one `device_get` of the steps since the last log). A non-finite loss found
@@ -22,68 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, data, losses, metrics, sharding
+from rlhf_jax import checkpoint, data, data_demos, losses, metrics, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
-from rlhf_jax import tokenizer as tok_lib
-
-# Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
-PEAK_FLOPS = {
-    "H100": 989.4e12,
-    "H200": 989.4e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device) -> float | None:
-    kind = device.device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def flops_per_token(cfg: model_lib.ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12 L (N H) T for attention scores."""
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def model_config_from(config, vocab_size: int | None = None) -> model_lib.ModelConfig:
-    """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128."""
-    m = config.model
-    vocab = m.vocab_size or (128 * math.ceil(vocab_size / 128) if vocab_size else None)
-    return model_lib.preset(
-        m.size,
-        family=m.family or None,
-        vocab_size=vocab,
-        max_len=m.max_len or None,
-        n_kv_heads=m.n_kv_heads or None,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        attention=m.attention,
-    )
-
-
-def optim_config_from(train_cfg) -> state_lib.OptimConfig:
-    t = train_cfg
-    return state_lib.OptimConfig(
-        lr=t.lr,
-        warmup_steps=t.warmup_steps,
-        total_steps=t.steps,
-        min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay,
-        b1=t.b1,
-        b2=t.b2,
-        grad_clip=t.grad_clip,
-    )
+from rlhf_jax.stages import setup
 
 
 def lm_loss(params, batch, graphdef):
@@ -165,43 +109,6 @@ def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
     return train, evaluate
 
 
-def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
-    """`config.tokenizer.path`, or one trained on `config.data.train` into the workdir."""
-    path = config.tokenizer.path
-    if path:
-        return tok_lib.Tokenizer.load(path)
-    path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path) and jax.process_index() == 0:
-        docs = data.read_documents(config.data.train)
-        tok_lib.train_tokenizer(
-            docs,
-            path,
-            config.tokenizer.vocab_size,
-            model_type=config.tokenizer.model_type,
-            seed=config.seed,
-        )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("tokenizer")
-    return tok_lib.Tokenizer.load(path)
-
-
-def check_batch(config, mesh, rules):
-    t = config.train
-    dp = sharding.data_parallel_size(mesh, rules)
-    if t.batch_size % (t.grad_accum * dp):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum="
-            f"{t.grad_accum} x data-parallel size {dp}"
-        )
-    if t.batch_size % jax.process_count():
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be divisible by the "
-            f"{jax.process_count()} processes"
-        )
-
-
 def _finite_or_raise(step_metrics, last_ckpt):
     for step, m in step_metrics:
         if not np.isfinite(m["train/loss"]):
@@ -211,45 +118,77 @@ def _finite_or_raise(step_metrics, last_ckpt):
             )
 
 
+def build_data(config, tok, workdir: str):
+    """(train iterator, eval batches, held-out demos for sampling or [], info) for the stage."""
+    t = config.train
+    pc, pi = jax.process_count(), jax.process_index()
+    if config.stage == "pretrain":
+        cache = os.path.join(workdir, "cache") if config.data.cache else None
+        it, evals, info = data.build_text_data(
+            config.data.train,
+            tok,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size // pc,
+            eval_fraction=config.data.eval_fraction,
+            seed=config.seed,
+            process_index=pi,
+            process_count=pc,
+            cache_dir=cache,
+        )
+        return it, evals, [], info
+    if config.stage == "sft":
+        return data_demos.build_sft_data(
+            config.data.train,
+            tok,
+            template=config.data.prompt_template,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size // pc,
+            seed=config.seed,
+            eval_paths=config.data.eval,
+            eval_fraction=config.data.eval_fraction,
+            process_index=pi,
+            process_count=pc,
+        )
+    raise ValueError(f"unknown LM stage: {config.stage!r}; expected 'pretrain' or 'sft'")
+
+
+def total_steps(config, info) -> int:
+    """`train.steps`, or `train.epochs` passes over the SFT demonstrations when set."""
+    t = config.train
+    if config.stage == "sft" and t.epochs > 0:
+        return max(1, math.ceil(t.epochs * info["train_demos"] / t.batch_size))
+    return t.steps
+
+
 def run(config, mesh, workdir: str):
-    """Pretraining loop; resumes from `<workdir>/checkpoints` when it holds a checkpoint."""
+    """Pretraining / SFT loop; resumes from `<workdir>/checkpoints` when it holds a checkpoint."""
     rules = config.sharding.rules
     t = config.train
-    check_batch(config, mesh, rules)
-    tok = load_tokenizer(config, workdir)
-    model_cfg = model_config_from(config, tok.vocab_size)
-    tok.check_model_vocab(model_cfg.vocab_size)
+    setup.check_batch(config, mesh, rules)
+    tok = setup.load_tokenizer(config, workdir)
+    model_cfg, _ = setup.resolve_model(config, tok)
     if model_cfg.family == "gpt2" and t.seq_len > model_cfg.max_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}")
-
-    pc, pi = jax.process_count(), jax.process_index()
-    train_iter, eval_batches, info = data.build_text_data(
-        config.data.train,
-        tok,
-        seq_len=t.seq_len,
-        batch_size=t.batch_size // pc,
-        eval_fraction=config.data.eval_fraction,
-        seed=config.seed,
-        process_index=pi,
-        process_count=pc,
-        cache_dir=os.path.join(workdir, "cache") if config.data.cache else None,
-    )
+    train_iter, eval_batches, eval_demos, info = build_data(config, tok, workdir)
     eval_batches = eval_batches[: t.eval_batches]
+    steps = total_steps(config, info)
 
-    tx = state_lib.make_optimizer(optim_config_from(t))
+    optim_cfg = setup.optim_config_from(t, steps)
+    tx = state_lib.make_optimizer(optim_cfg)
     graphdef, abstract, shardings = state_lib.abstract_train_state(model_cfg, tx, mesh, rules)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
     meta = {
         "config": config.to_dict(),
         "model": dataclasses.asdict(model_cfg),
-        "tokenizer": os.path.abspath(tok.path),
+        "tokenizer": setup.TOKENIZER_FILE,
+        "stage": config.stage,
     }
     start = ckpt.latest_step()
     if start is not None:
         restored, data_state, old_meta = ckpt.restore(
             start, {"params": abstract["params"], "opt_state": abstract["opt_state"]}
         )
-        _check_same_model(old_meta, model_cfg, ckpt.directory)
+        setup.check_same_model(old_meta, model_cfg, ckpt.directory)
         state = {
             "step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]),
             **restored,
@@ -258,30 +197,40 @@ def run(config, mesh, workdir: str):
     else:
         start = 0
         params = None
-        if config.init_from:
+        if config.init_from:  # hand-off: params only, fresh optimizer
             params = checkpoint.restore_params(config.init_from, abstract["params"])
         _, state, _ = state_lib.create_train_state(
             model_cfg, tx, mesh, rules, config.seed, params=params
         )
     train_fn, eval_fn = compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum)
+    sampler = None
+    if eval_demos and config.sft.eval_samples > 0:
+        from rlhf_jax.stages import samples as samples_lib  # the sampler compiles lazily
+
+        sampler = samples_lib.EvalSampler(
+            graphdef, model_cfg, tok, config, mesh, eval_demos[: config.sft.eval_samples]
+        )
 
     n_params = model_lib.param_count(abstract["params"])
-    fpt = flops_per_token(
+    fpt = setup.flops_per_token(
         model_cfg,
         model_lib.param_count(abstract["params"], model_cfg, exclude_positions=True),
         t.seq_len,
     )
-    peak = peak_flops(jax.devices()[0])
-    schedule = state_lib.lr_schedule(optim_config_from(t))
-    writer = metrics.MetricsWriter(workdir, total_steps=t.steps, start_step=start, desc="pretrain")
+    peak = setup.peak_flops(jax.devices()[0])
+    schedule = state_lib.lr_schedule(optim_cfg)
+    writer = metrics.MetricsWriter(workdir, total_steps=steps, start_step=start, desc=config.stage)
     writer.log(
-        f"model {model_cfg.family} {config.model.size}: {n_params / 1e6:.2f}M params; "
-        f"data: {info}; starting at step {start}"
+        f"{config.stage}: {model_cfg.family} {n_params / 1e6:.2f}M params; data: {info}; "
+        f"{steps} steps; starting at step {start}"
     )
 
     pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
     try:
-        for step in range(start, t.steps):
+        if start == 0 and t.eval_every > 0 and eval_batches:  # the starting point of the curve
+            writer.write(0, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
+            t_last = time.time()
+        for step in range(start, steps):
             batch = sharding.put_batch(next(train_iter), mesh, rules)
             state, m = train_fn(state, batch)
             s = step + 1
@@ -291,9 +240,9 @@ def run(config, mesh, workdir: str):
                 jax.block_until_ready(m)
                 compile_s, t_last, untimed = time.time() - t_last, time.time(), 1
                 writer.log(f"first step (compile + run) took {compile_s:.1f}s")
-            is_log = s % t.log_every == 0 or s == t.steps
-            is_ckpt = s % t.ckpt_every == 0 or s == t.steps
-            is_eval = t.eval_every > 0 and (s % t.eval_every == 0 or s == t.steps)
+            is_log = s % t.log_every == 0 or s == steps
+            is_ckpt = s % t.ckpt_every == 0 or s == steps
+            is_eval = t.eval_every > 0 and (s % t.eval_every == 0 or s == steps)
             if is_ckpt and not is_log:
                 _finite_or_raise(jax.device_get(pending), last_ckpt)  # never save a NaN state
             if is_log:
@@ -301,7 +250,6 @@ def run(config, mesh, workdir: str):
                 _finite_or_raise(host, last_ckpt)
                 dt = time.time() - t_last
                 timed = max(len(host) - untimed, 1)
-                tokens = sum(float(h["train/tokens"]) for _, h in host)
                 tps = t.batch_size * t.seq_len * timed / dt
                 loss = float(np.mean([h["train/loss"] for _, h in host]))
                 out = {
@@ -310,7 +258,7 @@ def run(config, mesh, workdir: str):
                     "train/grad_norm": float(host[-1][1]["train/grad_norm"]),
                     "train/lr": float(schedule(s - 1)),
                     "train/tokens_per_sec": tps,
-                    "train/loss_tokens": tokens,
+                    "train/loss_tokens": sum(float(h["train/tokens"]) for _, h in host),
                     "train/step_time": dt / timed,
                 }
                 if peak:
@@ -319,6 +267,8 @@ def run(config, mesh, workdir: str):
                 pending, t_last, untimed = [], time.time(), 0
             if is_eval and eval_batches:
                 writer.write(s, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
+                if sampler is not None:
+                    writer.write_text(s, "eval/samples", sampler(state["params"], s))
                 t_last = time.time()
             if is_ckpt:
                 ckpt.save(
@@ -341,21 +291,3 @@ def evaluate(eval_fn, params, batches, mesh, rules) -> dict:
     total, count = (float(x) for x in np.sum(jax.device_get(sums), axis=0))
     loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-
-def _check_same_model(meta, model_cfg, where):
-    stored = (meta or {}).get("model")
-    if stored is None:
-        return
-    current = dataclasses.asdict(model_cfg)
-    # Numerics/layout options may change across a resume; shapes may not.
-    ignore = {"dtype", "remat", "attention"}
-    diff = {
-        k: (stored.get(k), v) for k, v in current.items() if k not in ignore and stored.get(k) != v
-    }
-    if diff:
-        k, (a, b) = next(iter(diff.items()))
-        raise ValueError(
-            f"checkpoint in {where} was written for a different model: "
-            f"model.{k} is {a!r} there but {b!r} now"
-        )

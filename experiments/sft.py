@@ -1,0 +1,63 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Loss on response tokens only (the EOS that ends a response included); params from a pretraining
+workdir (`init_from`), fresh optimizer. Every eval logs held-out loss and sampled completions.
+
+Tiny model, CPU, after experiments/pretrain.py (about a minute on 2 cores):
+  python -m launch.run --config experiments/sft.py --workdir runs/sft_tiny \
+      --config.init_from=runs/pretrain_tiny
+
+Your own demonstrations ({"prompt", "response"} JSONL), GPT-2 124M:
+  python -m launch.run --config experiments/sft.py:size=small --workdir runs/sft_small \
+      --config.init_from=runs/pretrain_small --config.data.train=demos.jsonl
+
+Args (after the colon): size, family, fsdp, tensor, as in experiments/pretrain.py. With
+init_from set, the architecture comes from that checkpoint.
+"""
+
+import os
+
+from experiments import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1)
+    c = common.base_config()
+    c.stage = "sft"
+    c.model = common.model_config(arg.size)
+    c.model.family = arg.family
+    c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    c.data.train = os.path.join(HERE, "data", "tiny_demos.jsonl")
+    if arg.size == "tiny":
+        c.model.dtype = "float32"  # CPU
+        c.train.update(
+            epochs=1.0,
+            batch_size=16,
+            seq_len=64,
+            lr=1e-3,
+            warmup_steps=10,
+            weight_decay=0.0,
+            log_every=10,
+            eval_every=40,
+            eval_batches=4,
+            ckpt_every=40,
+        )
+        c.sft.max_new_tokens = 24
+    else:
+        # InstructGPT (Ouyang et al. 2022, appendix C.1): 16 epochs, cosine decay. Their
+        # residual dropout 0.2 is not implemented (the model has no dropout).
+        c.train.update(
+            epochs=16.0,
+            batch_size=32,
+            seq_len=1024,
+            lr=1e-5,
+            warmup_steps=0,
+            min_lr_ratio=0.0,
+            weight_decay=0.0,
+            log_every=10,
+            eval_every=200,
+            ckpt_every=500,
+        )
+    return c

@@ -1,0 +1,183 @@
+"""What every stage does before its loop: tokenizer, model config, hand-off checks, FLOP counts.
+
+Stage hand-off (DESIGN.md §2): `config.init_from` names the previous stage's workdir. Its
+checkpoint's `meta` fixes the architecture (so SFT builds exactly the pretrained shapes whatever
+`config.model.size` says) and its `tokenizer.model` is reused; numerics that do not change
+parameter shapes (compute dtype, remat, attention backend) still come from the current config.
+Every stage workdir keeps a copy of its tokenizer so it can be handed on or sampled from alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+
+import jax
+
+from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax import model as model_lib
+from rlhf_jax import state as state_lib
+from rlhf_jax import tokenizer as tok_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+
+# Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
+PEAK_FLOPS = {
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device) -> float | None:
+    kind = device.device_kind.lower()
+    return next((f for name, f in PEAK_FLOPS.items() if name.lower() in kind), None)
+
+
+def flops_per_token(cfg: model_lib.ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12 L (N H) T for attention scores."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def optim_config_from(train_cfg, total_steps: int) -> state_lib.OptimConfig:
+    t = train_cfg
+    return state_lib.OptimConfig(
+        lr=t.lr,
+        warmup_steps=t.warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        b1=t.b1,
+        b2=t.b2,
+        grad_clip=t.grad_clip,
+    )
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
+    """The run's tokenizer, kept as `<workdir>/tokenizer.model`.
+
+    Source, in order: `config.tokenizer.path`; the `init_from` workdir's tokenizer; else one
+    trained on `config.data.train` (pretraining from scratch).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    dest = os.path.join(workdir, TOKENIZER_FILE)
+    if jax.process_index() == 0 and not os.path.exists(dest):
+        src = config.tokenizer.path
+        if not src and config.init_from:
+            src = os.path.join(config.init_from, TOKENIZER_FILE)
+            if not os.path.exists(src):
+                raise FileNotFoundError(
+                    f"init_from workdir {config.init_from!r} has no "
+                    f"{TOKENIZER_FILE}; set config.tokenizer.path"
+                )
+        if not src and config.stage != "pretrain":
+            raise ValueError(
+                f"stage {config.stage!r} needs config.init_from (the previous "
+                "stage's workdir) or config.tokenizer.path"
+            )
+        if src:
+            tok_lib.Tokenizer.load(src)  # validate before copying
+            shutil.copyfile(src, dest + ".tmp")
+            os.replace(dest + ".tmp", dest)
+        else:
+            docs = data.read_documents(config.data.train)
+            tok_lib.train_tokenizer(
+                docs,
+                dest,
+                config.tokenizer.vocab_size,
+                model_type=config.tokenizer.model_type,
+                seed=config.seed,
+            )
+    _sync("tokenizer")
+    return tok_lib.Tokenizer.load(dest)
+
+
+def model_config_from(config, vocab_size: int | None = None) -> model_lib.ModelConfig:
+    """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128."""
+    m = config.model
+    vocab = m.vocab_size or (128 * math.ceil(vocab_size / 128) if vocab_size else None)
+    return model_lib.preset(
+        m.size,
+        family=m.family or None,
+        vocab_size=vocab,
+        max_len=m.max_len or None,
+        n_kv_heads=m.n_kv_heads or None,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        attention=m.attention,
+    )
+
+
+# Options that change numerics or speed but not parameter shapes or names.
+NUMERICS = ("dtype", "remat", "attention")
+
+
+def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_lib.ModelConfig, dict | None]:
+    """The run's ModelConfig and, when `init_from` is set, that checkpoint's meta."""
+    current = model_config_from(config, tok.vocab_size)
+    init_meta = None
+    if config.init_from:
+        init_meta = checkpoint.read_meta(config.init_from) or {}
+        stored = init_meta.get("model")
+        if stored is None:
+            raise ValueError(f"init_from {config.init_from!r}: checkpoint has no model config")
+        if stored.get("scan_layers") != current.scan_layers:
+            raise ValueError(
+                f"init_from {config.init_from!r} stores params with model.scan_layers="
+                f"{stored.get('scan_layers')}; set --config.model.scan_layers to match"
+            )
+        stored = {**stored, **{k: getattr(current, k) for k in NUMERICS}}
+        current = model_lib.ModelConfig(**stored)
+    tok.check_model_vocab(current.vocab_size)
+    return current, init_meta
+
+
+def check_same_model(meta: dict | None, model_cfg: model_lib.ModelConfig, where) -> None:
+    """Resuming with a different architecture is one clear error, not an orbax traceback."""
+    stored = (meta or {}).get("model")
+    if stored is None:
+        return
+    current = dataclasses.asdict(model_cfg)
+    diff = {
+        k: (stored.get(k), v)
+        for k, v in current.items()
+        if k not in NUMERICS and stored.get(k) != v
+    }
+    if diff:
+        k, (a, b) = next(iter(diff.items()))
+        raise ValueError(
+            f"checkpoint in {where} was written for a different model: "
+            f"model.{k} is {a!r} there but {b!r} now"
+        )
+
+
+def check_batch(config, mesh, rules) -> None:
+    t = config.train
+    dp = sharding.data_parallel_size(mesh, rules)
+    if t.batch_size % (t.grad_accum * dp):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum="
+            f"{t.grad_accum} x data-parallel size {dp}"
+        )
+    if t.batch_size % jax.process_count():
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by the "
+            f"{jax.process_count()} processes"
+        )
