@@ -52,6 +52,7 @@ class ModelConfig:
     scan_layers: bool = False  # lax.scan over stacked layers (compile time for deep models)
     remat: str = "none"  # none | full | dots
     attention: str = "auto"  # auto (cudnn on GPU when possible, else xla) | xla | cudnn
+    head: str = "lm"  # lm: logits over the vocabulary; scalar: one score per position (RM, value)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -62,6 +63,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown model.attention: {self.attention!r}; expected auto, xla or cudnn"
             )
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"unknown model.head: {self.head!r}; expected lm or scalar")
         set_ = functools.partial(object.__setattr__, self)
         if not self.n_kv_heads:
             set_("n_kv_heads", self.n_heads)
@@ -317,7 +320,12 @@ class Transformer(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg, rngs)
-        if not cfg.tie_embeddings:
+        if cfg.head == "scalar":
+            # Reward / value head: a linear read-out of the final hidden state. Zero-initialised
+            # so a fresh head starts from scores of 0 rather than noise.
+            self.score_head = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+            self.score_bias = _param(rngs, (), (), cfg, init="zeros")
+        elif not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), cfg)
 
     def __call__(
@@ -334,7 +342,8 @@ class Transformer(nnx.Module):
           return_hidden: return the final normed hidden states [B, T, D] instead of logits.
 
         Returns:
-          (logits [B, T, V] in the compute dtype, or hidden [B, T, D]; the updated cache or None).
+          (logits [B, T, V] in the compute dtype, or scores [B, T] float32 for a scalar head, or
+           hidden [B, T, D]; the updated cache or None).
         """
         cfg = self.cfg
         dt = _dt(cfg.dtype)
@@ -388,6 +397,9 @@ class Transformer(nnx.Module):
             }
         if return_hidden:
             return x, new_cache
+        if cfg.head == "scalar":
+            scores = x.astype(jnp.float32) @ self.score_head[...] + self.score_bias[...]
+            return scores, new_cache  # [B, T] float32
         w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
         logits = x @ w.astype(dt)
         logits = sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))

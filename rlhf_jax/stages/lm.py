@@ -17,17 +17,16 @@ import dataclasses
 import functools
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, data, data_demos, losses, metrics, sharding
+from rlhf_jax import checkpoint, data, data_demos, losses, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
-from rlhf_jax.stages import setup
+from rlhf_jax.stages import loop, setup
 
 
 def lm_loss(params, batch, graphdef):
@@ -109,15 +108,6 @@ def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
     return train, evaluate
 
 
-def _finite_or_raise(step_metrics, last_ckpt):
-    for step, m in step_metrics:
-        if not np.isfinite(m["train/loss"]):
-            raise FloatingPointError(
-                f"non-finite loss ({m['train/loss']}) at step {step}; stopping. The last "
-                f"checkpoint is step {last_ckpt}, written before it."
-            )
-
-
 def build_data(config, tok, workdir: str):
     """(train iterator, eval batches, held-out demos for sampling or [], info) for the stage."""
     t = config.train
@@ -175,114 +165,54 @@ def run(config, mesh, workdir: str):
 
     optim_cfg = setup.optim_config_from(t, steps)
     tx = state_lib.make_optimizer(optim_cfg)
-    graphdef, abstract, shardings = state_lib.abstract_train_state(model_cfg, tx, mesh, rules)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
-    meta = {
-        "config": config.to_dict(),
-        "model": dataclasses.asdict(model_cfg),
-        "tokenizer": setup.TOKENIZER_FILE,
-        "stage": config.stage,
-    }
-    start = ckpt.latest_step()
-    if start is not None:
-        restored, data_state, old_meta = ckpt.restore(
-            start, {"params": abstract["params"], "opt_state": abstract["opt_state"]}
-        )
-        setup.check_same_model(old_meta, model_cfg, ckpt.directory)
-        state = {
-            "step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]),
-            **restored,
-        }
-        train_iter.set_state(data_state)
-    else:
-        start = 0
-        params = None
+
+    def init_params(abstract_params):
         if config.init_from:  # hand-off: params only, fresh optimizer
-            params = checkpoint.restore_params(config.init_from, abstract["params"])
-        _, state, _ = state_lib.create_train_state(
-            model_cfg, tx, mesh, rules, config.seed, params=params
-        )
+            return checkpoint.restore_params(config.init_from, abstract_params)
+        return None
+
+    s = loop.Setup(
+        config=config,
+        mesh=mesh,
+        workdir=workdir,
+        model_cfg=model_cfg,
+        tx=tx,
+        steps=steps,
+        train_iter=train_iter,
+        step_fn=None,
+        loss_key="train/loss",
+        tokens_per_step=t.batch_size * t.seq_len,
+        init_params=init_params,
+        meta={
+            "config": config.to_dict(),
+            "model": dataclasses.asdict(model_cfg),
+            "tokenizer": setup.TOKENIZER_FILE,
+            "stage": config.stage,
+        },
+    )
+    graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     train_fn, eval_fn = compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum)
-    sampler = None
+    s.step_fn = train_fn
+    if eval_batches:
+        s.evaluate = lambda params, step: evaluate(eval_fn, params, eval_batches, mesh, rules)
     if eval_demos and config.sft.eval_samples > 0:
         from rlhf_jax.stages import samples as samples_lib  # the sampler compiles lazily
 
         sampler = samples_lib.EvalSampler(
             graphdef, model_cfg, tok, config, mesh, eval_demos[: config.sft.eval_samples]
         )
-
-    n_params = model_lib.param_count(abstract["params"])
-    fpt = setup.flops_per_token(
-        model_cfg,
-        model_lib.param_count(abstract["params"], model_cfg, exclude_positions=True),
-        t.seq_len,
-    )
-    peak = setup.peak_flops(jax.devices()[0])
-    schedule = state_lib.lr_schedule(optim_cfg)
-    writer = metrics.MetricsWriter(workdir, total_steps=steps, start_step=start, desc=config.stage)
-    writer.log(
+        s.on_eval = lambda params, step, writer: writer.write_text(
+            step, "eval/samples", sampler(params, step)
+        )
+    n_params = model_lib.param_count(state["params"])
+    n_params_no_pos = model_lib.param_count(state["params"], model_cfg, exclude_positions=True)
+    s.flops_per_token = setup.flops_per_token(model_cfg, n_params_no_pos, t.seq_len)
+    print(
         f"{config.stage}: {model_cfg.family} {n_params / 1e6:.2f}M params; data: {info}; "
-        f"{steps} steps; starting at step {start}"
+        f"{steps} steps; starting at step {start}",
+        flush=True,
     )
-
-    pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
-    try:
-        if start == 0 and t.eval_every > 0 and eval_batches:  # the starting point of the curve
-            writer.write(0, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
-            t_last = time.time()
-        for step in range(start, steps):
-            batch = sharding.put_batch(next(train_iter), mesh, rules)
-            state, m = train_fn(state, batch)
-            s = step + 1
-            pending.append((s, m))
-            if step == start:
-                # Time the first step (compilation) apart so tokens/s measures steady state.
-                jax.block_until_ready(m)
-                compile_s, t_last, untimed = time.time() - t_last, time.time(), 1
-                writer.log(f"first step (compile + run) took {compile_s:.1f}s")
-            is_log = s % t.log_every == 0 or s == steps
-            is_ckpt = s % t.ckpt_every == 0 or s == steps
-            is_eval = t.eval_every > 0 and (s % t.eval_every == 0 or s == steps)
-            if is_ckpt and not is_log:
-                _finite_or_raise(jax.device_get(pending), last_ckpt)  # never save a NaN state
-            if is_log:
-                host = jax.device_get(pending)
-                _finite_or_raise(host, last_ckpt)
-                dt = time.time() - t_last
-                timed = max(len(host) - untimed, 1)
-                tps = t.batch_size * t.seq_len * timed / dt
-                loss = float(np.mean([h["train/loss"] for _, h in host]))
-                out = {
-                    "train/loss": loss,
-                    "train/perplexity": math.exp(min(loss, 50.0)),
-                    "train/grad_norm": float(host[-1][1]["train/grad_norm"]),
-                    "train/lr": float(schedule(s - 1)),
-                    "train/tokens_per_sec": tps,
-                    "train/loss_tokens": sum(float(h["train/tokens"]) for _, h in host),
-                    "train/step_time": dt / timed,
-                }
-                if peak:
-                    out["train/mfu"] = tps * fpt / (peak * jax.device_count())
-                writer.write(s, out)
-                pending, t_last, untimed = [], time.time(), 0
-            if is_eval and eval_batches:
-                writer.write(s, evaluate(eval_fn, state["params"], eval_batches, mesh, rules))
-                if sampler is not None:
-                    writer.write_text(s, "eval/samples", sampler(state["params"], s))
-                t_last = time.time()
-            if is_ckpt:
-                ckpt.save(
-                    s,
-                    {"params": state["params"], "opt_state": state["opt_state"]},
-                    data=train_iter.get_state(),
-                    meta=meta,
-                )
-                last_ckpt = s
-    finally:
-        # An exception (NaN, preemption signal, bug) still completes the checkpoint in flight.
-        ckpt.close()
-        writer.close()
-    return state
+    return loop.train(s, state, start, ckpt, schedule=state_lib.lr_schedule(optim_cfg))
 
 
 def evaluate(eval_fn, params, batches, mesh, rules) -> dict:

@@ -1,0 +1,162 @@
+"""The supervised training loop shared by the LM (pretrain, SFT) and reward-model stages.
+
+A stage brings its pure jitted step and its data; this module owns what is the same for all of
+them: restoring or creating the state, the step loop, one `device_get` of scalar metrics per log
+step, the NaN/Inf stop (before any later checkpoint is written), eval hooks, async checkpoints
+with the data-iterator position, and progress/metrics output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, metrics, sharding
+from rlhf_jax import state as state_lib
+from rlhf_jax.stages import setup as setup_lib
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a stage hands to `train`. `init_params` builds params for a fresh (not resumed) run."""
+
+    config: object
+    mesh: object
+    workdir: str
+    model_cfg: object
+    tx: object
+    steps: int
+    train_iter: object
+    step_fn: Callable  # (state, device batch) -> (state, metrics dict of scalars)
+    loss_key: str  # the metric checked for NaN/Inf, e.g. "train/loss"
+    tokens_per_step: int  # for tokens/s
+    flops_per_token: float | None = None  # for MFU
+    evaluate: Callable | None = None  # (params, step) -> dict of metrics, or None
+    on_eval: Callable | None = None  # (params, step, writer) -> None, e.g. log samples
+    init_params: Callable | None = None  # (abstract_params) -> sharded params, or None
+    final_meta: Callable | None = None  # (params) -> dict merged into the last checkpoint's meta
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def _finite_or_raise(step_metrics, key, last_ckpt):
+    for step, m in step_metrics:
+        if not np.isfinite(m[key]):
+            raise FloatingPointError(
+                f"non-finite loss ({m[key]}) at step {step}; stopping. The last "
+                f"checkpoint is step {last_ckpt}, written before it."
+            )
+
+
+def restore_or_init(s: Setup, rules):
+    """(graphdef, state, shardings, start step): resumed from the workdir, or fresh."""
+    graphdef, abstract, shardings = state_lib.abstract_train_state(s.model_cfg, s.tx, s.mesh, rules)
+    t = s.config.train
+    ckpt = checkpoint.Checkpointer(os.path.join(s.workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
+    start = ckpt.latest_step()
+    if start is not None:
+        restored, data_state, old_meta = ckpt.restore(
+            start, {"params": abstract["params"], "opt_state": abstract["opt_state"]}
+        )
+        setup_lib.check_same_model(old_meta, s.model_cfg, ckpt.directory)
+        state = {
+            "step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]),
+            **restored,
+        }
+        s.train_iter.set_state(data_state)
+    else:
+        start = 0
+        params = s.init_params(abstract["params"]) if s.init_params else None
+        _, state, _ = state_lib.create_train_state(
+            s.model_cfg, s.tx, s.mesh, rules, s.config.seed, params=params
+        )
+    return graphdef, state, shardings, start, ckpt
+
+
+def train(s: Setup, state, start: int, ckpt, schedule=None):
+    """Runs steps `start..s.steps`; returns the final state."""
+    t = s.config.train
+    rules = s.config.sharding.rules
+    peak = _peak()
+    writer = metrics.MetricsWriter(
+        s.workdir, total_steps=s.steps, start_step=start, desc=s.config.stage
+    )
+    pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
+
+    def do_eval(step):
+        if s.evaluate is not None:
+            writer.write(step, s.evaluate(state["params"], step))
+        if s.on_eval is not None:
+            s.on_eval(state["params"], step, writer)
+
+    try:
+        if start == 0 and t.eval_every > 0:  # the starting point of the curves
+            do_eval(0)
+            t_last = time.time()
+        for step in range(start, s.steps):
+            batch = sharding.put_batch(next(s.train_iter), s.mesh, rules)
+            state, m = s.step_fn(state, batch)
+            n = step + 1
+            pending.append((n, m))
+            if step == start:
+                # Time the first step (compilation) apart so tokens/s measures steady state.
+                jax.block_until_ready(m)
+                compile_s, t_last, untimed = time.time() - t_last, time.time(), 1
+                writer.log(f"first step (compile + run) took {compile_s:.1f}s")
+            is_log = n % t.log_every == 0 or n == s.steps
+            is_ckpt = n % t.ckpt_every == 0 or n == s.steps
+            is_eval = t.eval_every > 0 and (n % t.eval_every == 0 or n == s.steps)
+            if is_ckpt and not is_log:  # never save a NaN state
+                _finite_or_raise(jax.device_get(pending), s.loss_key, last_ckpt)
+            if is_log:
+                host = jax.device_get(pending)
+                _finite_or_raise(host, s.loss_key, last_ckpt)
+                dt = time.time() - t_last
+                timed = max(len(host) - untimed, 1)
+                out = {k: float(np.mean([h[k] for _, h in host])) for k in host[0][1]}
+                tps = s.tokens_per_step * timed / dt
+                out[f"{_ns(s.loss_key)}/tokens_per_sec"] = tps
+                out[f"{_ns(s.loss_key)}/step_time"] = dt / timed
+                if schedule is not None:
+                    out[f"{_ns(s.loss_key)}/lr"] = float(schedule(n - 1))
+                if s.loss_key.endswith("/loss"):
+                    out[f"{_ns(s.loss_key)}/perplexity"] = math.exp(min(out[s.loss_key], 50.0))
+                if peak and s.flops_per_token:
+                    out[f"{_ns(s.loss_key)}/mfu"] = (
+                        tps * s.flops_per_token / (peak * jax.device_count())
+                    )
+                writer.write(n, out)
+                pending, t_last, untimed = [], time.time(), 0
+            if is_eval:
+                do_eval(n)
+                t_last = time.time()
+            if is_ckpt:
+                meta = dict(s.meta)
+                if n == s.steps and s.final_meta is not None:
+                    meta.update(s.final_meta(state["params"]))
+                ckpt.save(
+                    n,
+                    {"params": state["params"], "opt_state": state["opt_state"]},
+                    data=s.train_iter.get_state(),
+                    meta=meta,
+                )
+                last_ckpt = n
+    finally:
+        # An exception (NaN, preemption signal, bug) still completes the checkpoint in flight.
+        ckpt.close()
+        writer.close()
+    return state
+
+
+def _ns(key: str) -> str:
+    return key.split("/")[0]
+
+
+def _peak():
+    return setup_lib.peak_flops(jax.devices()[0])
