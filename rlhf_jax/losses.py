@@ -77,7 +77,7 @@ def _rm_metrics(scores, kmask, pairs, diff):
     mean = (scores * real).sum() / n_real
     var = (jnp.square(scores - mean) * real).sum() / n_real
     return {
-        "accuracy": ((diff >= 0) * pairs).sum() / jnp.maximum(n_pairs, 1.0),
+        "accuracy": ((diff > 0) * pairs).sum() / jnp.maximum(n_pairs, 1.0),
         "margin": (jnp.where(pairs > 0, diff, 0.0)).sum() / jnp.maximum(n_pairs, 1.0),
         "reward_mean": mean,
         "reward_std": jnp.sqrt(var),

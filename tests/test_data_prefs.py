@@ -207,6 +207,8 @@ def test_modes_share_eval_and_expand_train(tmp_path, tok):
     train, evals = data_prefs.split_by_prompt(comps, 0.2, seed=3)
     assert info_prompt["train_comparisons"] == len(train) and len(evals) > 0
     assert not {c["prompt"] for c in train} & {c["prompt"] for c in evals}
+    # The fraction is of distinct prompts (30 here), not of comparison lines (40).
+    assert len({c["prompt"] for c in evals}) == round(0.2 * 30)
     assert info_pair["train_examples"] == info_pair["train_pairs"] == naive_pair_count(train)
     assert info_prompt["train_examples"] == len(train)
     want = collections.Counter(len(c["responses"]) for c in comps)

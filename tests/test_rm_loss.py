@@ -133,6 +133,13 @@ def test_gradient_pushes_winner_up_and_loser_down():
         assert grad[0, 0] > 0 > grad[0, 1]
 
 
+def test_equal_scores_count_as_wrong():
+    ranks, kmask = jnp.array([[0, 1, 2]]), jnp.ones((1, 3))
+    _, metrics = rm_loss(jnp.array([[1.0, 1.0, 0.0]]), ranks, kmask, 0.0)
+    # Pairs (0, 1) tie in score and are wrong; (0, 2) and (1, 2) are right.
+    np.testing.assert_allclose(float(metrics["accuracy"]), 2 / 3, rtol=1e-6)
+
+
 def test_padding_rows_and_slots_change_nothing():
     scores, ranks, kmask = random_batch(4)
     base_loss, base_metrics = rm_loss(scores, ranks, kmask, 0.5)
