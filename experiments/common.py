@@ -120,6 +120,16 @@ def base_config() -> mlc.ConfigDict:
     c.sft = mlc.ConfigDict(
         dict(eval_samples=4, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0)
     )
+    # Reward model (stage "rm").
+    c.rm = mlc.ConfigDict(
+        dict(
+            batching="per_prompt",  # per_prompt: InstructGPT's K-choose-2 element; or per_pair
+            margin=0.0,  # required score gap in -log sigmoid(r_w - r_l - margin)
+            k_max=9,  # responses per prompt (InstructGPT: 4 to 9)
+            norm_data="",  # reference responses for the bias; "" -> the SFT demonstrations
+            norm_max=100000,  # at most this many reference responses
+        )
+    )
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

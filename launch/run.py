@@ -26,7 +26,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "rm")
 
 
 def _multi_process_env() -> bool:
@@ -53,6 +53,10 @@ def dispatch(config, mesh, workdir):
         from rlhf_jax.stages import lm
 
         return lm.run(config, mesh, workdir)
+    if stage == "rm":
+        from rlhf_jax.stages import rm
+
+        return rm.run(config, mesh, workdir)
     raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
 
 

@@ -76,6 +76,26 @@ def encode_demos(
     return {"inputs": inputs, "targets": targets, "mask": mask}, cut
 
 
+def encode_sequences(
+    pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, template: str, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full (prompt, response) sequences as the RM scores them, right-padded.
+
+    Each is [bos] + template(prompt) + response + [eos], cut at the right to `seq_len`.
+
+    Returns:
+      (tokens int32 [N, L], real-token mask bool [N, L]).
+    """
+    tokens = np.full((len(pairs), seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(pairs), seq_len), bool)
+    for i, (prompt, response) in enumerate(pairs):
+        ids = prompt_ids(tokenizer, template, prompt) + tokenizer.encode(response)
+        ids = (ids + [tokenizer.eos_id])[:seq_len]
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = True
+    return tokens, mask
+
+
 def build_sft_data(
     train_paths,
     tokenizer: Tokenizer,

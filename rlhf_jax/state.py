@@ -71,6 +71,12 @@ def param_shardings(model_cfg: model_lib.ModelConfig, mesh, rules):
     return graphdef, abstract_params, shardings
 
 
+def abstract_params(model_cfg, mesh, rules):
+    """Abstract params (ShapeDtypeStruct with `.sharding`), e.g. a restore target."""
+    _, abstract, shardings = param_shardings(model_cfg, mesh, rules)
+    return _with_sharding(abstract, shardings)
+
+
 def _with_sharding(abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

@@ -1,4 +1,4 @@
-"""Writes tiny_corpus.jsonl and tiny_demos.jsonl: small, seeded, templated data for CPU runs.
+"""Writes tiny_{corpus,demos,comparisons}.jsonl: small, seeded, templated data for CPU runs.
 
 It has enough regularity (counting, sums, simple stories) that a tiny model's loss falls far
 within a few hundred steps. Regenerate with `python experiments/data/make_tiny_corpus.py`.
@@ -50,7 +50,31 @@ def demo(r: random.Random) -> dict:
     }
 
 
-def main(n_docs: int = 3000, n_demos: int = 2000, seed: int = 0):
+def comparison(r: random.Random) -> dict:
+    """K = 2..4 responses to a demo prompt, ranked: correct and ended > wrong number > cut off
+    (no final period) = rambling (tied)."""
+    d = demo(r)
+    good = d["response"]
+    words = good.rstrip(".").split(" ")
+    n = int(next(w for w in reversed(words) if w.isdigit()))
+    wrong = good.replace(str(n), str(n + r.choice([-3, -2, -1, 1, 2, 3])))
+    cut = " ".join(words[: max(1, len(words) - 2)])
+    ramble = good + " " + " ".join(r.choice(words) for _ in range(6))
+    cands = [good, wrong, cut, ramble][: r.randint(2, 4)]
+    order = list(range(len(cands)))
+    r.shuffle(order)  # where each candidate lands in the response list
+    responses = [cands[i] for i in order]
+    pos = {c: order.index(c) for c in range(len(cands))}
+    ranking = [pos[0]]
+    if len(cands) > 1:
+        ranking.append(pos[1])
+    tied = [pos[c] for c in (2, 3) if c < len(cands)]
+    if tied:
+        ranking.append(tied if len(tied) > 1 else tied[0])
+    return {"prompt": d["prompt"], "responses": responses, "ranking": ranking}
+
+
+def main(n_docs: int = 3000, n_demos: int = 2000, n_comparisons: int = 1500, seed: int = 0):
     r = random.Random(seed)
     kinds = [story, counting, arithmetic]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_corpus.jsonl")
@@ -64,6 +88,11 @@ def main(n_docs: int = 3000, n_demos: int = 2000, seed: int = 0):
         for _ in range(n_demos):
             f.write(json.dumps(demo(r)) + "\n")
     print(f"wrote {n_demos} demonstrations to {path}")
+    path = os.path.join(os.path.dirname(path), "tiny_comparisons.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n_comparisons):
+            f.write(json.dumps(comparison(r)) + "\n")
+    print(f"wrote {n_comparisons} comparisons to {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Scoring sequences with a scalar-head model: the RM read-out, shared by RM training, the score
+command and PPO.
+
+The score of a sequence is the scalar head's output at its LAST REAL token (the EOS that ends a
+response, or the last kept token of a cut one). Positions count real tokens only and padding is
+masked out of attention, so the score does not depend on the padding side or amount. After RM
+training a normalisation bias (`meta["reward_bias"]` of the RM checkpoint) makes the reference
+responses score 0 on average; `score_texts` and PPO add it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import data_demos, sharding
+from rlhf_jax import state as state_lib
+
+
+def last_index(mask):
+    """Index of the last True in each row. mask: [B, T] -> [B] int32 (0 for an empty row)."""
+    t = mask.shape[-1]
+    return (t - 1 - jnp.argmax(mask[..., ::-1], axis=-1)).astype(jnp.int32)
+
+
+def sequence_scores(graphdef, params, tokens, mask, *, right_padded: bool = False):
+    """Scores [B] of sequences tokens [B, T] with real-token mask [B, T].
+
+    `right_padded=True` is a fast path for data known to be right-padded: causal attention
+    already keeps padding out of every real token's state, so no attention mask is needed (and
+    cuDNN flash attention stays usable).
+    """
+    model = state_lib.merge(graphdef, params)
+    mask = mask.astype(bool)
+    if right_padded:
+        per_pos, _ = model(tokens)  # [B, T]
+    else:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        per_pos, _ = model(tokens, positions=positions, key_mask=mask)
+    return jnp.take_along_axis(per_pos, last_index(mask)[:, None], axis=-1)[:, 0]
+
+
+def comparison_scores(graphdef, params, tokens, mask):
+    """Scores [P, K] of a comparison batch tokens [P, K, L] (right-padded, one pass each)."""
+    p, k, n = tokens.shape
+    flat = sequence_scores(
+        graphdef, params, tokens.reshape(p * k, n), mask.reshape(p * k, n), right_padded=True
+    )
+    return flat.reshape(p, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_scorer(graphdef, mesh, rules):
+    def fn(params, tokens, mask):
+        with sharding.use_rules(mesh, rules):
+            return sequence_scores(graphdef, params, tokens, mask, right_padded=True)
+
+    return jax.jit(fn)
+
+
+def score_texts(
+    graphdef,
+    params,
+    tokenizer,
+    pairs,
+    *,
+    template: str,
+    seq_len: int,
+    mesh,
+    rules,
+    batch_size: int = 32,
+    bias: float = 0.0,
+    progress=None,
+) -> np.ndarray:
+    """Scores of `(prompt, response)` pairs, plus `bias`, as float64 [N].
+
+    Each is tokenized as SFT does: [bos] + template(prompt) + response + [eos], cut to seq_len.
+    """
+    rules = sharding.normalize_rules(rules)  # hashable, for the compile cache
+    fn = _jitted_scorer(graphdef, mesh, rules)
+    dp = sharding.data_parallel_size(mesh, rules)
+    batch_size = max(dp, batch_size - batch_size % dp)
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        tokens, mask = data_demos.encode_sequences(chunk, tokenizer, template, seq_len)
+        pad = (-len(chunk)) % batch_size  # fill the last batch with 1-token dummy rows
+        if pad:
+            tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])
+            mask = np.concatenate([mask, np.zeros((pad, seq_len), bool)])
+            mask[-pad:, 0] = True
+        batch = sharding.put_batch({"t": tokens, "m": mask}, mesh, rules)
+        scores = np.asarray(jax.device_get(fn(params, batch["t"], batch["m"])), np.float64)
+        out.append(scores[: len(chunk)])
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(out) + bias if out else np.zeros(0)

@@ -1,0 +1,246 @@
+"""Reward-model stage (InstructGPT step 2): the SFT model with a scalar head, trained on rankings.
+
+`rm.batching="per_prompt"` (default) is the paper's objective: the K responses of a prompt are
+scored in one pass and all its ranked pairs form ONE batch element, weighted 1/C (losses.rm_loss).
+`"per_pair"` is the ablation other codebases use: every pair an independent example.
+
+Hand-off: `init_from` an SFT (or pretraining) workdir; the backbone is restored, the unembedding
+dropped and a zero-initialised scalar head added. After the last step the normalisation bias that
+makes the reference responses (`rm.norm_data`, default: the SFT stage's demonstrations) score 0
+on average is computed and stored in the final checkpoint's meta (`reward_bias`) and in
+`<workdir>/reward_norm.json`; everything that scores with this RM adds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint, data_demos, data_prefs, losses, reward, sharding
+from rlhf_jax import model as model_lib
+from rlhf_jax import state as state_lib
+from rlhf_jax.stages import loop, setup
+
+K_VALUES = tuple(range(2, 10))
+
+
+def rm_loss(params, batch, *, graphdef, batching: str, margin: float):
+    scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])
+    if batching == "per_prompt":
+        return losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
+    if batching == "per_pair":
+        return losses.rm_loss_per_pair(scores, batch["ranks"], batch["kmask"], margin)
+    raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
+
+
+def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules):
+    """One optimizer step on a comparison batch {"tokens", "mask" [b, K, L], "ranks", "kmask"}."""
+    with sharding.use_rules(mesh, rules):
+        fn = functools.partial(rm_loss, graphdef=graphdef, batching=batching, margin=margin)
+        (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        out = {
+            "rm/loss": loss,
+            "rm/grad_norm": optax.global_norm(grads),
+            **{f"rm/{k}": v for k, v in m.items()},
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
+
+
+def eval_step(params, batch, *, graphdef, margin, mesh, rules):
+    """Sums over one K-way eval batch, so batches add up exactly."""
+    with sharding.use_rules(mesh, rules):
+        scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])
+        loss, m = losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
+        per_k = losses.per_k_accuracy(scores, batch["ranks"], batch["kmask"], K_VALUES)
+        real = batch["kmask"] > 0
+        return {
+            "loss_sum": loss * m["prompts"],
+            "prompts": m["prompts"],
+            "correct": m["accuracy"] * m["pairs"],
+            "pairs": m["pairs"],
+            "margin_sum": m["margin"] * m["pairs"],
+            "score_sum": (scores * real).sum(),
+            "score_sq": (scores**2 * real).sum(),
+            "responses": real.sum().astype(np.float32),
+            **{f"k{k}": v for k, v in per_k.items()},
+        }
+
+
+def summarize(sums: list[dict]) -> dict:
+    total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+    n = max(total["responses"], 1.0)
+    mean = total["score_sum"] / n
+    out = {
+        "eval/loss": total["loss_sum"] / max(total["prompts"], 1.0),
+        "eval/accuracy": total["correct"] / max(total["pairs"], 1.0),
+        "eval/margin": total["margin_sum"] / max(total["pairs"], 1.0),
+        "eval/reward_mean": mean,
+        "eval/reward_std": float(np.sqrt(max(total["score_sq"] / n - mean**2, 0.0))),
+    }
+    for k in K_VALUES:
+        correct, pairs = total[f"k{k}"]
+        if pairs > 0:
+            out[f"eval/accuracy_k{k}"] = correct / pairs
+    return out
+
+
+def backbone_params(config, model_cfg, mesh, rules, init_meta):
+    """Params of `init_from` with the LM head swapped for a fresh scalar head (or kept if the
+    source is already a scalar-head model)."""
+    src_cfg = dataclasses.replace(model_cfg, head=init_meta["model"].get("head", "lm"))
+    abstract = state_lib.abstract_params(src_cfg, mesh, rules)
+    src = checkpoint.restore_params(config.init_from, abstract)
+    if src_cfg.head == "scalar":
+        return src
+    _, _, shardings = state_lib.param_shardings(model_cfg, mesh, rules)
+    fresh = state_lib.init_params(model_cfg, config.seed, shardings)
+    params = {k: v for k, v in src.items() if k != "lm_head"}
+    params.update(score_head=fresh["score_head"], score_bias=fresh["score_bias"])
+    return params
+
+
+def norm_pairs(config, init_meta) -> tuple[str, list[tuple[str, str]]]:
+    """The reference (prompt, response) pairs for the normalisation bias."""
+    path = config.rm.norm_data
+    if not path and init_meta:
+        path = ((init_meta.get("config") or {}).get("data") or {}).get("train", "")
+        if (init_meta.get("stage") or (init_meta.get("config") or {}).get("stage")) != "sft":
+            path = ""
+    if not path:
+        raise ValueError(
+            "set config.rm.norm_data (reference {prompt, response} JSONL): "
+            "init_from is not an SFT workdir whose demonstrations could be used"
+        )
+    demos = data_demos.read_demos(path)[: config.rm.norm_max]
+    return path, [(d["prompt"], d["response"]) for d in demos]
+
+
+def run(config, mesh, workdir: str):
+    """RM training loop; resumes from `<workdir>/checkpoints` when it holds a checkpoint."""
+    rules = config.sharding.rules
+    t = config.train
+    setup.check_batch(config, mesh, rules)
+    tok = setup.load_tokenizer(config, workdir)
+    lm_cfg, init_meta = setup.resolve_model(config, tok)
+    model_cfg = dataclasses.replace(lm_cfg, head="scalar")
+    pc, pi = jax.process_count(), jax.process_index()
+    train_iter, eval_batches, info = data_prefs.build_rm_data(
+        config.data.train,
+        tok,
+        template=config.data.prompt_template,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size // pc,
+        seed=config.seed,
+        batching=config.rm.batching,
+        k_max=config.rm.k_max,
+        eval_paths=config.data.eval,
+        eval_fraction=config.data.eval_fraction,
+        process_index=pi,
+        process_count=pc,
+    )
+    eval_batches = eval_batches[: t.eval_batches] if t.eval_batches > 0 else eval_batches
+    optim_cfg = setup.optim_config_from(t, t.steps)
+    tx = state_lib.make_optimizer(optim_cfg)
+    k = 2 if config.rm.batching == "per_pair" else config.rm.k_max
+    s = loop.Setup(
+        config=config,
+        mesh=mesh,
+        workdir=workdir,
+        model_cfg=model_cfg,
+        tx=tx,
+        steps=t.steps,
+        train_iter=train_iter,
+        step_fn=None,
+        loss_key="rm/loss",
+        tokens_per_step=t.batch_size * k * t.seq_len,
+        init_params=(lambda _: backbone_params(config, model_cfg, mesh, rules, init_meta))
+        if config.init_from
+        else None,
+        meta={
+            "config": config.to_dict(),
+            "model": dataclasses.asdict(model_cfg),
+            "tokenizer": setup.TOKENIZER_FILE,
+            "stage": "rm",
+        },
+    )
+    graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
+    batch_sh = {
+        key: sharding.batch_sharding(mesh, rules, nd)
+        for key, nd in (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
+    }
+    s.step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            batching=config.rm.batching,
+            margin=config.rm.margin,
+            mesh=mesh,
+            rules=rules,
+        ),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(
+            eval_step, graphdef=graphdef, margin=config.rm.margin, mesh=mesh, rules=rules
+        ),
+        in_shardings=(shardings["params"], batch_sh),
+    )
+    if eval_batches:
+        s.evaluate = lambda params, step: summarize(
+            [eval_fn(params, sharding.put_batch(b, mesh, rules)) for b in eval_batches]
+        )
+
+    def final_meta(params):
+        path, pairs = norm_pairs(config, init_meta)
+        raw = reward.score_texts(
+            graphdef,
+            params,
+            tok,
+            pairs,
+            template=config.data.prompt_template,
+            seq_len=t.seq_len,
+            mesh=mesh,
+            rules=rules,
+        )
+        bias = -float(np.mean(raw))
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "reward_norm.json"), "w") as f:
+                json.dump(
+                    {
+                        "reward_bias": bias,
+                        "reference": path,
+                        "n": len(pairs),
+                        "raw_mean": float(np.mean(raw)),
+                        "raw_std": float(np.std(raw)),
+                    },
+                    f,
+                    indent=1,
+                )
+        return {"reward_bias": bias, "reward_norm_reference": path}
+
+    s.final_meta = final_meta
+    n_params = model_lib.param_count(state["params"])
+    if jax.process_index() == 0:
+        print(
+            f"rm ({config.rm.batching}): {model_cfg.family} {n_params / 1e6:.2f}M params; "
+            f"data: {info}; {t.steps} steps; starting at step {start}",
+            flush=True,
+        )
+    return loop.train(s, state, start, ckpt, schedule=state_lib.lr_schedule(optim_cfg))
+
+
+def load_bias(workdir: str) -> float:
+    """The normalisation bias stored with an RM checkpoint (0 if it was never computed)."""
+    meta = checkpoint.read_meta(workdir) or {}
+    return float(meta.get("reward_bias", 0.0))

@@ -1,0 +1,142 @@
+"""Reward model: padding-invariant score, a learnable synthetic preference, the normalisation
+bias, and the per-pair ablation through the real stage."""
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import pretrain, rm
+from launch import mesh as mesh_lib
+from rlhf_jax import checkpoint, data, metrics, reward, sharding
+from rlhf_jax import model as M
+from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.stages import rm as rm_stage
+from rlhf_jax.stages import setup
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    docs = data.read_documents(pretrain.get_config().data.train)
+    return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(docs, path, 512))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_score_ignores_padding_side_and_amount(family):
+    cfg = M.preset("tiny", family=family, dtype="float32", head="scalar")
+    model = M.build(cfg, seed=0)
+    graphdef, params = nnx.split(model)
+    # A non-zero head so scores differ between positions.
+    params["score_head"] = nnx.Param(jax.random.normal(jax.random.key(1), (64,)))
+    score = jax.jit(
+        lambda t, m, rp: reward.sequence_scores(graphdef, params, t, m, right_padded=rp),
+        static_argnums=2,
+    )
+    seq = np.random.default_rng(0).integers(4, 512, size=(2, 11)).astype(np.int32)
+
+    def pad(width, left):
+        t = np.zeros((2, width), np.int32)
+        m = np.zeros((2, width), bool)
+        if left:
+            t[:, -11:], m[:, -11:] = seq, True
+        else:
+            t[:, :11], m[:, :11] = seq, True
+        return jnp.asarray(t), jnp.asarray(m)
+
+    ref = score(*pad(32, False), False)
+    for width in (32, 64):
+        for left in (False, True):
+            np.testing.assert_allclose(score(*pad(width, left), False), ref, atol=1e-5)
+        np.testing.assert_allclose(score(*pad(width, False), True), ref, atol=1e-5)
+    # The score is read at the last real token: changing it changes the score.
+    t, m = pad(32, False)
+    assert not np.allclose(score(t.at[:, 10].set(5), m, True), ref)
+
+
+def synthetic_comparisons(path, n, seed):
+    """Chosen responses always contain 'apples'; rejected ones never do."""
+    r = random.Random(seed)
+    words = ["bob", "went", "to", "the", "park", "with", "coins", "stones", "cards", "pens"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            body = lambda: " ".join(r.choice(words) for _ in range(r.randint(3, 7)))
+            k = r.randint(2, 4)
+            good = r.randrange(k)
+            resp = [body() for _ in range(k)]
+            resp[good] = "apples " + resp[good]
+            others = [i for i in range(k) if i != good]
+            ranking = [good] + ([others] if len(others) > 1 else others)
+            f.write(
+                json.dumps(
+                    {"prompt": f"say {r.randrange(30)}", "responses": resp, "ranking": ranking}
+                )
+                + "\n"
+            )
+
+
+def rm_config(tok, train, steps, batching="per_prompt", norm=None):
+    c = rm.get_config()
+    c.tokenizer.path = tok.path
+    c.data.train = train
+    c.rm.batching = batching
+    c.rm.norm_data = norm or pretrain.get_config().data.train.replace("corpus", "demos")
+    c.rm.norm_max = 64
+    c.train.update(
+        steps=steps,
+        batch_size=8,
+        seq_len=64,
+        eval_every=steps,
+        ckpt_every=steps,
+        log_every=10,
+        lr=3e-3,
+        warmup_steps=5,
+    )
+    return c
+
+
+def test_tiny_rm_learns_synthetic_preference_and_bias_centres(tmp_path, tok):
+    synthetic_comparisons(tmp_path / "cmp.jsonl", 400, seed=0)
+    config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=60)
+    config.data.eval_fraction = 0.0
+    synthetic_comparisons(tmp_path / "eval.jsonl", 64, seed=1)
+    config.data.eval = str(tmp_path / "eval.jsonl")
+    mesh = mesh_lib.build_mesh(config.mesh)
+    state = rm_stage.run(config, mesh, str(tmp_path / "rm"))
+    rows = metrics.read_metrics(str(tmp_path / "rm" / "metrics.jsonl"))
+    acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    assert acc[-1] > 0.95, acc
+
+    # Normalisation: with the stored bias the reference responses average 0.
+    bias = rm_stage.load_bias(str(tmp_path / "rm"))
+    assert bias == checkpoint.read_meta(str(tmp_path / "rm"))["reward_bias"]
+    model_cfg, _ = setup.resolve_model(config, tok)
+    graphdef, _, _ = M.abstract(M.ModelConfig(**{**model_cfg.__dict__, "head": "scalar"}))
+    with open(config.rm.norm_data) as f:
+        demos = [json.loads(line) for line in f][:64]
+    scores = reward.score_texts(
+        graphdef,
+        state["params"],
+        tok,
+        [(d["prompt"], d["response"]) for d in demos],
+        template=config.data.prompt_template,
+        seq_len=64,
+        mesh=mesh,
+        rules=config.sharding.rules,
+        bias=bias,
+    )
+    assert abs(scores.mean()) < 1e-3 and abs(bias) > 1e-3
+
+
+def test_per_pair_ablation_runs_and_logs(tmp_path, tok):
+    synthetic_comparisons(tmp_path / "cmp.jsonl", 80, seed=2)
+    config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=4, batching="per_pair")
+    mesh = mesh_lib.build_mesh(config.mesh)
+    rm_stage.run(config, mesh, str(tmp_path / "rm"))
+    rows = metrics.read_metrics(str(tmp_path / "rm" / "metrics.jsonl"))
+    assert any("rm/accuracy" in r for r in rows) and any("eval/accuracy" in r for r in rows)
+    assert sharding.data_parallel_size(mesh, config.sharding.rules) == 8
