@@ -26,7 +26,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft", "rm")
+STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
 def _multi_process_env() -> bool:
@@ -57,6 +57,10 @@ def dispatch(config, mesh, workdir):
         from rlhf_jax.stages import rm
 
         return rm.run(config, mesh, workdir)
+    if stage == "ppo":
+        from rlhf_jax.stages import ppo
+
+        return ppo.run(config, mesh, workdir)
     raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
 
 
@@ -82,7 +86,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/absl info and warnings are noise
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
     init_distributed()
     import jax

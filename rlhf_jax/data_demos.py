@@ -145,3 +145,36 @@ def build_sft_data(
         "response_tokens": int(train_ex["mask"].sum()),
     }
     return it, evals, eval_demos, info
+
+
+def read_prompts(paths: str | Sequence[str]) -> list[str]:
+    """Prompt texts of `{"prompt": ...}` JSONL files (errors name file:line:field)."""
+    out = []
+    for path in data.expand_paths(paths):
+        out.extend(r["prompt"] for r in data.read_jsonl(path, PROMPT_FIELDS))
+    return out
+
+
+def encode_prompts(
+    prompts: Sequence[str], tokenizer: Tokenizer, template: str, prompt_len: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Prompts as the policy sees them, left-padded to `prompt_len` for batched sampling.
+
+    A longer prompt keeps its LAST `prompt_len` tokens (the end of a prompt, next to where the
+    response starts, matters most); how many were cut is returned, never silent.
+
+    Returns:
+      ({"tokens": int32 [N, P], "mask": bool [N, P], "index": int32 [N]}, number cut).
+    """
+    n = len(prompts)
+    tokens = np.full((n, prompt_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, prompt_len), bool)
+    cut = 0
+    for i, prompt in enumerate(prompts):
+        ids = prompt_ids(tokenizer, template, prompt)
+        if len(ids) > prompt_len:
+            cut += 1
+            ids = ids[-prompt_len:]
+        tokens[i, prompt_len - len(ids) :] = ids
+        mask[i, prompt_len - len(ids) :] = True
+    return {"tokens": tokens, "mask": mask, "index": np.arange(n, dtype=np.int32)}, cut

@@ -74,35 +74,40 @@ def param_shardings(model_cfg: model_lib.ModelConfig, mesh, rules):
 def abstract_params(model_cfg, mesh, rules):
     """Abstract params (ShapeDtypeStruct with `.sharding`), e.g. a restore target."""
     _, abstract, shardings = param_shardings(model_cfg, mesh, rules)
-    return _with_sharding(abstract, shardings)
+    return with_sharding(abstract, shardings)
 
 
-def _with_sharding(abstract, shardings):
+def with_sharding(abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
 
 
-def abstract_train_state(model_cfg, tx, mesh, rules):
-    """(graphdef, abstract state with `.sharding` on every leaf, state shardings)."""
-    graphdef, abstract_params, p_shard = param_shardings(model_cfg, mesh, rules)
+def opt_shardings(tx, abstract_params, param_shardings_, mesh):
+    """(abstract optimizer state, its shardings). Leaves shaped like params (Adam moments)
+    follow the params' sharding; everything else (counts) is replicated."""
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer leaves shaped like params (Adam moments) follow the params' sharding;
-    # everything else (counts) is replicated.
     o_shard = optax.tree_utils.tree_map_params(
         tx,
         lambda _, s: s,
         abstract_opt,
-        p_shard,
+        param_shardings_,
         transform_non_params=lambda _: sharding.replicated(mesh),
     )
+    return abstract_opt, o_shard
+
+
+def abstract_train_state(model_cfg, tx, mesh, rules):
+    """(graphdef, abstract state with `.sharding` on every leaf, state shardings)."""
+    graphdef, abstract_params, p_shard = param_shardings(model_cfg, mesh, rules)
+    abstract_opt, o_shard = opt_shardings(tx, abstract_params, p_shard, mesh)
     shardings = {"step": sharding.replicated(mesh), "params": p_shard, "opt_state": o_shard}
     abstract = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": abstract_params,
         "opt_state": abstract_opt,
     }
-    return graphdef, _with_sharding(abstract, shardings), shardings
+    return graphdef, with_sharding(abstract, shardings), shardings
 
 
 def init_params(model_cfg, seed: int, shardings):

@@ -89,7 +89,7 @@ def test_sft_from_pretrained_lowers_heldout_loss(tmp_path, tok):
 
     c = sft.get_config()
     c.init_from = str(tmp_path / "pre")
-    c.sft.eval_samples = 0
+    c.sft.eval_samples = 2
     c.train.update(
         epochs=0.0,
         steps=40,
@@ -103,5 +103,5 @@ def test_sft_from_pretrained_lowers_heldout_loss(tmp_path, tok):
     rows = metrics.read_metrics(str(tmp_path / "sft" / "metrics.jsonl"))
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert len(evals) == 2 and evals[-1] < 0.7 * evals[0]  # step 0 (pretrained) vs step 40
-    samples = [r for r in rows if "eval/samples" in r]  # noqa: F841  (sampler pending)
-    # assert samples and "User:" in samples[-1]["eval/samples"]
+    samples = [r for r in rows if "eval/samples" in r]
+    assert samples and "sample:" in samples[-1]["eval/samples"]

@@ -1,4 +1,4 @@
-"""Writes tiny_{corpus,demos,comparisons}.jsonl: small, seeded, templated data for CPU runs.
+"""Writes tiny_{corpus,demos,comparisons,prompts}.jsonl: small, seeded, templated data for CPU runs.
 
 It has enough regularity (counting, sums, simple stories) that a tiny model's loss falls far
 within a few hundred steps. Regenerate with `python experiments/data/make_tiny_corpus.py`.
@@ -74,7 +74,7 @@ def comparison(r: random.Random) -> dict:
     return {"prompt": d["prompt"], "responses": responses, "ranking": ranking}
 
 
-def main(n_docs: int = 3000, n_demos: int = 2000, n_comparisons: int = 1500, seed: int = 0):
+def main(n_docs=3000, n_demos=2000, n_comparisons=1500, n_prompts=1000, seed=0):
     r = random.Random(seed)
     kinds = [story, counting, arithmetic]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_corpus.jsonl")
@@ -93,6 +93,11 @@ def main(n_docs: int = 3000, n_demos: int = 2000, n_comparisons: int = 1500, see
         for _ in range(n_comparisons):
             f.write(json.dumps(comparison(r)) + "\n")
     print(f"wrote {n_comparisons} comparisons to {path}")
+    path = os.path.join(os.path.dirname(path), "tiny_prompts.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n_prompts):
+            f.write(json.dumps({"prompt": demo(r)["prompt"]}) + "\n")
+    print(f"wrote {n_prompts} prompts to {path}")
 
 
 if __name__ == "__main__":

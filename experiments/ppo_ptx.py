@@ -1,0 +1,59 @@
+"""PPO-ptx (InstructGPT step 3): policy from SFT, value from the RM, frozen SFT reference for the
+per-token KL penalty, and the pretraining log-likelihood term in the same loss.
+
+Defaults and their sources (experiments/common.py, ppo_config): beta = 0.02 and gamma
+(ppo.ptx_coef) = 27.8 from InstructGPT (Ouyang et al. 2022); value initialised from the RM
+(InstructGPT); adaptive KL (off by default) from Ziegler et al. 2019; clip 0.2, lambda 0.95,
+discount 1, 4 epochs are the usual PPO defaults for language models.
+
+Tiny models, CPU, after experiments/{pretrain,sft,rm}.py (a few minutes on 2 cores):
+  python -m launch.run --config experiments/ppo_ptx.py --workdir runs/ppo_ptx_tiny \
+      --config.init_from=runs/sft_tiny --config.ppo.reward_from=runs/rm_tiny
+
+Plain PPO (gamma = 0) is `experiments/ppo_ptx.py:ptx=0` (or `--config.ppo.ptx_coef=0`).
+A rule-based reward instead of the RM: `--config.ppo.reward_fn=my_module:my_reward`.
+
+Args (after the colon): size, family, fsdp, tensor, ptx (0 = plain PPO, 1 = PPO-ptx).
+"""
+
+import os
+
+from experiments import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1, ptx=1)
+    c = common.base_config()
+    c.stage = "ppo"
+    c.model = common.model_config(arg.size)
+    c.model.family = arg.family
+    c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    c.data.train = os.path.join(HERE, "data", "tiny_prompts.jsonl")
+    c.data.ptx = os.path.join(HERE, "data", "tiny_corpus.jsonl")
+    c.data.eval_fraction = 0.1
+    if not arg.ptx:
+        c.ppo.ptx_coef = 0.0
+    if arg.size == "tiny":
+        c.model.dtype = "float32"  # CPU
+        c.train.update(steps=30, log_every=5, ckpt_every=10)
+        c.ppo.update(
+            rollout_batch=32,
+            minibatch=8,
+            epochs=2,
+            prompt_len=32,
+            max_new_tokens=16,
+            policy_lr=3e-4,
+            value_lr=3e-4,
+            ptx_batch=8,
+            ptx_seq_len=64,
+            eval_every=10,
+            eval_prompts=32,
+        )
+    else:
+        c.train.update(steps=500, log_every=1, ckpt_every=20)
+        c.ppo.update(
+            rollout_batch=64, minibatch=16, prompt_len=256, max_new_tokens=256, ptx_seq_len=512
+        )
+    return c

@@ -1,0 +1,240 @@
+"""PPO-ptx pure steps: score a rollout, and update policy + value with ONE loss.
+
+Arrays of a rollout (B rows, P prompt slots, T response slots):
+  tokens [B, P + T]  prompt (left-padded) then response (pad after EOS)
+  prompt_mask [B, P], response_mask [B, T] (True up to and including EOS)
+Response token t sits at column P + t and is predicted by the logits at column P + t - 1; the
+value of the state before emitting token t is the value head's output at that same column.
+
+Models: `policy` (LM head, trained), `value` (scalar head, trained), `ref` (the frozen SFT
+policy) and `reward` (the frozen RM). The frozen params are ordinary arguments: they are never
+donated and never reach the optimizer.
+
+The loss, minimised, for one minibatch and one pretraining batch:
+  L = policy_clip_loss + vf_coef * value_clip_loss + ptx_coef * NLL(pretraining batch)
+which is the negative of InstructGPT's objective with gamma = ptx_coef (ptx_coef = 0: plain PPO).
+One `value_and_grad` over {"policy", "value"} gives every term's gradient at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses, ppo_math, reward, sharding
+from rlhf_jax import state as state_lib
+
+
+def full_mask(batch):
+    """[B, P + T] bool: real prompt and response tokens."""
+    return jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1).astype(bool)
+
+
+def _positions(mask):
+    return jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+
+
+def policy_forward(graphdef, params, tokens, mask, p: int):
+    """(logp of the response tokens [B, T], logits at response positions [B, T, V] float32)."""
+    model = state_lib.merge(graphdef, params)
+    logits, _ = model(tokens, positions=_positions(mask), key_mask=mask)
+    logits = logits[:, p - 1 : -1].astype(jnp.float32)  # predicts tokens[:, p:]
+    return losses.token_logprobs(logits, tokens[:, p:]), logits
+
+
+def value_forward(graphdef, params, tokens, mask, p: int):
+    """Values of the states before each response token, [B, T] float32."""
+    model = state_lib.merge(graphdef, params)
+    per_pos, _ = model(tokens, positions=_positions(mask), key_mask=mask)
+    return per_pos[:, p - 1 : -1]
+
+
+def _chunked(fn, batch_fields, chunk: int):
+    """Applies fn over rows in chunks of `chunk` (the update's minibatch size), so logp_old is
+    computed with exactly the shapes — hence the same numerics — as the first update."""
+    b = batch_fields[0].shape[0]
+    n = b // chunk
+    split = [x.reshape(n, chunk, *x.shape[1:]) for x in batch_fields]
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
+
+
+def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
+    """Teacher-forced logp/logp_ref, values, scores, KL-shaped rewards, GAE, whitening.
+
+    Args:
+      params: {"policy", "value"} trained params.
+      frozen: {"ref", "reward"} frozen params ("reward" absent with a reward function) and
+        "kl_coef" [] (the current beta), "reward_bias" [], "ext_scores" [B] (reward-function
+        scores, zeros with an RM).
+      batch: rollout arrays (module docstring).
+
+    Returns:
+      (update batch with logp_old, values_old, advantages, returns; scalar metrics).
+    """
+    with sharding.use_rules(mesh, rules):
+        tokens, mask, rmask = batch["tokens"], full_mask(batch), batch["response_mask"]
+        rmask_f = rmask.astype(jnp.float32)
+        mb = cfg.minibatch_rows
+
+        def lp(params_, t, m):
+            return policy_forward(graphdefs["policy"], params_, t, m, p)[0]
+
+        logp = _chunked(functools.partial(lp, params["policy"]), [tokens, mask], mb)
+        logp_ref = _chunked(functools.partial(lp, frozen["ref"]), [tokens, mask], mb)
+        values = _chunked(
+            lambda t, m: value_forward(graphdefs["value"], params["value"], t, m, p),
+            [tokens, mask],
+            mb,
+        )
+        logp, logp_ref, values = (x * rmask_f for x in (logp, logp_ref, values))
+        if "reward" in frozen:
+            scores = reward.sequence_scores(graphdefs["reward"], frozen["reward"], tokens, mask)
+            scores = scores + frozen["reward_bias"]
+        else:
+            scores = frozen["ext_scores"]
+        finished = jnp.any(rmask & (batch["tokens"][:, p:] == cfg.eos_id), axis=1)
+        raw_scores = scores
+        scores = scores + jnp.where(finished, 0.0, cfg.no_eos_penalty)
+        scores = ppo_math.clip_or_whiten_scores(
+            scores, clip=cfg.score_clip, whiten=cfg.whiten_scores
+        )
+        kl = ppo_math.kl_estimate(logp, logp_ref, cfg.kl_kind) * rmask_f  # [B, T]
+        rewards = ppo_math.shaped_rewards(scores, kl, rmask_f, frozen["kl_coef"])
+        adv, returns = ppo_math.gae(rewards, values, rmask_f, cfg.discount, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = ppo_math.whiten(adv, rmask_f)
+        lengths = rmask_f.sum(1)
+        out = dict(
+            batch,
+            logp_old=logp,
+            values_old=values,
+            advantages=adv,
+            returns=returns,
+            scores=raw_scores,
+        )
+        m = {
+            "ppo/score": raw_scores.mean(),
+            "ppo/score_std": raw_scores.std(),
+            "ppo/kl_per_token": ppo_math.masked_mean(kl, rmask_f),
+            "ppo/kl_per_seq": kl.sum(1).mean(),
+            "ppo/kl_coef": frozen["kl_coef"],
+            "ppo/response_length": lengths.mean(),
+            "ppo/no_eos_fraction": 1.0 - finished.astype(jnp.float32).mean(),
+            "ppo/return_mean": ppo_math.masked_mean(returns, rmask_f),
+            "ppo/value_mean": ppo_math.masked_mean(values, rmask_f),
+        }
+        return out, m
+
+
+def ppo_loss(params, mb, ptx, *, graphdefs, cfg, p: int):
+    """The one PPO-ptx loss of a minibatch (module docstring) and its metrics."""
+    tokens, mask = mb["tokens"], full_mask(mb)
+    rmask = mb["response_mask"].astype(jnp.float32)
+    logp, logits = policy_forward(graphdefs["policy"], params["policy"], tokens, mask, p)
+    pl, pm = ppo_math.policy_loss(logp, mb["logp_old"], mb["advantages"], rmask, cfg.clip)
+    values = value_forward(graphdefs["value"], params["value"], tokens, mask, p)
+    vl, vm = ppo_math.value_loss(values, mb["values_old"], mb["returns"], rmask, cfg.value_clip)
+    loss = pl + cfg.vf_coef * vl
+    m = {
+        "ppo/policy_loss": pl,
+        "ppo/value_loss": vl,
+        "ppo/entropy": ppo_math.entropy_from_logits(logits, rmask),
+        "ppo/explained_variance": ppo_math.explained_variance(values, mb["returns"], rmask),
+        **{f"ppo/{k}": v for k, v in {**pm, **vm}.items()},
+    }
+    if ptx is not None:
+        model = state_lib.merge(graphdefs["policy"], params["policy"])
+        ptx_logits, _ = model(ptx["inputs"])
+        nll_sum, n = losses.masked_xent(ptx_logits, ptx["targets"], ptx["mask"])
+        ptx_nll = nll_sum / jnp.maximum(n, 1.0)
+        loss = loss + cfg.ptx_coef * ptx_nll
+        m["ppo/ptx_loss"] = ptx_nll
+    m["ppo/loss"] = loss
+    return loss, m
+
+
+def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rules):
+    """`cfg.epochs` passes over the rollout in minibatches of `cfg.minibatch_rows`.
+
+    Args:
+      state: {"step", "params": {"policy", "value"}, "opt_state"} (donated).
+      batch: the output of `score_step`, B rows.
+      ptx: pretraining batches {"inputs", "targets", "mask"} [b_ptx, epochs * n_mb, L], or None
+        (rows first, so they shard like every other batch).
+      rng: key for the minibatch permutations.
+
+    Returns:
+      (new state, metrics averaged over all minibatches; those of the very first minibatch,
+      where the ratio is exactly 1, also under "ppo/first_*").
+    """
+    with sharding.use_rules(mesh, rules):
+        b = batch["tokens"].shape[0]
+        n_mb = b // cfg.minibatch_rows
+        grad_fn = jax.value_and_grad(
+            functools.partial(ppo_loss, graphdefs=graphdefs, cfg=cfg, p=p), has_aux=True
+        )
+
+        def one_epoch(carry, epoch):
+            params, opt_state = carry
+            # Epoch 0 keeps rollout order so its first minibatch is exactly what score_step
+            # chunked; later epochs reshuffle.
+            perm = jnp.where(
+                epoch == 0, jnp.arange(b), jax.random.permutation(jax.random.fold_in(rng, epoch), b)
+            )
+            idx = perm.reshape(n_mb, cfg.minibatch_rows)
+
+            def one_mb(carry, i):
+                params, opt_state = carry
+                mb = jax.tree.map(lambda x: x[idx[i]], batch)
+                mb = jax.tree.map(
+                    lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
+                )
+                px = None if ptx is None else jax.tree.map(lambda x: x[:, epoch * n_mb + i], ptx)
+                (_, m), grads = grad_fn(params, mb, px)
+                params, opt_state = apply_tx(tx, grads, opt_state, params)
+                m["ppo/grad_norm_policy"] = optax.global_norm(grads["policy"])
+                m["ppo/grad_norm_value"] = optax.global_norm(grads["value"])
+                return (params, opt_state), m
+
+            return jax.lax.scan(one_mb, (params, opt_state), jnp.arange(n_mb))
+
+        (params, opt_state), ms = jax.lax.scan(
+            one_epoch, (state["params"], state["opt_state"]), jnp.arange(cfg.epochs)
+        )
+        metrics = jax.tree.map(jnp.mean, ms)
+        metrics["ppo/first_ratio_max"] = ms["ppo/ratio_max"][0, 0]
+        metrics["ppo/first_clipfrac"] = ms["ppo/clipfrac"][0, 0]
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+
+def make_tx(cfg, total_iters: int) -> dict:
+    """Separate AdamW (own lr, own clipping, own state) for policy and value, so neither's
+    gradient scale affects the other's update."""
+
+    def one(lr):
+        return state_lib.make_optimizer(
+            state_lib.OptimConfig(
+                lr=lr,
+                warmup_steps=cfg.warmup_updates,
+                total_steps=max(total_iters * cfg.epochs * cfg.updates_per_epoch, 1),
+                min_lr_ratio=cfg.min_lr_ratio,
+                weight_decay=cfg.weight_decay,
+                grad_clip=cfg.grad_clip,
+            )
+        )
+
+    return {"policy": one(cfg.policy_lr), "value": one(cfg.value_lr)}
+
+
+def apply_tx(tx: dict, grads, opt_state, params):
+    """Per-model optimizer step: {"policy", "value"} trees updated independently."""
+    new_params, new_opt = {}, {}
+    for k in ("policy", "value"):
+        updates, new_opt[k] = tx[k].update(grads[k], opt_state[k], params[k])
+        new_params[k] = optax.apply_updates(params[k], updates)
+    return new_params, new_opt
