@@ -208,6 +208,7 @@ def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rul
         metrics = jax.tree.map(jnp.mean, ms)
         metrics["ppo/first_ratio_max"] = ms["ppo/ratio_max"][0, 0]
         metrics["ppo/first_clipfrac"] = ms["ppo/clipfrac"][0, 0]
+        metrics["ppo/first_ratio_mean"] = ms["ppo/ratio_mean"][0, 0]
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
 
