@@ -22,6 +22,7 @@ the *current* mesh, so a checkpoint written on one mesh restores onto any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -39,6 +40,18 @@ _CHECKPOINTS_SUBDIR = "checkpoints"
 _COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_absl(active: bool):
+    logger = logging.getLogger("absl")
+    old = logger.level
+    if active:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 class Checkpointer:
@@ -83,7 +96,8 @@ class Checkpointer:
             # A tmp dir left by a killed save is garbage; orbax never loads it either way.
             cleanup_tmp_directories=not read_only,
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_absl(read_only):  # orbax warns "directory is read only" on every open
+            self._mgr = ocp.CheckpointManager(self.directory, options=options)
         self._read_only = read_only
         self._closed = False
 

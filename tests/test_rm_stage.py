@@ -140,3 +140,25 @@ def test_per_pair_ablation_runs_and_logs(tmp_path, tok):
     rows = metrics.read_metrics(str(tmp_path / "rm" / "metrics.jsonl"))
     assert any("rm/accuracy" in r for r in rows) and any("eval/accuracy" in r for r in rows)
     assert sharding.data_parallel_size(mesh, config.sharding.rules) == 8
+
+
+def test_score_command_writes_scores_with_bias(tmp_path, tok):
+    synthetic_comparisons(tmp_path / "cmp.jsonl", 80, seed=3)
+    config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=2)
+    rm_stage.run(config, mesh_lib.build_mesh(config.mesh), str(tmp_path / "rm"))
+    rows = [{"prompt": "say 1", "response": r} for r in ("apples bob", "bob went", "the park")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from rlhf_jax import score
+
+    args = ["--checkpoint", str(tmp_path / "rm"), "--data", str(tmp_path / "in.jsonl")]
+    score.main([*args, "--out", str(tmp_path / "a.jsonl")])
+    score.main([*args, "--out", str(tmp_path / "b.jsonl"), "--no-bias"])
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    bias = rm_stage.load_bias(str(tmp_path / "rm"))
+    assert [r["response"] for r in a] == [r["response"] for r in rows]
+    np.testing.assert_allclose(
+        [r["score"] - s["score"] for r, s in zip(a, b, strict=True)], bias, atol=1e-6
+    )
+    with pytest.raises(SystemExit):
+        score.main(["--checkpoint", str(tmp_path / "nope"), "--data", "x", "--out", "y"])
