@@ -306,12 +306,20 @@ def run(config, mesh, workdir: str):
     ptx_it = ptx_data(config, tok, n_updates, workdir)
     kl_coef = float(c.beta)
     if start is not None:
+        # The policy is saved as "params" so a PPO workdir serves `generate`, `init_from` and
+        # evaluation like any LM stage's; the value model is its own item.
         restored, data_state, meta = ckpt.restore(
-            start, {"params": abstract_params, "opt_state": abstract_opt}
+            start,
+            {
+                "params": abstract_params["policy"],
+                "value": abstract_params["value"],
+                "opt_state": abstract_opt,
+            },
         )
         state = {
             "step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]),
-            **restored,
+            "params": {"policy": restored["params"], "value": restored["value"]},
+            "opt_state": restored["opt_state"],
         }
         prompt_it.set_state(data_state["prompts"])
         if ptx_it is not None:
@@ -417,7 +425,11 @@ def run(config, mesh, workdir: str):
                 }
                 ckpt.save(
                     n,
-                    {"params": state["params"], "opt_state": state["opt_state"]},
+                    {
+                        "params": state["params"]["policy"],
+                        "value": state["params"]["value"],
+                        "opt_state": state["opt_state"],
+                    },
                     data=data_state,
                     meta={**meta, "kl_coef": kl_coef},
                 )
