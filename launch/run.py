@@ -26,7 +26,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "pipeline")
 
 
 def _multi_process_env() -> bool:
@@ -61,6 +61,10 @@ def dispatch(config, mesh, workdir):
         from rlhf_jax.stages import ppo
 
         return ppo.run(config, mesh, workdir)
+    if stage == "pipeline":
+        from rlhf_jax.stages import pipeline
+
+        return pipeline.run(config, mesh, workdir)
     raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
 
 
