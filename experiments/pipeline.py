@@ -16,34 +16,78 @@ from experiments import common, ppo_ptx, pretrain, rm, sft
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size="tiny", family="")
+    arg = common.parse_arg(arg, size="mini", family="")
     structural = f"size={arg.size},family={arg.family}"
     c = common.base_config()
     c.stage = "pipeline"
     c.ptx_coef = 27.8  # gamma of the PPO-ptx run (the PPO run uses 0)
     c.world = dict(
         sizes=dict(
-            pretrain_docs=6000,
-            heldout_docs=300,
+            pretrain=20000,
+            heldout=500,
             demos=3000,
-            rm_prompts=600,
+            rm_prompts=1500,
             ppo_prompts=2000,
-            eval_prompts=200,
+            eval_prompts=300,
         ),
+        quality=0.7,  # the demonstrator's probability of an ideal answer
     )
     c.collect = dict(k=4, temperature=1.0, max_new_tokens=24, labeler_noise=0.1)
-    c.evaluate = dict(temperature=0.0, max_new_tokens=24, seq_len=64, samples=4)
+    # Sampling at temperature 1 (the policy PPO optimises), not greedy decoding, which would
+    # hide most of the demonstrator's mistakes that SFT copies.
+    c.evaluate = dict(temperature=1.0, max_new_tokens=24, seq_len=96, samples=4)
     c.stages = dict(
         pretrain=pretrain.get_config(structural),
         sft=sft.get_config(structural),
         rm=rm.get_config(structural),
         ppo=ppo_ptx.get_config(structural),
     )
-    if arg.size == "tiny":
-        c.stages.pretrain.train.update(
-            steps=600, batch_size=32, seq_len=64, eval_every=200, ckpt_every=200
+    s = c.stages
+    if arg.size in ("tiny", "mini"):
+        for stage in s.values():
+            stage.model.dtype = "float32"  # CPU
+        s.pretrain.tokenizer.vocab_size = 512
+        s.pretrain.train.update(
+            steps=600,
+            batch_size=32,
+            seq_len=96,
+            lr=3e-3,
+            warmup_steps=50,
+            eval_every=200,
+            ckpt_every=200,
+            log_every=20,
         )
-        c.stages.sft.train.update(epochs=2.0, eval_every=100, ckpt_every=100)
-        c.stages.rm.train.update(steps=200, eval_every=50, ckpt_every=100)
-        c.stages.ppo.train.update(steps=40, log_every=10, ckpt_every=20)
+        s.sft.train.update(
+            epochs=2.0,
+            batch_size=32,
+            seq_len=48,
+            lr=1e-3,
+            eval_every=50,
+            ckpt_every=100,
+            log_every=10,
+        )
+        s.rm.train.update(
+            steps=150,
+            batch_size=32,
+            seq_len=48,
+            lr=1e-3,
+            eval_every=50,
+            ckpt_every=50,
+            log_every=10,
+        )
+        s.rm.rm.k_max = 4
+        s.ppo.train.update(steps=40, log_every=5, ckpt_every=20)
+        s.ppo.ppo.update(
+            rollout_batch=64,
+            minibatch=16,
+            epochs=2,
+            prompt_len=32,
+            max_new_tokens=24,
+            policy_lr=2e-4,
+            value_lr=1e-3,
+            ptx_batch=16,
+            ptx_seq_len=96,
+            eval_every=10,
+            eval_prompts=64,
+        )
     return c

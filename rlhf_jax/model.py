@@ -92,6 +92,7 @@ class ModelConfig:
 # Brown et al. 2020, Table 2.1). Vocabulary 50257 padded to 50304 (a multiple of 128).
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_len=256),
+    "mini": dict(d_model=128, n_layers=4, n_heads=4, vocab_size=512, max_len=256),  # CPU demos
     "small": dict(d_model=768, n_layers=12, n_heads=12),
     "medium": dict(d_model=1024, n_layers=24, n_heads=16),
     "large": dict(d_model=1280, n_layers=36, n_heads=20),

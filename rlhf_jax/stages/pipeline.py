@@ -85,15 +85,18 @@ def collect_comparisons(config, run_dir: str, paths: dict) -> str:
         max_new_tokens=c.max_new_tokens,
         seed=config.seed,
     )
-    by_prompt: dict[str, dict] = {}
-    for r in recs:
-        s = by_prompt.setdefault(
-            r["prompt"], {"prompt": r["prompt"], "responses": [], "finished": []}
-        )
-        s["responses"].append(r["response"])
-        s["finished"].append(r["finished"])
+    # generate writes the k samples of each prompt line consecutively; prompts may repeat.
+    groups = [recs[i : i + c.k] for i in range(0, len(recs), c.k)]
+    samples = [
+        {
+            "prompt": g[0]["prompt"],
+            "responses": [r["response"] for r in g],
+            "finished": [r["finished"] for r in g],
+        }
+        for g in groups
+    ]
     labeler = world.Labeler(noise=c.labeler_noise, seed=config.seed)
-    comps = world.label_comparisons(list(by_prompt.values()), labeler)
+    comps = world.label_comparisons(samples, labeler)
     world.write_jsonl(out, comps)
     return out
 
@@ -208,7 +211,9 @@ def run(config, mesh, workdir: str):
             write_json(timings_path, timings)
 
     w = config.world
-    paths = world.write_world(os.path.join(workdir, "world"), dict(w.sizes), config.seed)
+    paths = world.write_world(
+        os.path.join(workdir, "world"), dict(w.sizes), config.seed, quality=w.quality
+    )
     s = config.stages
 
     def stage(name, cfg, module, **over):

@@ -1,0 +1,255 @@
+"""Tests for rlhf_jax.report: tables hold the eval.json numbers, plots are real PNGs, missing
+stages read "not run", malformed files name file:line, aggregate statistics, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlhf_jax import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _model(gold, std, loss, rm=0.5, length=12.25, finished=0.875):
+    return {
+        "gold_score": gold,
+        "gold_score_std": std,
+        "heldout_pretrain_loss": loss,
+        "rm_score": rm,
+        "response_length": length,
+        "finished_fraction": finished,
+        "samples": [
+            {"prompt": f"p{i} a|b", "response": f"r{i}\nline2 <b>", "gold": gold} for i in range(5)
+        ],
+    }
+
+
+def _write_eval(run, models, seed=0):
+    meta = {
+        "seed": seed,
+        "elapsed_seconds": 3723.0,
+        "device": "cpu x8",
+        "command": "python -m launch.pipeline --seed 0 | tee <log>",
+        "timings": {"pretrain": 1800.0, "sft": 600.0},
+    }
+    with open(os.path.join(run, "eval.json"), "w") as f:
+        json.dump({"models": models, "meta": meta}, f)
+
+
+def _lm_rows(samples=False):
+    rows = [{"step": 0, "time": 1.0, "eval/loss": 5.0}]
+    for s in range(1, 21):
+        rows.append({"step": s, "time": 1.0 + s, "train/loss": 5.0 - 0.1 * s, "train/lr": 1e-3})
+    rows[7]["train/loss"] = None  # a non-finite value, written as null
+    rows.append({"step": 20, "time": 30.0, "eval/loss": 3.5, "eval/perplexity": 33.1})
+    if samples:
+        rows.append({"step": 10, "time": 20.0, "eval/samples": "step 10\nold sample"})
+        rows.append({"step": 20, "time": 31.0, "eval/samples": "step 20\nprompt: 'hi' ```x```"})
+    return rows
+
+
+def _ppo_rows(offset, ptx):
+    rows = [{"step": 0, "time": 0.0, "eval/score": offset, "eval/kl_per_seq": 0.0}]
+    for s in range(1, 31):
+        m = {"ppo/score": offset + 0.05 * s, "ppo/kl_per_seq": 0.1 * s, "time/iteration": 0.5}
+        if ptx:
+            m["ppo/ptx_loss"] = 3.0
+        rows.append({"step": s, "time": float(s), **m})
+        if s % 10 == 0:
+            rows.append({"step": s, "time": float(s), "eval/score": offset + 0.05 * s})
+            rows.append({"step": s, "time": float(s), "ppo/samples": f"[+0.500] 'q{s}' -> 'a'"})
+    return rows
+
+
+def _fake_run(run, stages=report.STAGES, models=report.MODELS):
+    os.makedirs(run, exist_ok=True)
+    if "pretrain" in stages:
+        _jsonl(os.path.join(run, "pretrain", "metrics.jsonl"), _lm_rows())
+    if "sft" in stages:
+        _jsonl(os.path.join(run, "sft", "metrics.jsonl"), _lm_rows(samples=True))
+    if "rm" in stages:
+        rm = [{"step": s, "time": 0.0, "rm/loss": 0.7, "rm/accuracy": 0.6} for s in (5, 10)]
+        rm += [
+            {"step": s, "eval/accuracy": 0.55 + s / 100, "eval/accuracy_k4": 0.6, "eval/loss": 0.6}
+            for s in (0, 10)
+        ]
+        _jsonl(os.path.join(run, "rm", "metrics.jsonl"), rm)
+    for name in ("ppo", "ppo_ptx"):
+        if name in stages:
+            _jsonl(os.path.join(run, name, "metrics.jsonl"), _ppo_rows(0.1, name == "ppo_ptx"))
+    all_models = {
+        "pretrained": _model(-0.5, 0.25, 3.125),
+        "sft": _model(0.25, 0.125, 3.25),
+        "ppo": _model(0.75, 0.2, 3.5),
+        "ppo_ptx": _model(0.625, 0.15, 3.3),
+    }
+    _write_eval(run, {k: v for k, v in all_models.items() if k in models})
+    return run
+
+
+def _row(md, label):
+    (line,) = [ln for ln in md.splitlines() if ln.startswith(f"| {label} |")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_full_report_tables_plots_and_samples(tmp_path):
+    run = _fake_run(str(tmp_path / "run"))
+    path = report.build_report(run)
+    assert path == os.path.join(run, "report.md")
+    md = Path(path).read_text()
+    # header: seed, total time, device, command, stage timings
+    assert "| 0 | 1h 02m 03s | cpu x8 | `python -m launch.pipeline --seed 0 \\| tee <log>` |" in md
+    assert "| pretrain | 30m 00s | 48% |" in md and "| sft | 10m 00s | 16% |" in md
+    # the pipeline's timings.json also times evaluation, which ends after eval.json is written
+    with open(os.path.join(run, "timings.json"), "w") as f:
+        json.dump({"pretrain": 1800.0, "sft": 600.0, "evaluate": 1500.0}, f)
+    md = Path(report.build_report(run)).read_text()
+    assert "| 0 | 1h 05m 00s | cpu x8 |" in md and "| evaluate | 25m 00s | 38% |" in md
+    # results: gold ± std, held-out loss, RM score, length, finished fraction
+    assert _row(md, "Pretrained") == ["Pretrained", "-0.500 ± 0.250", "3.125", "0.500", "12.2",
+                                      "0.88"]  # fmt: skip
+    assert _row(md, "PPO")[1:3] == ["0.750 ± 0.200", "3.500"]
+    assert _row(md, "PPO-ptx")[1:3] == ["0.625 ± 0.150", "3.300"]
+    assert "over SFT): PPO +0.250, PPO-ptx +0.050." in md
+    # stage table: the last logged values, skipping the null
+    training = md.split("## Training")[1]
+    assert _row(training, "pretrain")[1:] == ["ran", "20", "train/loss 3, eval/loss 3.5"]
+    assert "eval/accuracy 0.65" in _row(training, "rm")[3]
+    # plots: valid PNGs, linked relatively
+    for name in report.PLOTS:
+        data = Path(run, name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+        assert f"]({name})" in md
+    assert f"moving average over {report.SMOOTH_WINDOW} iterations" in md
+    assert str(tmp_path) not in md
+    # the LAST logged text samples; a fence the sample's backticks cannot close
+    assert "SFT eval samples, step 20" in md and "old sample" not in md
+    assert "````text\nstep 20\nprompt: 'hi' ```x```\n````" in md
+    assert "PPO rollout samples ([score] prompt -> response), step 30" in md
+    assert "'q30' -> 'a'" in md and "'q20'" not in md
+    # eval.json samples: a few per model, escaped for table cells
+    assert md.count("| p0 a\\|b | r0<br>line2 &lt;b&gt; |") == 4
+    assert "| p3 a" not in md
+
+
+def test_missing_stages_and_models_are_not_run(tmp_path):
+    run = _fake_run(str(tmp_path / "run"))
+    report.build_report(run)
+    os.remove(os.path.join(run, "rm", "metrics.jsonl"))
+    for name in ("ppo", "ppo_ptx"):
+        os.remove(os.path.join(run, name, "metrics.jsonl"))
+    _write_eval(run, {"sft": _model(0.25, 0.125, 3.25)})
+    md = Path(report.build_report(run)).read_text()
+    for stage in ("rm", "ppo", "ppo_ptx"):
+        assert _row(md, stage)[1] == "not run"
+    assert _row(md, "PPO")[1] == "not run" and _row(md, "Pretrained")[1] == "not run"
+    assert "over SFT): PPO n/a, PPO-ptx n/a." in md
+    # stale plots of stages that are gone are removed, and the sections say so
+    assert os.path.exists(os.path.join(run, "report_lm_loss.png"))
+    assert not os.path.exists(os.path.join(run, "report_ppo.png"))
+    assert "### PPO vs PPO-ptx\n\nnot run" in md
+    assert "### PPO rollout samples ([score] prompt -> response)\n\nnot run" in md
+
+    # no eval.json and a single stage: still a report
+    os.remove(os.path.join(run, "eval.json"))
+    md = Path(report.build_report(run)).read_text()
+    assert "Evaluation not run (no eval.json)." in md
+    assert "| not recorded | n/a | not recorded | not recorded |" in md
+
+
+def test_malformed_files_name_file_and_line(tmp_path):
+    run = _fake_run(str(tmp_path / "run"))
+    path = os.path.join(run, "rm", "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 11, "rm/loss": 0.5}\n{"step": 12, "rm/lo\n')
+    with pytest.raises(ValueError, match=f"{path}:6: malformed metrics line"):
+        report.build_report(run)
+    _jsonl(path, [{"step": 1}, {"rm/loss": 1.0}])
+    with pytest.raises(ValueError, match=f"{path}:2: .*integer step"):
+        report.build_report(run)
+    # an unterminated last line is a write in progress, not data
+    _jsonl(path, [{"step": 1, "eval/accuracy": 0.5}])
+    with open(path, "a") as f:
+        f.write('{"step": 2, "eval/acc')
+    assert [r["step"] for r in report.read_stage(path)] == [1]
+    report.build_report(run)
+
+    _jsonl(path, [{"step": 1}])
+    eval_path = os.path.join(run, "eval.json")
+    with open(eval_path, "w") as f:
+        f.write('{"models": {\n  "sft": }')
+    with pytest.raises(ValueError, match=f"{eval_path}:2: malformed JSON"):
+        report.build_report(run)
+    _write_eval(run, {"sft": {"gold_score": "good"}})
+    with pytest.raises(ValueError, match="models.sft: gold_score is 'good'"):
+        report.build_report(run)
+    with pytest.raises(ValueError, match="not a directory"):
+        report.build_report(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no stage metrics and no eval.json"):
+        report.build_report(str(tmp_path))
+
+
+def test_moving_average_matches_a_loop():
+    y = np.array([1.0, 2.0, np.nan, 4.0, 8.0, np.nan, np.nan, np.nan, 3.0])
+    w = 3
+    want = []
+    for i in range(len(y)):
+        window = [v for v in y[max(0, i - w + 1) : i + 1] if np.isfinite(v)]
+        want.append(np.mean(window) if window else np.nan)
+    np.testing.assert_allclose(report.moving_average(y, w), want)
+
+
+def _seed_runs(tmp_path):
+    runs = []
+    for seed, (g, loss) in enumerate([(0.5, 3.0), (0.75, 3.25), (1.0, 3.75)]):
+        run = str(tmp_path / f"seed{seed}")
+        os.makedirs(run)
+        models = {"sft": _model(0.1 * seed, 0.1, 3.0), "ppo": _model(g, 0.1, loss)}
+        _write_eval(run, models, seed=seed)
+        runs.append(run)
+    return runs
+
+
+def test_aggregate_mean_and_range(tmp_path):
+    runs = _seed_runs(tmp_path)
+    md = report.aggregate(runs)
+    assert "mean [min, max]" in md.splitlines()[0]
+    assert _row(md, "PPO") == ["PPO", "3 of 3", "0.750 [0.500, 1.000]", "3.333 [3.000, 3.750]"]
+    assert _row(md, "SFT") == ["SFT", "3 of 3", "0.100 [0.000, 0.200]", "3.000 [3.000, 3.000]"]
+    assert _row(md, "PPO-ptx") == ["PPO-ptx", "0 of 3", "not run", "not run"]
+    os.remove(os.path.join(runs[1], "eval.json"))
+    with pytest.raises(ValueError, match="seed1.*eval.json: missing"):
+        report.aggregate(runs)
+
+
+def test_cli_builds_reports_prints_aggregate_and_reports_errors(tmp_path):
+    runs = _seed_runs(tmp_path)
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "rlhf_jax.report", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+
+    out = cli(*runs)
+    assert out.returncode == 0, out.stderr
+    assert "| PPO | 3 of 3 | 0.750 [0.500, 1.000] |" in out.stdout
+    assert all(os.path.exists(os.path.join(r, "report.md")) for r in runs)
+    out = cli(str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
