@@ -13,6 +13,8 @@ from rlhf_jax import sharding
 # One prompt format for every stage after pretraining: the policy sees this text before it
 # responds, in SFT, in RM scoring, in PPO rollouts and in `generate`.
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
+# Model sizes whose experiment settings are the small CPU ones (tests, the bundled pipeline).
+CPU_SIZES = ("tiny", "mini")
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:

@@ -43,7 +43,7 @@ def get_config(arg=None):
         ppo=ppo_ptx.get_config(structural),
     )
     s = c.stages
-    if arg.size in ("tiny", "mini"):
+    if arg.size in common.CPU_SIZES:
         for stage in s.values():
             stage.model.dtype = "float32"  # CPU
         s.pretrain.tokenizer.vocab_size = 512

@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.data.eval_fraction = 0.1
     if not arg.ptx:
         c.ppo.ptx_coef = 0.0
-    if arg.size == "tiny":
+    if arg.size in common.CPU_SIZES:
         c.model.dtype = "float32"  # CPU
         c.train.update(steps=30, log_every=5, ckpt_every=10)
         c.ppo.update(

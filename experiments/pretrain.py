@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.model.family = arg.family
     c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
     c.data.train = os.path.join(HERE, "data", "tiny_corpus.jsonl")
-    if arg.size == "tiny":
+    if arg.size in common.CPU_SIZES:
         c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower
         c.train.update(
             steps=300,

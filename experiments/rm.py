@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.rm.batching = arg.batching
     c.data.train = os.path.join(HERE, "data", "tiny_comparisons.jsonl")
     c.data.eval_fraction = 0.1
-    if arg.size == "tiny":
+    if arg.size in common.CPU_SIZES:
         c.model.dtype = "float32"  # CPU
         c.train.update(
             steps=150,

@@ -19,6 +19,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import model as model_lib
@@ -137,6 +138,122 @@ def bench_train(args) -> dict:
     }
 
 
+# Peak HBM bandwidth per chip in bytes/s (vendor datasheets), for the decode roofline. Matched as
+# substrings of device_kind in this order, so "H100 PCIe" wins over the SXM part's "H100".
+PEAK_HBM_BW = {
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100": 2.039e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.19e11,
+    "TPU v5e": 8.19e11,
+    "TPU v5p": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+    "TPU v6e": 1.64e12,
+}
+
+
+def peak_hbm_bw(device) -> float | None:
+    kind = device.device_kind.lower()
+    return next((bw for name, bw in PEAK_HBM_BW.items() if name.lower() in kind), None)
+
+
+def bench_decode(args) -> dict:
+    """Times `sampling.make_sampler`'s prefill + while-loop decode on a random-init model.
+
+    EOS is disabled (eos_id=-1 never matches), so every row decodes all --new-tokens. Rows are
+    data parallel over all local devices. Prefill is timed alone with the same cache size; the
+    decode step time is (total - prefill) / (new_tokens - 1), since prefill also yields the
+    first token. `bw_fraction` is the bytes one device must read per decode step (all params in
+    the compute dtype, plus its share of the KV cache at its average filled length P + T/2) over
+    the step time, as a fraction of the chip's peak HBM bandwidth (None when unknown, e.g. CPU).
+    """
+    from rlhf_jax import sampling
+
+    p_len, t_new = args.prompt_len, args.new_tokens
+    cfg = model_lib.preset(
+        args.size,
+        family=args.family or None,
+        n_kv_heads=args.kv_heads or None,
+        dtype=args.dtype,
+        scan_layers=args.scan_layers,
+        attention=args.attention,
+        max_len=max(p_len + t_new, model_lib.PRESETS[args.size].get("max_len", 1024)),
+    )
+    mesh = make_mesh(1, 1)
+    rules = sharding.DEFAULT_RULES
+    graphdef, _, shardings = state_lib.param_shardings(cfg, mesh, rules)
+    params = state_lib.init_params(cfg, 0, shardings)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, cfg.vocab_size, size=(args.batch, p_len), dtype=np.int32)
+    batch = sharding.put_batch(
+        {"prompts": prompts, "mask": np.ones_like(prompts, bool)}, mesh, rules
+    )
+    keys = jax.device_put(
+        jax.random.split(jax.random.key(0), args.batch), sharding.batch_sharding(mesh, rules, 1)
+    )
+    generate = sampling.make_sampler(
+        graphdef, max_new_tokens=t_new, eos_id=-1, pad_id=0, mesh=mesh, rules=rules
+    )
+
+    def prefill(params, prompts, mask):
+        with sharding.use_rules(mesh, rules):
+            model = state_lib.merge(graphdef, params)
+            return sampling.prefill(model, prompts, mask, p_len + t_new)[:2]
+
+    prefill = jax.jit(prefill)
+    knobs = {"greedy": True} if args.greedy else {"temperature": 1.0}
+    run_all = lambda: generate(params, batch["prompts"], batch["mask"], keys, **knobs)
+    run_prefill = lambda: prefill(params, batch["prompts"], batch["mask"])
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t0
+
+    compile_s = timed(run_all)
+    timed(run_prefill)  # compile
+    steps = int(run_all()["steps"])
+    if steps != t_new:
+        raise RuntimeError(f"decoded {steps} steps, expected {t_new}: EOS should be disabled")
+    total_s = statistics.median(timed(run_all) for _ in range(args.repeats))
+    prefill_s = statistics.median(timed(run_prefill) for _ in range(args.repeats))
+    step_s = max(total_s - prefill_s, 0.0) / max(t_new - 1, 1)
+
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    n_params = model_lib.param_count(params)
+    kv_bytes = 2 * cfg.n_layers * args.batch * (p_len + t_new / 2)
+    kv_bytes *= cfg.n_kv_heads * cfg.head_dim * itemsize
+    bytes_per_step = n_params * itemsize + kv_bytes / jax.device_count()  # per device
+    peak_bw = peak_hbm_bw(jax.devices()[0])
+    return {
+        "bench": "decode",
+        "size": args.size,
+        "family": cfg.family,
+        "params_M": round(n_params / 1e6, 2),
+        "batch": args.batch,
+        "prompt_len": p_len,
+        "new_tokens": t_new,
+        "dtype": args.dtype,
+        "scan_layers": args.scan_layers,
+        "greedy": args.greedy,
+        "mesh": dict(mesh.shape),
+        "new_tokens_per_sec": round(args.batch * t_new / total_s, 1),
+        "decode_ms_per_step": round(step_s * 1e3, 3),
+        "prefill_ms": round(prefill_s * 1e3, 2),
+        "total_ms": round(total_s * 1e3, 2),
+        "compile_s": round(compile_s, 1),
+        "bytes_per_step_MB": round(bytes_per_step / 1e6, 2),
+        "bw_fraction": None
+        if peak_bw is None or step_s == 0
+        else round(bytes_per_step / step_s / peak_bw, 4),
+        "peak_mem_gb": peak_memory_gb(),
+        **environment(),
+        "command": "python -m rlhf_jax.bench " + " ".join(sys.argv[1:]),
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m rlhf_jax.bench",
@@ -159,11 +276,26 @@ def main(argv=None):
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--out", default="", help="append the JSON result line to this file")
+    d = sub.add_parser("decode", help="sampling throughput: prefill + on-device decode loop")
+    d.add_argument("--size", default="small", choices=list(model_lib.PRESETS))
+    d.add_argument("--family", default="", choices=["", "gpt2", "llama"])
+    d.add_argument("--kv-heads", type=int, default=0, help="0: the preset's (no grouping)")
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--prompt-len", type=int, default=64)
+    d.add_argument("--new-tokens", type=int, default=256)
+    d.add_argument("--dtype", default="bfloat16")
+    d.add_argument("--scan-layers", action="store_true")
+    d.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    d.add_argument("--greedy", action="store_true", help="argmax instead of sampling at T=1")
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--out", default="", help="append the JSON result line to this file")
     args = p.parse_args(argv)
     if args.cmd == "train":
         result = bench_train(args)
+    elif args.cmd == "decode":
+        result = bench_decode(args)
     else:
-        raise ValueError(f"unknown benchmark: {args.cmd!r}; expected one of ('train',)")
+        raise ValueError(f"unknown benchmark: {args.cmd!r}; expected one of ('train', 'decode')")
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:

@@ -194,7 +194,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, key_mask, kv):
         """x: [B, T, D]; positions: [B, T]; key_mask: [B, S] bool or None;
-        kv: None, or (k_cache [B, S, K, H], v_cache, index) to write into and attend over.
+        kv: None, or (k_all [L, B, S, K, H], v_all, layer, index): write this layer's new keys
+          and values at slot `index` of layer `layer`, then attend over that layer.
         Returns (y [B, T, D], (k, v) written cache or None)."""
         cfg = self.cfg
         dt = _dt(cfg.dtype)
@@ -217,15 +218,16 @@ class Attention(nnx.Module):
             )
         else:
             if kv is not None:
-                k_cache, v_cache, index = kv
-                k_cache = jax.lax.dynamic_update_slice_in_dim(
-                    k_cache, k.astype(k_cache.dtype), index, axis=1
-                )
-                v_cache = jax.lax.dynamic_update_slice_in_dim(
-                    v_cache, v.astype(v_cache.dtype), index, axis=1
-                )
-                new_kv = (k_cache, v_cache)
-                k, v = k_cache.astype(dt), v_cache.astype(dt)
+                # Write this layer's new keys/values straight into the stacked [L, B, S, K, H]
+                # buffers (in place under XLA: no per-step copy of the cache), then read the
+                # layer back for attention.
+                k_all, v_all, layer, index = kv
+                start = (layer, 0, index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+                new_kv = (k_all, v_all)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
                 q_slot = index + jnp.arange(t)  # cache slot of each query  [T]
             else:
                 q_slot = jnp.arange(t)
@@ -367,25 +369,26 @@ class Transformer(nnx.Module):
             graphdef, stacked = nnx.split(self.layers)
             step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
 
-            def body(x, layer):
-                params, kv = layer
-                kv = None if kv is None else (kv[0], kv[1], cache["index"])
+            # The cache rides in the carry (not xs/ys) so each layer updates it in place.
+            def body(carry, layer):
+                x, kvs = carry
+                params, i = layer
+                kv = None if kvs is None else (*kvs, i, cache["index"])
                 x, new_kv = step(params, x, positions, attn_mask, kv)
-                return x, new_kv
+                return (x, new_kv), None
 
-            xs = (stacked, None if cache is None else (cache["k"], cache["v"]))
-            x, new_kvs = jax.lax.scan(body, x, xs)
+            kvs = None if cache is None else (cache["k"], cache["v"])
+            xs = (stacked, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+            (x, new_kvs), _ = jax.lax.scan(body, (x, kvs), xs)
         else:
-            new_k, new_v = [], []
+            new_kvs = None if cache is None else (cache["k"], cache["v"])
             for i, block in enumerate(self.blocks):
                 graphdef, params = nnx.split(block)
                 step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
-                kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
+                kv = None if cache is None else (*new_kvs, i, cache["index"])
                 x, layer_kv = step(params, x, positions, attn_mask, kv)
                 if cache is not None:
-                    new_k.append(layer_kv[0])
-                    new_v.append(layer_kv[1])
-            new_kvs = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+                    new_kvs = layer_kv
 
         x = self.final_norm(x)
         new_cache = None
@@ -401,10 +404,14 @@ class Transformer(nnx.Module):
         if cfg.head == "scalar":
             scores = x.astype(jnp.float32) @ self.score_head[...] + self.score_bias[...]
             return scores, new_cache  # [B, T] float32
-        w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
-        logits = x @ w.astype(dt)
-        logits = sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
-        return logits, new_cache
+        return self.unembed(x), new_cache
+
+    def unembed(self, x):
+        """Logits [B, T, V] in the compute dtype from final hidden states x [B, T, D]
+        (the sampler's prefill unembeds only the last prompt position)."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D, V]
+        logits = x @ w.astype(_dt(self.cfg.dtype))
+        return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -434,7 +441,7 @@ def abstract(cfg: ModelConfig):
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = _axes_of(var)
-    return graphdef, params.to_pure_dict(), axes
+    return graphdef, nnx.to_pure_dict(params), axes
 
 
 def _axes_of(var: nnx.Variable) -> tuple:

@@ -123,18 +123,6 @@ def _constrain_cache(cache: dict) -> dict:
     }
 
 
-def _unembed(model, hidden):
-    """Logits [B, T, V] from final hidden states [B, T, D], as `Transformer.__call__` does.
-
-    Prefill asks the model for hidden states and unembeds only the last position, which avoids
-    materialising [B, P, V] prompt logits nobody reads.
-    """
-    cfg = model.cfg
-    w = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]  # [D, V]
-    logits = hidden @ w.astype(jnp.dtype(cfg.dtype))
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
-
-
 def prefill(model, prompts, prompt_mask, cache_len: int):
     """Runs the whole left-padded prompt through the model in one call, filling a fresh cache.
 
@@ -158,7 +146,7 @@ def prefill(model, prompts, prompt_mask, cache_len: int):
         prompts, positions=positions, key_mask=prompt_mask, cache=cache, return_hidden=True
     )
     # Left padding puts every row's last real token in the last column.
-    logits = _unembed(model, hidden[:, -1:])[:, 0]
+    logits = model.unembed(hidden[:, -1:])[:, 0]  # never builds [B, P, V] prompt logits
     return logits, _constrain_cache(cache), lengths
 
 
@@ -191,8 +179,8 @@ def _generate(
     prompt_mask,
     row_keys,
     knobs,
-    *,
     mode: str,
+    *,
     graphdef,
     max_new_tokens: int,
     eos_id: int,
@@ -206,6 +194,8 @@ def _generate(
         cfg = model.cfg
         b, p = prompts.shape
         t_max = max_new_tokens
+        if cfg.head != "lm":
+            raise ValueError(f"cannot sample from a model with a {cfg.head!r} head")
         if cfg.family == "gpt2" and p + t_max > cfg.max_len:
             raise ValueError(
                 f"prompt length {p} + max_new_tokens {t_max} exceeds the model's learned "
@@ -252,9 +242,7 @@ def _generate(
         def body(s):
             # Token t-1 sits at position len(prompt) + t - 1 and goes into slot P + t - 1.
             step_model = nnx.merge(graphdef, params)
-            logits, cache = decode_step(
-                step_model, s["cache"], s["token"], prompt_len + s["t"] - 1
-            )
+            logits, cache = decode_step(step_model, s["cache"], s["token"], prompt_len + s["t"] - 1)
             return record({**s, "cache": cache}, *pick(logits, s["t"]))
 
         s = jax.lax.while_loop(cond, body, state)
@@ -286,9 +274,10 @@ def make_sampler(
     mode (greedy / sample / filter, from `sampling_mode`) is a static argument of the jitted
     function; temperature, top_k and top_p are traced scalars.
 
-    Per-step work is one model call on [B, 1] tokens plus the sampling ops on [B, V]: the KV
-    cache is created inside the compiled function and carried by the `while_loop`, so XLA
-    updates it in place and there is nothing to donate. With a mesh, rows are sharded over
+    Per-step work is one model call on [B, 1] tokens plus the sampling ops on [B, V]. The KV
+    cache is created inside the compiled function and carried by the `while_loop`, so there is
+    nothing to donate: the loop's buffers are reused across steps and the new token's keys and
+    values are written with `dynamic_update_slice`. With a mesh, rows are sharded over
     `act_batch` and the cache is constrained to (layers, act_batch, len, act_heads, head_dim);
     params keep whatever sharding they arrive with (e.g. from `state.param_shardings`).
 
@@ -320,46 +309,39 @@ def make_sampler(
         rules=rules,
     )
     if mesh is None:
-        jitted = jax.jit(impl, static_argnames="mode")
+        jitted = jax.jit(impl, static_argnums=5)
     else:
         rows = lambda ndim: sharding.batch_sharding(mesh, rules, ndim)
         rep = sharding.replicated(mesh)
         jitted = jax.jit(
             impl,
-            static_argnames="mode",
+            static_argnums=5,  # mode
             # None: params keep the sharding they were restored / created with.
             in_shardings=(None, rows(2), rows(2), rows(1), rep),
             out_shardings={
-                "tokens": rows(2),
-                "response": rows(2),
-                "response_mask": rows(2),
-                "logprobs": rows(2),
-                "lengths": rows(1),
-                "finished": rows(1),
+                **{k: rows(2) for k in ("tokens", "response", "response_mask", "logprobs")},
+                **{k: rows(1) for k in ("lengths", "finished")},
                 "steps": rep,
             },
         )
 
-    def sample(params, prompts, prompt_mask, row_keys, *, temperature=1.0, top_k=0, top_p=1.0,
-               greedy=False):
+    def sample(
+        params, prompts, prompt_mask, row_keys, *, temperature=1.0, top_k=0, top_p=1.0, greedy=False
+    ):
         mode = sampling_mode(temperature, top_k, top_p, greedy)
         knobs = {
             "temperature": jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
             "top_k": jnp.asarray(top_k, jnp.int32),
             "top_p": jnp.asarray(top_p, jnp.float32),
         }
-        return jitted(params, prompts, prompt_mask, row_keys, knobs, mode=mode)
+        return jitted(params, prompts, prompt_mask, row_keys, knobs, mode)
 
     sample.jitted = jitted
     return sample
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_sampler(graphdef, max_new_tokens, eos_id, pad_id, mesh, rules):
-    return make_sampler(
-        graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, mesh=mesh,
-        rules=rules,
-    )
+# Memoised per (graphdef, T, ids, mesh, rules), so `generate` compiles once per shape and mode.
+_cached_sampler = functools.lru_cache(maxsize=16)(make_sampler)
 
 
 def generate(
@@ -397,11 +379,16 @@ def generate(
       The dict described in `make_sampler`.
     """
     rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
-    sample = _cached_sampler(graphdef, max_new_tokens, eos_id, pad_id, mesh, rules)
-    return sample(
-        params, prompts, prompt_mask, row_keys, temperature=temperature, top_k=top_k,
-        top_p=top_p, greedy=greedy,
+    sample = _cached_sampler(
+        graphdef,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        mesh=mesh,
+        rules=rules,
     )
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    return sample(params, prompts, prompt_mask, row_keys, **knobs)
 
 
 def sequence_logprobs(graphdef, params, tokens, mask):

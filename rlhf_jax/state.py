@@ -115,7 +115,7 @@ def init_params(model_cfg, seed: int, shardings):
 
     def init():
         model = model_lib.Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
-        return nnx.state(model, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     return jax.jit(init, out_shardings=shardings)()
 
