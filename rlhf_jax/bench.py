@@ -1,11 +1,16 @@
 """Throughput benchmarks, run with the project's own step functions.
 
   python -m rlhf_jax.bench train --size small --batch 12 --seq-len 1024 [--scan-layers]
+  python -m rlhf_jax.bench decode --size small --batch 64 --prompt-len 64 --new-tokens 256
+  python -m rlhf_jax.bench rm --size small --batch 32 --k 4 --seq-len 512
+  python -m rlhf_jax.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
 
 `train` times the real jitted `train_step` of the LM stage on random tokens over all local devices
 (data parallel unless --fsdp/--tensor say otherwise) and prints one JSON line: median step time,
 tokens/s, MFU (6N + attention FLOPs per token over the chip's dense bf16 peak), compile time and
 peak device memory, plus the device and versions. `--out FILE` appends the line to FILE.
+`decode` times the on-device sampler (new tokens/s, ms per step, fraction of the HBM bandwidth
+bound); `rm` and `ppo` are in bench_rlhf.py.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import bench_rlhf, sharding
 from rlhf_jax import model as model_lib
-from rlhf_jax import sharding
 from rlhf_jax import state as state_lib
 from rlhf_jax.stages import lm, setup
 
@@ -289,13 +294,18 @@ def main(argv=None):
     d.add_argument("--greedy", action="store_true", help="argmax instead of sampling at T=1")
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--out", default="", help="append the JSON result line to this file")
+    bench_rlhf.add_parsers(sub, list(model_lib.PRESETS))
     args = p.parse_args(argv)
     if args.cmd == "train":
         result = bench_train(args)
     elif args.cmd == "decode":
         result = bench_decode(args)
+    elif args.cmd == "rm":
+        result = bench_rlhf.bench_rm(args, environment, make_mesh)
+    elif args.cmd == "ppo":
+        result = bench_rlhf.bench_ppo(args, environment, make_mesh)
     else:
-        raise ValueError(f"unknown benchmark: {args.cmd!r}; expected one of ('train', 'decode')")
+        raise ValueError(f"unknown benchmark: {args.cmd!r}; expected train, decode, rm or ppo")
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:
