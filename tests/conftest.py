@@ -10,8 +10,16 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same tiny programs (a resumed run recompiles what the killed one did);
+# a per-session persistent compilation cache lets them reuse the executables.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="rlhf-jax-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(config, items):

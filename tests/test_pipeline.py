@@ -1,0 +1,78 @@
+"""The whole pipeline through the real entry point with the smallest settings: every stage's
+output exists and the report is produced; a second run resumes and skips finished steps."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = [
+    "--config.world.sizes.pretrain=600",
+    "--config.world.sizes.heldout=40",
+    "--config.world.sizes.demos=200",
+    "--config.world.sizes.rm_prompts=48",
+    "--config.world.sizes.ppo_prompts=64",
+    "--config.world.sizes.eval_prompts=16",
+    "--config.stages.pretrain.train.steps=10",
+    "--config.stages.pretrain.train.batch_size=8",
+    "--config.stages.pretrain.train.eval_every=10",
+    "--config.stages.sft.train.epochs=0.0",
+    "--config.stages.sft.train.steps=6",
+    "--config.stages.sft.train.batch_size=8",
+    "--config.stages.sft.sft.eval_samples=2",
+    "--config.stages.rm.train.steps=4",
+    "--config.stages.rm.train.batch_size=8",
+    "--config.stages.ppo.train.steps=2",
+    "--config.stages.ppo.ppo.rollout_batch=16",
+    "--config.stages.ppo.ppo.minibatch=8",
+    "--config.stages.ppo.ppo.epochs=1",
+    "--config.stages.ppo.ppo.eval_every=2",
+    "--config.stages.ppo.ppo.eval_prompts=16",
+    "--config.stages.ppo.ppo.ptx_batch=8",
+    "--config.collect.k=3",
+    "--config.collect.max_new_tokens=12",
+    "--config.evaluate.max_new_tokens=12",
+]
+
+
+def launch(workdir):
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--config",
+        "experiments/pipeline.py:size=tiny",
+        "--workdir",
+        str(workdir),
+        *SMALL,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path):
+    proc = launch(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+        assert os.path.isdir(tmp_path / sub / "checkpoints"), sub
+        assert os.path.getsize(tmp_path / sub / "metrics.jsonl") > 0, sub
+    for name in ("pretrain", "heldout", "demos", "rm_prompts", "ppo_prompts", "eval_prompts"):
+        assert os.path.exists(tmp_path / "world" / f"{name}.jsonl")
+    comps = (tmp_path / "comparisons.jsonl").read_text().splitlines()
+    assert comps and all({"prompt", "responses", "ranking"} <= set(json.loads(c)) for c in comps)
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert set(ev["models"]) == {"pretrained", "sft", "ppo", "ppo_ptx"}
+    for m in ev["models"].values():
+        assert -1.0 <= m["gold_score"] <= 1.0 and m["heldout_pretrain_loss"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "PPO-ptx" in report and (tmp_path / "report_ppo.png").exists()
+    again = launch(tmp_path)  # everything is done: every step is skipped
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("skipping") == 7
