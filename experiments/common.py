@@ -186,3 +186,14 @@ def base_config() -> mlc.ConfigDict:
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))
     return c
+
+
+def stage_config(stage: str, arg) -> mlc.ConfigDict:
+    """`base_config()` for `stage` with the structural args every experiment takes applied:
+    model size and family, and the fsdp / tensor mesh axes (data parallelism fills the rest)."""
+    c = base_config()
+    c.stage = stage
+    c.model = model_config(arg.size)
+    c.model.family = arg.family
+    c.mesh = mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    return c

@@ -25,11 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1, ptx=1)
-    c = common.base_config()
-    c.stage = "ppo"
-    c.model = common.model_config(arg.size)
-    c.model.family = arg.family
-    c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    c = common.stage_config("ppo", arg)
     c.data.train = os.path.join(HERE, "data", "tiny_prompts.jsonl")
     c.data.ptx = os.path.join(HERE, "data", "tiny_corpus.jsonl")
     c.data.eval_fraction = 0.1

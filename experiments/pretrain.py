@@ -21,11 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1)
-    c = common.base_config()
-    c.stage = "pretrain"
-    c.model = common.model_config(arg.size)
-    c.model.family = arg.family
-    c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
+    c = common.stage_config("pretrain", arg)
     c.data.train = os.path.join(HERE, "data", "tiny_corpus.jsonl")
     if arg.size in common.CPU_SIZES:
         c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower
