@@ -45,6 +45,12 @@ class ModelConfig:
     d_ff: int = 0  # 0 -> 4 D (gpt2) or the LLaMA 8/3 D rule rounded to 256
     max_len: int = 1024
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (as Hugging Face configs name them)
+    rope_factor: float = 1.0  # linear / llama3: how much longer the context got
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the pre-extension context length
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2-style llama family)
     norm_eps: float = 1e-5
     tie_embeddings: bool | None = None  # None -> family default (gpt2 tied, llama untied)
     dtype: str = "bfloat16"  # compute dtype
@@ -62,6 +68,11 @@ class ModelConfig:
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(
                 f"unknown model.attention: {self.attention!r}; expected auto, xla or cudnn"
+            )
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ValueError(
+                f"unknown model.rope_scaling: {self.rope_scaling!r}; expected none, linear or "
+                "llama3"
             )
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"unknown model.head: {self.head!r}; expected lm or scalar")
@@ -151,10 +162,28 @@ class Norm(nnx.Module):
         return (x * self.scale[...] + self.bias[...]).astype(dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, half-split layout (as LLaMA checkpoints store q/k). x: [B, T, N, H]."""
-    h = x.shape[-1]
-    freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies [H/2] of the rotary embedding, with the configured context scaling."""
+    h = cfg.head_dim
+    freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    if cfg.rope_scaling == "linear":
+        return freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        # Llama 3.1: long wavelengths are stretched by `factor`, short ones kept, and the band
+        # between interpolates smoothly (in wavelength measured against the original context).
+        wavelen = 2 * jnp.pi / freq
+        ratio = cfg.rope_original_max_len / wavelen
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = jnp.clip((ratio - lo) / (hi - lo), 0.0, 1.0)
+        return (1 - smooth) * freq / cfg.rope_factor + smooth * freq
+    return freq
+
+
+def rope(x, positions, freq):
+    """Rotary embedding, half-split layout (as LLaMA checkpoints store q/k).
+
+    x: [B, T, N, H]; positions: [B, T]; freq: [H/2] from `rope_frequencies`.
+    """
     angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
     cos = jnp.cos(angle)[:, :, None, :]
     sin = jnp.sin(angle)[:, :, None, :]
@@ -186,10 +215,11 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), cfg, init="zeros")
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, init="zeros")
             self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.use_bias:
             self.o_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
 
     def __call__(self, x, positions, key_mask, kv):
@@ -202,13 +232,14 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         if cfg.family == "llama":
-            q = rope(q, positions, cfg.rope_theta)
-            k = rope(k, positions, cfg.rope_theta)
+            freq = rope_frequencies(cfg)
+            q = rope(q, positions, freq)
+            k = rope(k, positions, freq)
         q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
         new_kv = None
         t = x.shape[1]

@@ -166,6 +166,11 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: str):
         self._sp = processor
         self.path = path
+        # Our tokenizers have pad 0, unk 1, bos 2, eos 3. A foreign model (e.g. LLaMA's: unk 0,
+        # bos 1, eos 2, no pad) is used as is; without a pad piece, padding uses the unk id,
+        # which is safe because padded slots are always masked out of attention and loss.
+        pad = processor.pad_id()
+        self._pad = pad if pad >= 0 else processor.unk_id()
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
@@ -185,12 +190,10 @@ class Tokenizer:
             processor.Load(path)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path!r} is not a valid sentencepiece model ({e})") from e
-        found = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
-        expected = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
-        if found != expected:
+        if processor.bos_id() < 0 or processor.eos_id() < 0:
             raise ValueError(
-                f"tokenizer {path!r} has pad/unk/bos/eos ids {found} but rlhf_jax requires "
-                f"{expected}; retrain it with `python -m rlhf_jax.tokenizer train`"
+                f"tokenizer {path!r} defines no bos or eos piece (bos id {processor.bos_id()}, "
+                f"eos id {processor.eos_id()}); both are needed to frame documents and responses"
             )
         return cls(processor, path)
 
@@ -201,15 +204,15 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return PAD_ID
+        return self._pad
 
     @property
     def bos_id(self) -> int:
-        return BOS_ID
+        return self._sp.bos_id()
 
     @property
     def eos_id(self) -> int:
-        return EOS_ID
+        return self._sp.eos_id()
 
     def encode(self, text: str) -> list[int]:
         """Encodes text to ids, without bos/eos.
@@ -235,7 +238,10 @@ class Tokenizer:
         Returns:
           The text. Decoding does not stop at eos.
         """
-        return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+        # Ids past the tokenizer's vocabulary come from a model whose embedding is padded (to a
+        # multiple of 128, say): they have no piece and decode to nothing.
+        n = self.vocab_size
+        return self._sp.decode([int(i) for i in ids if int(i) != self._pad and 0 <= int(i) < n])
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece of one id (e.g. '▁the', '<0x0A>', '<s>')."""

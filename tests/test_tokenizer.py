@@ -142,7 +142,8 @@ def test_load_rejects_non_model_file(tmp_path):
         Tokenizer.load(str(path))
 
 
-def test_load_rejects_other_special_ids(tmp_path):
+def test_foreign_special_ids_are_used_as_they_are(tmp_path):
+    """A model with sentencepiece's default ids (unk 0, bos 1, eos 2, no pad), as LLaMA's."""
     import sentencepiece as spm  # only to build a foreign model with sentencepiece's default ids
 
     spm.SentencePieceTrainer.train(
@@ -151,8 +152,19 @@ def test_load_rejects_other_special_ids(tmp_path):
         vocab_size=60,
         minloglevel=2,
     )
-    with pytest.raises(ValueError, match=r"pad/unk/bos/eos ids \(-1, 0, 1, 2\)"):
-        Tokenizer.load(str(tmp_path / "foreign.model"))
+    tok = Tokenizer.load(str(tmp_path / "foreign.model"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # no pad piece: pad = unk
+    text = "the cat sat"
+    assert tok.decode(tok.encode(text) + [tok.pad_id]) == text
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_corpus()),
+        model_prefix=str(tmp_path / "noeos"),
+        vocab_size=60,
+        minloglevel=2,
+        eos_id=-1,
+    )
+    with pytest.raises(ValueError, match="no bos or eos piece"):
+        Tokenizer.load(str(tmp_path / "noeos.model"))
 
 
 def test_cli_train_and_encode(tmp_path):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, data, data_demos, losses, sharding
+from rlhf_jax import data, data_demos, losses, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax.stages import loop, setup
@@ -168,7 +168,7 @@ def run(config, mesh, workdir: str):
 
     def init_params(abstract_params):
         if config.init_from:  # hand-off: params only, fresh optimizer
-            return checkpoint.restore_params(config.init_from, abstract_params)
+            return setup.restore_init_params(config.init_from, abstract_params)
         return None
 
     s = loop.Setup(

@@ -87,7 +87,7 @@ def load_reward_fn(spec: str):
 
 
 def _restore(workdir, cfg, mesh, rules):
-    return checkpoint.restore_params(workdir, state_lib.abstract_params(cfg, mesh, rules))
+    return setup.restore_init_params(workdir, state_lib.abstract_params(cfg, mesh, rules))
 
 
 def build_models(config, tok, mesh, rules, fresh: bool = True):
@@ -96,7 +96,7 @@ def build_models(config, tok, mesh, rules, fresh: bool = True):
     c = config.ppo
     policy_cfg, _ = setup.resolve_model(config, tok)
     cfgs = {"policy": policy_cfg, "ref": policy_cfg}
-    reward_meta = checkpoint.read_meta(c.reward_from) if c.reward_from else None
+    reward_meta = setup.read_init_meta(c.reward_from) if c.reward_from else None
     if reward_meta is not None:
         cfgs["reward"] = dataclasses.replace(
             model_lib.ModelConfig(**reward_meta["model"]), dtype=policy_cfg.dtype

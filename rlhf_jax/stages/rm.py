@@ -97,7 +97,7 @@ def backbone_params(config, model_cfg, mesh, rules, init_meta):
     source is already a scalar-head model)."""
     src_cfg = dataclasses.replace(model_cfg, head=init_meta["model"].get("head", "lm"))
     abstract = state_lib.abstract_params(src_cfg, mesh, rules)
-    src = checkpoint.restore_params(config.init_from, abstract)
+    src = setup.restore_init_params(config.init_from, abstract)
     if src_cfg.head == "scalar":
         return src
     _, _, shardings = state_lib.param_shardings(model_cfg, mesh, rules)

@@ -68,6 +68,43 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def read_init_meta(path: str) -> dict | None:
+    """Meta of an `init_from` source: a stage workdir, or a Hugging Face dir as `hf:DIR`."""
+    from rlhf_jax import convert
+
+    if convert.is_hf_path(path):
+        return convert.init_meta(path)
+    return checkpoint.read_meta(path)
+
+
+def restore_init_params(path: str, abstract_params):
+    """Params of an `init_from` source, straight into the shardings `abstract_params` asks."""
+    from rlhf_jax import convert
+
+    if convert.is_hf_path(path):
+        return convert.restore_params(path, abstract_params)
+    return checkpoint.restore_params(path, abstract_params)
+
+
+def _init_tokenizer(path: str) -> str:
+    from rlhf_jax import convert
+
+    if convert.is_hf_path(path):
+        src = convert.tokenizer_path(path)
+        if src is None:
+            raise FileNotFoundError(
+                f"init_from {path!r} has no sentencepiece tokenizer.model beside the weights; "
+                "set config.tokenizer.path"
+            )
+        return src
+    src = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.exists(src):
+        raise FileNotFoundError(
+            f"init_from workdir {path!r} has no {TOKENIZER_FILE}; set config.tokenizer.path"
+        )
+    return src
+
+
 def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
     """The run's tokenizer, kept as `<workdir>/tokenizer.model`.
 
@@ -79,12 +116,7 @@ def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
     if jax.process_index() == 0 and not os.path.exists(dest):
         src = config.tokenizer.path
         if not src and config.init_from:
-            src = os.path.join(config.init_from, TOKENIZER_FILE)
-            if not os.path.exists(src):
-                raise FileNotFoundError(
-                    f"init_from workdir {config.init_from!r} has no "
-                    f"{TOKENIZER_FILE}; set config.tokenizer.path"
-                )
+            src = _init_tokenizer(config.init_from)
         if not src and config.stage != "pretrain":
             raise ValueError(
                 f"stage {config.stage!r} needs config.init_from (the previous "
@@ -134,10 +166,12 @@ def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_lib.ModelConfig
     current = model_config_from(config, tok.vocab_size)
     init_meta = None
     if config.init_from:
-        init_meta = checkpoint.read_meta(config.init_from) or {}
+        init_meta = read_init_meta(config.init_from) or {}
         stored = init_meta.get("model")
         if stored is None:
             raise ValueError(f"init_from {config.init_from!r}: checkpoint has no model config")
+        if init_meta.get("stage") == "hf":  # a HF import can be laid out either way
+            stored = {**stored, "scan_layers": current.scan_layers}
         if stored.get("scan_layers") != current.scan_layers:
             raise ValueError(
                 f"init_from {config.init_from!r} stores params with model.scan_layers="
@@ -155,10 +189,12 @@ def check_same_model(meta: dict | None, model_cfg: model_lib.ModelConfig, where)
     if stored is None:
         return
     current = dataclasses.asdict(model_cfg)
+    # A field added to ModelConfig after the checkpoint was written has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)}
     diff = {
-        k: (stored.get(k), v)
+        k: (stored.get(k, defaults[k]), v)
         for k, v in current.items()
-        if k not in NUMERICS and stored.get(k) != v
+        if k not in NUMERICS and stored.get(k, defaults[k]) != v
     }
     if diff:
         k, (a, b) = next(iter(diff.items()))

@@ -1,0 +1,290 @@
+"""Hugging Face model directories <-> rlhf_jax workdirs, and the `init_from="hf:DIR"` hand-off.
+
+  python -m rlhf_jax.convert import --hf /models/Llama-3.2-1B --out runs/llama1b
+  python -m rlhf_jax.convert export --checkpoint runs/sft --out hf/sft
+
+`import` writes a normal checkpoint workdir (step 0, params only) whose meta holds the model
+config, plus the `tokenizer.model` found beside the weights, so `init_from=runs/llama1b` works like
+any stage's workdir. `export` restores a workdir's params with its stored model config and writes
+a directory `transformers` loads; a reward or value model (scalar head) becomes
+`*ForSequenceClassification` with one label (see hf.py), with the RM's normalisation bias kept as
+config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf.py.
+
+`init_from="hf:DIR"` reads the HF directory directly (no conversion on disk): `init_meta`,
+`restore_params` and `tokenizer_path` stand in for the checkpoint's meta, params and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+
+import jax
+
+from rlhf_jax import hf
+from rlhf_jax import model as model_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+HF_PREFIX = "hf:"
+
+
+# ----------------------------------------------------------------------------- init_from="hf:DIR"
+
+
+def is_hf_path(path) -> bool:
+    return isinstance(path, str) and path.startswith(HF_PREFIX)
+
+
+def hf_dir(path: str) -> str:
+    """`hf:/some/dir` -> `/some/dir` (a plain path is returned unchanged)."""
+    return os.path.expanduser(path[len(HF_PREFIX) :] if is_hf_path(path) else path)
+
+
+def tokenizer_path(path: str) -> str | None:
+    """The sentencepiece `tokenizer.model` beside the weights, or None (see the README)."""
+    file = os.path.join(hf_dir(path), TOKENIZER_FILE)
+    return file if os.path.isfile(file) else None
+
+
+def init_meta(path: str, *, scan_layers: bool = False) -> dict:
+    """A checkpoint-style meta for `hf:DIR`: {"model", "tokenizer", "stage", "hf", "config"}."""
+    directory = hf_dir(path)
+    hf_cfg = hf.read_config(directory)
+    cfg = hf.config_from_hf(hf_cfg, scan_layers=scan_layers)
+    return {
+        "model": dataclasses.asdict(cfg),
+        "tokenizer": TOKENIZER_FILE if tokenizer_path(directory) else None,
+        "stage": "hf",
+        "hf": {"model_type": hf_cfg.get("model_type"), **hf.token_ids(hf_cfg)},
+        "config": {"hf": directory},
+    }
+
+
+def restore_params(path: str, abstract_params):
+    """`checkpoint.restore_params` for `hf:DIR`: params in the shardings `abstract_params` asks.
+
+    Args:
+      path: `hf:DIR` or DIR.
+      abstract_params: pytree of ShapeDtypeStruct with `.sharding` (`state.abstract_params`).
+
+    Raises:
+      ValueError: the HF model does not have `abstract_params`' params and shapes.
+    """
+    directory = hf_dir(path)
+    hf_cfg = hf.read_config(directory)
+    cfg = hf.config_from_hf(hf_cfg, scan_layers="layers" in abstract_params)
+    flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+    want = {jax.tree_util.keystr(p): x.shape for p, x in flat(model_lib.abstract(cfg)[1])}
+    have = {jax.tree_util.keystr(p): x.shape for p, x in flat(abstract_params)}
+    for key in sorted(set(want) | set(have)):
+        if want.get(key) != have.get(key):
+            raise ValueError(
+                f"{path}: param {key} is {want.get(key)} in the Hugging Face model but the "
+                f"model being built expects {have.get(key)}"
+            )
+    return hf.load_params(directory, hf_cfg, cfg, abstract_params)
+
+
+def load_for_init(path, mesh, rules, *, dtype="bfloat16", param_dtype="float32", scan_layers=False):
+    """(ModelConfig, sharded params, tokenizer.model path or None) of `hf:DIR` (or DIR)."""
+    directory = hf_dir(path)
+    cfg, params = hf.import_hf(
+        directory, mesh, rules, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )
+    return cfg, params, tokenizer_path(directory)
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+
+def _check_tokenizer(file: str, vocab_size: int) -> str | None:
+    """Why the stages cannot use this tokenizer yet, or None when they can."""
+    from rlhf_jax import tokenizer as tok_lib
+
+    try:
+        tok_lib.Tokenizer.load(file).check_model_vocab(vocab_size)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def import_to_workdir(
+    hf_path: str,
+    workdir: str,
+    mesh,
+    rules,
+    *,
+    dtype="bfloat16",
+    param_dtype="float32",
+    scan_layers=False,
+) -> dict:
+    """Imports a HF directory into a checkpoint workdir usable as `init_from`; returns its meta.
+
+    `dtype` is the compute dtype recorded for tools that read the workdir alone (generate,
+    score); stages take theirs from their own config.
+    """
+    from rlhf_jax import checkpoint
+
+    directory = hf_dir(hf_path)
+    cfg, params = hf.import_hf(
+        directory, mesh, rules, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    )
+    meta = init_meta(directory, scan_layers=scan_layers)
+    meta.update(
+        model=dataclasses.asdict(cfg),
+        stage="import",
+        config={"hf": os.path.abspath(directory), "param_dtype": param_dtype},
+    )
+    tok = tokenizer_path(directory)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        if tok:
+            shutil.copyfile(tok, os.path.join(workdir, TOKENIZER_FILE))
+            problem = _check_tokenizer(tok, cfg.vocab_size)
+            if problem:
+                print(f"warning: the stages cannot use this tokenizer yet: {problem}", flush=True)
+        else:
+            other = " (tokenizer.json is not supported at run time)"
+            other = other if os.path.isfile(os.path.join(directory, "tokenizer.json")) else ""
+            print(
+                f"warning: no {TOKENIZER_FILE} (sentencepiece) beside the weights{other}; the "
+                "stages need one (config.tokenizer.path) to train from this workdir",
+                flush=True,
+            )
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        ckpt.save(0, {"params": params}, meta=meta, force=True)
+    return meta
+
+
+def export_workdir(
+    workdir: str, out_dir: str, mesh, rules, *, step=None, dtype=None, max_shard_bytes=5 * 2**30
+) -> list[str]:
+    """Exports a workdir's params (its latest checkpoint, or `step`) to a HF directory."""
+    from rlhf_jax import checkpoint
+    from rlhf_jax import state as state_lib
+
+    meta = checkpoint.read_meta(workdir, step)
+    if not meta or "model" not in meta:
+        raise ValueError(f"checkpoint in {workdir} has no model config in its meta")
+    cfg = model_lib.ModelConfig(**meta["model"])
+    abstract = state_lib.abstract_params(cfg, mesh, rules)
+    params = checkpoint.restore_params(workdir, abstract, step=step)
+    ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
+    tok = os.path.join(workdir, TOKENIZER_FILE)
+    if not ids and os.path.isfile(tok) and _check_tokenizer(tok, cfg.vocab_size) is None:
+        from rlhf_jax import tokenizer as tok_lib
+
+        t = tok_lib.Tokenizer.load(tok)
+        ids = {"bos_token_id": t.bos_id, "eos_token_id": t.eos_id, "pad_token_id": t.pad_id}
+    if cfg.head == "scalar" and ids.get("pad_token_id") is None:
+        print("warning: no pad_token_id: transformers scores batches of one row only", flush=True)
+    extra = {"rlhf_jax_reward_bias": meta["reward_bias"]} if "reward_bias" in meta else None
+    files = hf.export_hf(
+        params,
+        cfg,
+        out_dir,
+        dtype=dtype,
+        token_ids=ids,
+        extra_config=extra,
+        max_shard_bytes=max_shard_bytes,
+    )
+    if jax.process_index() == 0 and os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(out_dir, TOKENIZER_FILE))
+        files.append(os.path.join(out_dir, TOKENIZER_FILE))
+    return files
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _size(text: str) -> int:
+    """'5GB' / '500MB' / '2000' -> bytes."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    text = text.strip().upper()
+    unit = next((u for u in units if text.endswith(u)), None)
+    try:
+        return int(float(text[:-2]) * units[unit]) if unit else int(text)
+    except ValueError:
+        raise ValueError(f"--max-shard-size {text!r} is not a size like 5GB or 500MB") from None
+
+
+def run(args) -> list[str] | dict:
+    from experiments import common
+    from launch import mesh as mesh_lib
+    from rlhf_jax import sharding
+
+    # Params spread over every device (fsdp), so a model larger than one device still fits.
+    mesh = mesh_lib.build_mesh(common.mesh_config(data=1, fsdp=-1))
+    rules = sharding.DEFAULT_RULES
+    if args.command == "import":
+        meta = import_to_workdir(
+            args.hf,
+            args.out,
+            mesh,
+            rules,
+            dtype=args.dtype,
+            param_dtype=args.param_dtype,
+            scan_layers=args.scan_layers,
+        )
+        m = meta["model"]
+        print(
+            f"imported {meta['hf']['model_type']} ({m['family']}, {m['n_layers']} layers, "
+            f"d_model {m['d_model']}, vocab {m['vocab_size']}) -> {args.out}; "
+            f"use it as init_from={args.out}",
+            flush=True,
+        )
+        return meta
+    files = export_workdir(
+        args.checkpoint,
+        args.out,
+        mesh,
+        rules,
+        step=args.step,
+        dtype=args.dtype,
+        max_shard_bytes=_size(args.max_shard_size),
+    )
+    print(f"exported {args.checkpoint} -> {args.out} ({len(files)} files)", flush=True)
+    return files
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m rlhf_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF model directory -> rlhf_jax workdir")
+    imp.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
+    imp.add_argument("--out", required=True, help="workdir to write (use it as init_from)")
+    imp.add_argument("--dtype", default="bfloat16", help="compute dtype recorded in the meta")
+    imp.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    imp.add_argument("--scan-layers", action="store_true", help="stack layers (model.scan_layers)")
+    exp = sub.add_parser("export", help="rlhf_jax workdir -> HF model directory")
+    exp.add_argument("--checkpoint", required=True, help="stage workdir (or its checkpoints/)")
+    exp.add_argument("--out", required=True, help="HF directory to write")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    exp.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # orbax warns (through absl) on every read-only open of a checkpoint directory.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("RLHF_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
