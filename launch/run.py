@@ -18,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
@@ -93,28 +95,26 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/absl info and warnings are noise
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
     init_distributed()
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    cli.run_or_exit(start, _CONFIG.value, _WORKDIR.value)
+
+
+def start(config, workdir: str):
+    """Builds the mesh, records the resolved config and runs the stage."""
     import jax
 
     from launch import mesh as mesh_lib
 
-    config = _CONFIG.value
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    try:
-        mesh = mesh_lib.build_mesh(config.mesh)
-        if jax.process_index() == 0:
-            print(
-                f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
-                f"processes: {jax.process_count()}, mesh: {dict(mesh.shape)}",
-                flush=True,
-            )
-            with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-                json.dump(config.to_dict(), f, indent=1, default=str)
-        dispatch(config, mesh, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if os.environ.get("RLHF_JAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    mesh = mesh_lib.build_mesh(config.mesh)
+    if jax.process_index() == 0:
+        print(
+            f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+            f"processes: {jax.process_count()}, mesh: {dict(mesh.shape)}",
+            flush=True,
+        )
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
+    dispatch(config, mesh, workdir)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import shutil
-import sys
 
 import jax
 
-from rlhf_jax import hf
+from rlhf_jax import cli, hf
 from rlhf_jax import model as model_lib
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -274,16 +272,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    # orbax warns (through absl) on every read-only open of a checkpoint directory.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("RLHF_JAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    return cli.run_or_exit(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
-import sys
 import tempfile
 import time
 
@@ -34,7 +32,7 @@ import jax
 import numpy as np
 import tqdm
 
-from rlhf_jax import checkpoint, data, sampling, sharding
+from rlhf_jax import checkpoint, cli, data, data_demos, sampling, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax import tokenizer as tok_lib
@@ -99,7 +97,7 @@ def read_prompts(path: str) -> tuple[list[str], list[int]]:
 def encode_prompts(
     prompts: list[str], lines: list[int], path: str, tok, template: str | None, room: int | None
 ) -> list[list[int]]:
-    """Formats and encodes prompts as [bos] + encode(template.format(prompt=...)).
+    """Formats and encodes prompts as [bos] + encode(template with the prompt).
 
     Args:
       prompts: the raw prompt texts.
@@ -112,15 +110,8 @@ def encode_prompts(
     Returns:
       Token ids per prompt.
     """
-    texts = prompts
-    if template is not None:
-        try:
-            texts = [template.format(prompt=p) for p in prompts]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"prompt template {template!r} is not a format string with only {{prompt}} ({e})"
-            ) from None
-    ids = [[tok.bos_id] + x for x in tok.encode_batch(texts)]
+    # The exact prefix SFT trained responses to follow (one definition: data_demos.prompt_ids).
+    ids = [data_demos.prompt_ids(tok, template or "{prompt}", p) for p in prompts]
     for line, x in zip(lines, ids, strict=True):
         if room is not None and len(x) > room:
             raise ValueError(
@@ -305,16 +296,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    # orbax warns (through absl) on every read-only open of a checkpoint directory.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("RLHF_JAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    return cli.run_or_exit(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import tqdm
+
+from rlhf_jax import cli
 
 
 def run(args) -> dict:
@@ -88,14 +89,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=0, help="0: the RM's training seq_len")
     p.add_argument("--no-bias", action="store_true", help="raw scores, without normalisation")
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("RLHF_JAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    return cli.run_or_exit(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,23 +8,8 @@ per-prompt PRNG streams fixed across evals, so successive tables differ only by 
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from rlhf_jax import data_demos, sampling, sharding
-
-
-def left_pad(rows: list[list[int]], pad_id: int, multiple: int = 1):
-    """(tokens int32 [B, P], mask bool [B, P]) left-padded; B rounded up to `multiple`
-    with copies of the last row (their outputs are dropped by the caller)."""
-    n = len(rows)
-    rows = rows + [rows[-1]] * ((-n) % multiple)
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = True
-    return tokens, mask
+from rlhf_jax import data_demos, generate, sampling, sharding
 
 
 class EvalSampler:
@@ -38,7 +23,9 @@ class EvalSampler:
         template = config.data.prompt_template
         ids = [data_demos.prompt_ids(tok, template, d["prompt"]) for d in demos]
         dp = sharding.data_parallel_size(mesh, self.rules)
-        self.tokens, self.mask = left_pad(ids, tok.pad_id, dp)
+        # Rows rounded up to the data-parallel size with copies whose outputs are never read.
+        ids = ids + [ids[-1]] * (-len(ids) % dp)
+        self.tokens, self.mask = generate.left_pad(ids, max(map(len, ids)), tok.pad_id)
         room = model_cfg.max_len - self.tokens.shape[1] if model_cfg.family == "gpt2" else None
         new = sc.max_new_tokens if room is None else max(1, min(sc.max_new_tokens, room))
         self.sample = sampling.make_sampler(
