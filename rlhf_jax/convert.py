@@ -87,15 +87,6 @@ def restore_params(path: str, abstract_params):
     return hf.load_params(directory, hf_cfg, cfg, abstract_params)
 
 
-def load_for_init(path, mesh, rules, *, dtype="bfloat16", param_dtype="float32", scan_layers=False):
-    """(ModelConfig, sharded params, tokenizer.model path or None) of `hf:DIR` (or DIR)."""
-    directory = hf_dir(path)
-    cfg, params = hf.import_hf(
-        directory, mesh, rules, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
-    )
-    return cfg, params, tokenizer_path(directory)
-
-
 # ----------------------------------------------------------------------------- workdirs
 
 
