@@ -4,8 +4,14 @@
 
 Multi-process runs (TPU VM pod slices, SLURM, or explicit `--coordinator_address`,
 `--num_processes`, `--process_id`) initialise `jax.distributed` before anything touches a device.
+Every process checks at start-up that all processes loaded the same resolved config and the same
+code (hashes, rlhf_jax/provenance.py); each start appends the config hash, code version, command
+and device count to `WORKDIR/run_info.jsonl` beside the resolved `WORKDIR/config.json`.
+
 Bad input (unknown config key, wrong type, missing file, malformed data) ends the run with one
-line on stderr and exit code 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead.
+line on stderr and exit code 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead. SIGTERM
+(preemption) saves a checkpoint at the same step on every process and exits with code 75;
+rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import json
 import logging
 import os
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import cli
+from rlhf_jax import cli, preemption, provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -43,10 +50,17 @@ def _multi_process_env() -> bool:
 def init_distributed():
     import jax
 
+    # The coordinator (process 0) listens only on the address it is given, not on every
+    # interface (DESIGN.md §5); with cluster auto-detection jax picks and binds the address.
     if _COORD.value:
-        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+        jax.distributed.initialize(
+            _COORD.value, _NPROC.value, _PID.value, coordinator_bind_address=_COORD.value
+        )
+    elif "JAX_COORDINATOR_ADDRESS" in os.environ:
+        addr = os.environ["JAX_COORDINATOR_ADDRESS"]
+        jax.distributed.initialize(coordinator_bind_address=addr)
     elif _multi_process_env():
-        jax.distributed.initialize()  # cluster auto-detection: TPU VM, SLURM, env vars
+        jax.distributed.initialize()  # cluster auto-detection: TPU VM, SLURM
 
 
 def dispatch(config, mesh, workdir):
@@ -95,8 +109,34 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/absl info and warnings are noise
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
     init_distributed()
+    preemption.install()
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    cli.run_or_exit(start, _CONFIG.value, _WORKDIR.value)
+    try:
+        cli.run_or_exit(start, _CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as e:
+        print(f"{e}; exit code {preemption.EXIT_CODE}", file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_CODE)
+
+
+def check_same_run(config_hash: str, source_hash: str):
+    """Fails with one line if any process loaded a different config or different code."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(bytes.fromhex(config_hash + source_hash), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    n = len(config_hash) // 2
+    for p in range(1, every.shape[0]):
+        for what, sl in (("config", slice(0, n)), ("code", slice(n, None))):
+            if not np.array_equal(every[p, sl], every[0, sl]):
+                raise ValueError(
+                    f"process {p} loaded a different {what} than process 0 ({what} hash "
+                    f"{every[p, sl].tobytes().hex()} vs {every[0, sl].tobytes().hex()}); start "
+                    "every process from the same checkout with the same flags"
+                )
 
 
 def start(config, workdir: str):
@@ -105,6 +145,9 @@ def start(config, workdir: str):
 
     from launch import mesh as mesh_lib
 
+    config_hash = provenance.config_hash(config.to_dict())
+    version = provenance.code_version()
+    check_same_run(config_hash, version["source_hash"])
     mesh = mesh_lib.build_mesh(config.mesh)
     if jax.process_index() == 0:
         print(
@@ -114,6 +157,17 @@ def start(config, workdir: str):
         )
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1, default=str)
+        info = dict(
+            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            argv=sys.argv,
+            config_hash=config_hash,
+            code_version=version,
+            processes=jax.process_count(),
+            devices=jax.device_count(),
+            mesh=dict(mesh.shape),
+        )
+        with open(os.path.join(workdir, "run_info.jsonl"), "a") as f:
+            f.write(json.dumps(info) + "\n")
     dispatch(config, mesh, workdir)
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, metrics, sharding
+from rlhf_jax import checkpoint, metrics, preemption, sharding
 from rlhf_jax import state as state_lib
 from rlhf_jax.stages import setup as setup_lib
 
@@ -109,9 +109,10 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                 jax.block_until_ready(m)
                 compile_s, t_last, untimed = time.time() - t_last, time.time(), 1
                 writer.log(f"first step (compile + run) took {compile_s:.1f}s")
-            is_log = n % t.log_every == 0 or n == s.steps
-            is_ckpt = n % t.ckpt_every == 0 or n == s.steps
-            is_eval = t.eval_every > 0 and (n % t.eval_every == 0 or n == s.steps)
+            preempted = preemption.stop_requested()
+            is_log = n % t.log_every == 0 or n == s.steps or preempted
+            is_ckpt = n % t.ckpt_every == 0 or n == s.steps or preempted
+            is_eval = not preempted and t.eval_every > 0 and (n % t.eval_every == 0 or n == s.steps)
             if is_ckpt and not is_log:  # never save a NaN state
                 _finite_or_raise(jax.device_get(pending), s.loss_key, last_ckpt)
             if is_log:
@@ -147,8 +148,10 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                     meta=meta,
                 )
                 last_ckpt = n
+            if preempted:
+                raise preemption.Preempted(n, s.config.stage)
     finally:
-        # An exception (NaN, preemption signal, bug) still completes the checkpoint in flight.
+        # An exception (NaN, preemption, bug) still completes the checkpoint in flight.
         ckpt.close()
         writer.close()
     return state

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, data, data_demos, metrics, ppo_math, sampling, sharding
+from rlhf_jax import checkpoint, data, data_demos, metrics, ppo_math, preemption, sampling, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax.stages import ppo_steps, setup
@@ -416,9 +416,11 @@ def run(config, mesh, workdir: str):
             if n % t.log_every == 0 or n == t.steps:
                 writer.write_text(n, "ppo/samples", sample_table(tok, roll, batch, c))
             kl_coef = kl_update(kl_coef, out["ppo/kl_per_seq"], config)
-            if c.eval_every > 0 and evals and (n % c.eval_every == 0 or n == t.steps):
+            preempted = preemption.stop_requested()
+            is_eval = c.eval_every > 0 and evals and (n % c.eval_every == 0 or n == t.steps)
+            if is_eval and not preempted:
                 writer.write(n, evaluate(n))
-            if n % t.ckpt_every == 0 or n == t.steps:
+            if n % t.ckpt_every == 0 or n == t.steps or preempted:
                 data_state = {
                     "prompts": prompt_it.get_state(),
                     "ptx": None if ptx_it is None else ptx_it.get_state(),
@@ -433,6 +435,8 @@ def run(config, mesh, workdir: str):
                     data=data_state,
                     meta={**meta, "kl_coef": kl_coef},
                 )
+            if preempted:
+                raise preemption.Preempted(n, config.stage)
     finally:
         ckpt.close()
         writer.close()

@@ -1,0 +1,203 @@
+"""Several cooperating processes through the real entry point: 2 processes x 4 CPU devices.
+
+jax.distributed on localhost with CPU collectives (gloo) runs the same programs a TPU pod slice or
+a GPU cluster runs, so these tests check the multi-process paths for real: per-process data
+shards, collective checkpoints, the start-up config check and preemption at a common step.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = [
+    "--config",
+    "experiments/pretrain.py",
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=32",
+    "--config.train.log_every=1",
+    "--config.train.ckpt_every=1000",
+    "--config.train.eval_every=0",
+]
+STEPS = 120
+
+
+def env_with(devices: int) -> dict:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    env.pop("RLHF_JAX_TRACEBACK", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(workdir, extra_per_process, port):
+    procs = []
+    for i, extra in enumerate(extra_per_process):
+        cmd = [sys.executable, "-m", "launch.run", *RUN, "--workdir", str(workdir), *extra]
+        cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env_with(4),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def train_losses(workdir) -> dict[int, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def logged_steps(workdir) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    try:
+        return max(train_losses(workdir), default=0)
+    except json.JSONDecodeError:  # a line being written
+        return 0
+
+
+@pytest.mark.slow
+def test_two_processes_survive_sigterm_to_one_and_match_one_process(tmp_path):
+    mp, ref = tmp_path / "mp", tmp_path / "ref"
+    steps = [f"--config.train.steps={STEPS}"]
+    procs = start_processes(mp, [steps, steps], free_port())
+    deadline = time.time() + 240
+    while logged_steps(mp) < 5 and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.2)
+    assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+    procs[1].send_signal(signal.SIGTERM)  # only one process hears it, as on a real cluster
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [75, 75], (codes, outs[0][-2000:], outs[1][-2000:])
+    saved = [re.search(r"preempted at step (\d+)", out) for out in outs]
+    assert all(saved), outs
+    step = int(saved[0].group(1))
+    assert int(saved[1].group(1)) == step and 5 <= step < STEPS
+    assert sorted(os.listdir(mp / "checkpoints")) == [str(step)]
+
+    # Rerunning the same command (here through the local multi-process runner) resumes there.
+    again = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=4", "--"]
+        + RUN
+        + ["--workdir", str(mp), *steps],
+        cwd=ROOT,
+        env=env_with(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert f"starting at step {step}" in again.stdout
+    assert str(STEPS) in os.listdir(mp / "checkpoints")
+
+    one = subprocess.run(
+        [sys.executable, "-m", "launch.run", *RUN, "--workdir", str(ref), *steps],
+        cwd=ROOT,
+        env=env_with(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, want = train_losses(mp), train_losses(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(
+        [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5
+    )
+    info = [json.loads(line) for line in (mp / "run_info.jsonl").read_text().splitlines()]
+    assert [i["processes"] for i in info] == [2, 2] and info[0]["devices"] == 8
+    assert info[0]["config_hash"] == info[1]["config_hash"]
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_fail_at_start(tmp_path):
+    procs = start_processes(
+        tmp_path,
+        [["--config.train.steps=4"], ["--config.train.steps=4", "--config.train.lr=0.5"]],
+        free_port(),
+    )
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, out[-2000:]
+        assert "process 1 loaded a different config than process 0" in errors[0]
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_single_process_sigterm_saves_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "launch.run", *RUN, "--workdir", str(tmp_path)]
+    proc = subprocess.Popen(
+        cmd + ["--config.train.steps=100000"],
+        cwd=ROOT,
+        env=env_with(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while logged_steps(tmp_path) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    step = int(re.search(r"preempted at step (\d+)", out).group(1))
+    assert os.listdir(tmp_path / "checkpoints") == [str(step)]
+    again = subprocess.run(
+        cmd + [f"--config.train.steps={step + 2}"],
+        cwd=ROOT,
+        env=env_with(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"starting at step {step}" in again.stdout + again.stderr
+    assert max(train_losses(tmp_path)) == step + 2
+
+
+def test_local_runner_dry_run_prints_one_command_per_process():
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=3", "--devices_per_process=2"]
+        + ["--port=1234", "--dry-run", "--", "--config", "c.py", "--workdir", "w"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert line.startswith(
+            "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+        )
+        assert line.endswith(
+            "-m launch.run --config c.py --workdir w --coordinator_address=localhost:1234 "
+            f"--num_processes=3 --process_id={i}"
+        )
