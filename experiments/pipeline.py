@@ -25,6 +25,8 @@ def get_config(arg=None):
     # gold score fell below SFT's (0.135 vs 0.156, one seed), while 1.0 gave 0.178 and still
     # kept the held-out pretraining loss near the pretrained model's.
     c.ptx_coef = 1.0
+    c.reuse = ""  # a finished pipeline run: take its pretrain, SFT, comparisons and RM
+    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx"
     c.world = dict(
         sizes=dict(
             pretrain=20000,
@@ -36,7 +38,9 @@ def get_config(arg=None):
         ),
         quality=0.7,  # the demonstrator's probability of an ideal answer
     )
-    c.collect = dict(k=4, temperature=1.0, max_new_tokens=24, labeler_noise=0.1)
+    # labeler_ties: equally good responses are ranked as ties (InstructGPT's labelers could),
+    # not coin-flipped; about half of all pairs of SFT samples are equally good.
+    c.collect = dict(k=4, temperature=1.0, max_new_tokens=24, labeler_noise=0.1, labeler_ties=True)
     # Sampling at temperature 1 (the policy PPO optimises), not greedy decoding, which would
     # hide most of the demonstrator's mistakes that SFT copies.
     c.evaluate = dict(temperature=1.0, max_new_tokens=24, seq_len=96, samples=4)

@@ -358,17 +358,19 @@ def heldout_text(n_docs: int, seed: int = 0) -> list[dict]:
 class Labeler:
     """Ranks K responses by gold utility plus Gaussian noise of scale `noise`.
 
-    Near-equal responses swap more often than far-apart ones. Identical responses (same text
-    and finished flag) share one noise draw, so they always tie; other ties happen only when
-    noise is 0 and utilities are equal. Noise comes from the labeler's own stream (deterministic
-    in call order) or, given a `key`, from a stream derived from (seed, key), so a resumed
-    collection reproduces its rankings.
+    Near-equal responses swap more often than far-apart ones. Identical responses (same text and
+    finished flag) share one noise draw, so they always tie. With `ties=True` the labeler also
+    says so when two responses are equally good (equal utility: one shared draw), as
+    InstructGPT's labelers could; otherwise such pairs are ordered by the noise alone, a coin
+    flip that is pure label noise for the RM (about half of all pairs of SFT samples). Noise
+    comes from the labeler's own stream (deterministic in call order) or, given a `key`, from a
+    stream derived from (seed, key), so a resumed collection reproduces its rankings.
     """
 
-    def __init__(self, noise: float = 0.1, seed: int = 0):
+    def __init__(self, noise: float = 0.1, seed: int = 0, ties: bool = False):
         if noise < 0:
             raise ValueError(f"labeler noise must be >= 0, got {noise}")
-        self.noise, self.seed = float(noise), int(seed)
+        self.noise, self.seed, self.ties = float(noise), int(seed), bool(ties)
         self._rng = np.random.default_rng([self.seed])
 
     def rng_for(self, key) -> np.random.Generator:
@@ -385,11 +387,13 @@ class Labeler:
           key: optional; draws the noise from `rng_for(key)` instead of the call-order stream.
         """
         rng = self._rng if key is None else self.rng_for(key)
-        keys = [(r, bool(f)) for r, f in zip(responses, finished, strict=True)]
+        pairs = [(r, bool(f)) for r, f in zip(responses, finished, strict=True)]
+        utility = [gold_score(prompt, *k) for k in pairs]
+        keys = utility if self.ties else pairs
         noise = {}
-        for k in dict.fromkeys(keys):  # distinct responses, in order of first appearance
+        for k in dict.fromkeys(keys):  # distinct groups, in order of first appearance
             noise[k] = self.noise * rng.standard_normal() if self.noise else 0.0
-        values = [gold_score(prompt, *k) + noise[k] for k in keys]
+        values = [u + noise[k] for u, k in zip(utility, keys, strict=True)]
         ranking = []
         for v in sorted(set(values), reverse=True):
             tied = [i for i, u in enumerate(values) if u == v]

@@ -39,7 +39,7 @@ SMALL = [
 ]
 
 
-def launch(workdir):
+def launch(workdir, *extra):
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
     )
@@ -52,6 +52,7 @@ def launch(workdir):
         "--workdir",
         str(workdir),
         *SMALL,
+        *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -76,3 +77,16 @@ def test_pipeline_end_to_end(tmp_path):
     again = launch(tmp_path)  # everything is done: every step is skipped
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("skipping") == 7
+
+    # A PPO-only run on top of the finished one: links its SFT model and RM, runs PPO only.
+    ppo_only = tmp_path / "ppo_only"
+    proc = launch(ppo_only, f"--config.reuse={tmp_path}", "--config.skip=ppo_ptx")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for sub in ("pretrain", "sft", "rm", "comparisons.jsonl"):
+        assert os.path.realpath(ppo_only / sub) == os.path.realpath(tmp_path / sub), sub
+    assert os.path.isdir(ppo_only / "ppo" / "checkpoints")
+    assert not os.path.exists(ppo_only / "ppo_ptx")
+    ev = json.loads((ppo_only / "eval.json").read_text())
+    assert set(ev["models"]) == {"pretrained", "sft", "ppo"}
+    bad = launch(tmp_path / "bad", f"--config.reuse={tmp_path}", "--config.seed=5")
+    assert bad.returncode == 2 and "ran with seed 0, this run has seed 5" in bad.stderr

@@ -144,6 +144,22 @@ def test_labeler_noise_swaps_sometimes_but_mostly_prefers_the_correct_answer():
     assert [0, 1] in labeler.rank(prompt, [good, good, "12."], [True] * 3)
 
 
+def test_labeler_with_ties_ties_equal_utilities_under_noise():
+    prompt = "what is 7 plus 5?"
+    # Utilities 1.0, 1.0, 0.5, 0.5, 0.0: two different texts per level but the last.
+    responses = ["7 plus 5 is 12.", "7  plus 5 is 12.", "12.", "the answer is 12.", "13."]
+    tied, coin = world.Labeler(0.3, seed=0, ties=True), world.Labeler(0.3, seed=0)
+    for _ in range(50):
+        groups = [
+            set(e) if isinstance(e, list) else {e} for e in tied.rank(prompt, responses, [True] * 5)
+        ]
+        assert {0, 1} in groups and {2, 3} in groups and {4} in groups
+    # Without ties the equal pairs are split by the noise.
+    rankings = [coin.rank(prompt, responses, [True] * 5) for _ in range(50)]
+    assert all(len(r) == 5 for r in rankings)
+    assert 0 < sum(r.index(0) < r.index(1) for r in rankings) < 50
+
+
 def test_labeler_is_deterministic_and_resumable():
     samples = [
         {"prompt": p, "responses": [i, f, w, i], "finished": [True, bool(j % 2), False, j > 1]}

@@ -10,11 +10,17 @@ output exists. Start a killed pipeline again with the same command and it carrie
 
 Each stage runs from the full stage config in `config.stages.<name>`, so any setting of any stage
 can be overridden (`--config.stages.rm.train.steps=300`).
+
+`config.reuse=DIR` takes the pretrained model, SFT model, comparisons and RM of a finished run in
+DIR (linked, not copied) and runs only what follows, which is how a sweep over PPO settings
+shares one SFT model and RM (experiments/sweeps/kl_overopt.py). `config.skip="ppo_ptx"` leaves a
+step out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -23,10 +29,18 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import data, generate, sharding, world
+from rlhf_jax import data, generate, preemption, sharding, world
 from rlhf_jax.stages import lm, ppo, rm
 
 MODELS = ("pretrained", "sft", "ppo", "ppo_ptx")
+STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "evaluate")
+# What `config.reuse` takes from a finished run: step -> the files and directories it produced.
+REUSABLE = {
+    "pretrain": ("pretrain",),
+    "sft": ("sft",),
+    "collect": ("comparisons.jsonl", "collect_samples.jsonl"),
+    "rm": ("rm",),
+}
 
 
 def write_json(path: str, obj) -> None:
@@ -95,7 +109,7 @@ def collect_comparisons(config, run_dir: str, paths: dict) -> str:
         }
         for g in groups
     ]
-    labeler = world.Labeler(noise=c.labeler_noise, seed=config.seed)
+    labeler = world.Labeler(noise=c.labeler_noise, seed=config.seed, ties=c.labeler_ties)
     comps = world.label_comparisons(samples, labeler)
     world.write_jsonl(out, comps)
     return out
@@ -189,6 +203,33 @@ def rm_mean_score(rm_dir, recs, mesh, rules) -> float:
     return float(np.mean(scores))
 
 
+def link_reused(config, workdir: str, timings: dict):
+    """Links the first four steps' outputs from the finished run `config.reuse` into `workdir`."""
+    base = os.path.abspath(config.reuse)
+    base_timings = os.path.join(base, "timings.json")
+    if not os.path.exists(base_timings):
+        raise FileNotFoundError(f"config.reuse={config.reuse!r} has no timings.json: not a run")
+    with open(base_timings) as f:
+        done = json.load(f)
+    with open(os.path.join(base, "config.json")) as f:
+        base_seed = json.load(f).get("seed")
+    if base_seed != config.seed:
+        raise ValueError(
+            f"config.reuse={config.reuse!r} ran with seed {base_seed}, this run has seed "
+            f"{config.seed}; the world and its prompts would differ"
+        )
+    for name, outputs in REUSABLE.items():
+        if name in timings:
+            continue
+        if name not in done:
+            raise ValueError(f"config.reuse={config.reuse!r} has not finished step {name!r}")
+        for out in outputs:
+            dest = os.path.join(workdir, out)
+            with contextlib.suppress(FileExistsError):  # every process links; first one wins
+                os.symlink(os.path.join(base, out), dest)
+        timings[name] = 0.0  # reused: no time spent here
+
+
 def run(config, mesh, workdir: str):
     """Runs (or resumes) every step of the pipeline into `workdir`."""
     rules = sharding.normalize_rules(config.sharding.rules)
@@ -199,10 +240,20 @@ def run(config, mesh, workdir: str):
         with open(timings_path) as f:
             timings = json.load(f)
 
+    skip = {x.strip() for x in config.skip.split(",") if x.strip()}
+    if skip - set(STEPS):
+        raise ValueError(f"config.skip: unknown steps {sorted(skip - set(STEPS))}; one of {STEPS}")
+    if config.reuse:
+        link_reused(config, workdir, timings)
+
     def step(name, fn):
+        if name in skip:
+            print(f"[pipeline] {name}: skipped (config.skip)", flush=True)
+            return
         if name in timings:
             print(f"[pipeline] {name}: done ({timings[name]:.0f}s), skipping", flush=True)
             return
+        preemption.check(f"pipeline before {name}")
         print(f"[pipeline] {name} ...", flush=True)
         t0 = time.time()
         fn()
