@@ -11,7 +11,7 @@ and returns the points, one dict of config overrides each:
   python -m launch.sweep run experiments/sweeps/tiny_lr.py --workdir runs/tiny_lr --parallel 2
   python -m launch.sweep collect runs/tiny_lr --x train.lr --y train/loss --logx
 
-Each point is a `launch.run` in WORKDIR/<name> (`lr=0.001,seed=0`), logging to run.log there; a
+Each point is a `launch.run` in WORKDIR/<name> (`lr=0.001+seed=0`), logging to run.log there; a
 finished one leaves sweep_point.json with its status. Running the sweep again skips the points
 that are done and resumes the others from their checkpoints. `--emit slurm|tpu|local` prints the
 commands for another launcher instead. `collect` (launch/sweep_collect.py) gathers every point's
@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINT_FILE = "sweep_point.json"
 SWEEP_FILE = "sweep.json"
 EMIT_KINDS = ("local", "slurm", "tpu")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")  # no ",": data paths split on it
 
 
 # --- building the list of points -------------------------------------------------------------
@@ -167,7 +167,7 @@ def point_names(points: list[dict]) -> list[str]:
     short = {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
     names = []
     for p in points:
-        name = ",".join(f"{short[k]}={format_value(v)}" for k, v in p.items()) or "base"
+        name = "+".join(f"{short[k]}={format_value(v)}" for k, v in p.items()) or "base"
         names.append(_UNSAFE.sub("_", name))
     for i, name in enumerate(names):
         j = names.index(name)

@@ -34,10 +34,10 @@ FIXED_FLAGS = [
 # Seed varies slowest, so each pair running at once compiles both learning rates (lr is part of
 # the compiled schedule) and the second pair finds them in the shared compilation cache.
 POINTS = {
-    "seed=0,lr=0.001": (0, 0.001),
-    "seed=0,lr=0.003": (0, 0.003),
-    "seed=1,lr=0.001": (1, 0.001),
-    "seed=1,lr=0.003": (1, 0.003),
+    "seed=0+lr=0.001": (0, 0.001),
+    "seed=0+lr=0.003": (0, 0.003),
+    "seed=1+lr=0.001": (1, 0.001),
+    "seed=1+lr=0.003": (1, 0.003),
 }
 
 
@@ -115,12 +115,12 @@ def test_format_value():
 
 def test_point_names():
     names = sweep.point_names(sweep.grid({"train.lr": [1e-3, 1e-5], "seed": [0]}))
-    assert names == ["lr=0.001,seed=0", "lr=1e-05,seed=0"]
+    assert names == ["lr=0.001+seed=0", "lr=1e-05+seed=0"]
     # two swept keys end in `lr`: both keep their full path; `seed` stays short
     pts = [{"train.lr": 1, "ppo.lr": 2, "seed": 0}, {"train.lr": 3, "ppo.lr": 2, "seed": 0}]
-    assert sweep.point_names(pts) == ["train.lr=1,ppo.lr=2,seed=0", "train.lr=3,ppo.lr=2,seed=0"]
+    assert sweep.point_names(pts) == ["train.lr=1+ppo.lr=2+seed=0", "train.lr=3+ppo.lr=2+seed=0"]
     pts = [{"data.train": "a/b c.jsonl", "x": (1, 2), "flag": True}, {}]
-    assert sweep.point_names(pts) == ["train=a_b_c.jsonl,x=_1,2_,flag=True", "base"]
+    assert sweep.point_names(pts) == ["train=a_b_c.jsonl+x=_1_2_+flag=True", "base"]
     with pytest.raises(ValueError, match="both get the name 'p=a_b'"):
         sweep.point_names([{"p": "a/b"}, {"p": "a b"}])
 
@@ -251,7 +251,7 @@ def test_collect_tables_and_plots(lr_sweep):
     assert header[4:] == sorted(header[4:]) and "train/loss" in header
     for line in lines[1:]:
         row = dict(zip(header, line.split(","), strict=True))
-        name = f"seed={row['seed']},lr={row['train.lr']}"
+        name = f"seed={row['seed']}+lr={row['train.lr']}"
         assert row["status"] == "done"
         # the last value of every key, read straight from the point's metrics.jsonl
         last = {}
