@@ -3,13 +3,17 @@
 Reads what a pipeline run leaves in its run directory and writes `report.md` with `report_*.png`
 beside it (linked relatively, so the directory can be moved or published as is)::
 
-    <run>/{pretrain,sft,rm,ppo,ppo_ptx}/metrics.jsonl   each stage's metrics (see metrics.py)
-    <run>/eval.json        {"models": {"pretrained"|"sft"|"ppo"|"ppo_ptx": {...}}, "meta": {...}}
-    <run>/timings.json     {"stage": seconds} of the pipeline's steps (else meta["timings"])
+    <run>/{pretrain,sft,rm,ppo,ppo_ptx,rsft}/metrics.jsonl   round 1's stages (see metrics.py)
+    <run>/round_{r}/{rm,ppo,ppo_ptx}/metrics.jsonl          round r >= 2 of iterated RLHF
+    <run>/eval.json      {"models": {key: {"gold_score": ..., "kl_from_sft": ..., "label": ...,
+                          "method": ..., "round": ...}}, "meta": {..., "rounds": [...]}}
+    <run>/timings.json   {"stage": seconds} of the pipeline's steps (else meta["timings"])
 
-A missing stage, model or key is reported as "not run" (or "n/a"), never a crash; a malformed
-file is an error naming it (and the line, for JSONL). `aggregate` summarises several seeds'
-`eval.json` for the README. Command line::
+eval.json's models are reported in its order. Files from before `label`/`method`/`round`/
+`kl_from_sft` existed still read: the label falls back to MODELS, the method to the key. A
+missing stage, model or key is reported as "not run" (or "n/a"), never a crash; a malformed file
+is an error naming it (and the line, for JSONL). `aggregate` summarises several seeds' eval.json
+for the README. The figures are report_plots.py's. Command line::
 
     python -m rlhf_jax.report RUN_DIR [RUN_DIR ...]
 """
@@ -27,21 +31,25 @@ import sys
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from rlhf_jax import report_plots as plots
+from rlhf_jax.report_plots import is_number
 
 # The metrics.jsonl name and line contract are metrics.py's; it is not imported because it pulls
 # in jax and TensorBoard (seconds of start-up) for a command that only reads JSON.
 METRICS_FILE = "metrics.jsonl"
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft")  # round 1, in <run>/<stage>
+ROUND_STAGES = ("rm", "ppo", "ppo_ptx")  # round r >= 2, in <run>/round_{r}/<stage>
+# The models every pipeline run evaluates: rows say "not run" when eval.json lacks one.
 MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
-RL_RUNS = {"ppo": ("PPO", "tab:blue"), "ppo_ptx": ("PPO-ptx", "tab:orange")}
-PLOTS = ("report_lm_loss.png", "report_rm_accuracy.png", "report_ppo.png")
-SMOOTH_WINDOW = 10  # PPO iterations in the trailing moving average
+# Display names of methods (table columns, legends), and of models whose entry has no label.
+METHODS = {**MODELS, "rsft": "Best-of-K fine-tuning", "best_of_k": "Best-of-K sampling"}
+RLHF_METHODS = ("ppo", "ppo_ptx", "rsft", "best_of_k")  # an alignment tax is reported for these
+PLOTS, GOLD_KL_PLOT, ROUNDS_PLOT = plots.TRAINING_PLOTS, plots.GOLD_KL, plots.ROUNDS
 SAMPLES_PER_MODEL = 3
 MAX_CELL_CHARS = 300
 _NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
-_NUMBERS += ("response_length", "finished_fraction")
+_NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
 _META_FIELDS = ("seed", "device", "command")
 # The last logged values of these keys summarise each stage in the training table.
 _SUMMARY_KEYS = {
@@ -50,19 +58,7 @@ _SUMMARY_KEYS = {
     "rm": ("rm/loss", "eval/accuracy"),
     "ppo": ("ppo/score", "eval/score", "ppo/kl_per_seq"),
     "ppo_ptx": ("ppo/score", "eval/score", "ppo/kl_per_seq", "ppo/ptx_loss"),
-}
-_CAPTIONS = {
-    "report_lm_loss.png": ("Pretraining and SFT loss", "Train (line) and eval (markers) loss."),
-    "report_rm_accuracy.png": (
-        "Reward model accuracy",
-        "Held-out pairwise accuracy, overall and per number of responses K (dotted); train "
-        "accuracy faint; chance is 0.5.",
-    ),
-    "report_ppo.png": (
-        "PPO vs PPO-ptx",
-        "RM score and KL to SFT per sequence. Faint: every iteration; solid: trailing moving "
-        f"average over {SMOOTH_WINDOW} iterations; markers: held-out eval prompts.",
-    ),
+    "rsft": ("rsft/selected_score", "rsft/candidate_score", "rsft/kept_fraction"),
 }
 
 
@@ -80,7 +76,9 @@ def build_report(run_dir: str) -> str:
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir}: not a directory")
-    stages = {s: read_stage(os.path.join(run_dir, s, METRICS_FILE)) for s in STAGES}
+    later = round_dirs(run_dir)
+    names = [*STAGES, *(f"round_{r}/{s}" for r in later for s in ROUND_STAGES)]
+    stages = {s: read_stage(os.path.join(run_dir, s, METRICS_FILE)) for s in names}
     models, meta = read_eval(os.path.join(run_dir, "eval.json"))
     if models is None and all(s is None for s in stages.values()):
         raise ValueError(f"{run_dir}: no stage metrics and no eval.json; is it a run directory?")
@@ -88,19 +86,29 @@ def build_report(run_dir: str) -> str:
     md = ["# rlhf-jax run report", ""] + _header(meta, run_dir) + ["## Results", ""]
     if models is None:
         md += ["Evaluation not run (no eval.json).", ""]
+        _save(None, os.path.join(run_dir, GOLD_KL_PLOT))
     else:
         md += _results_table(models) + ["", _alignment_tax(models), ""]
+        fig = plots.plot_gold_kl(models, METHODS)
+        md += _section(run_dir, GOLD_KL_PLOT, fig, "n/a: no RLHF model has a KL from SFT")
+    if (rounds := _rounds(models or {}, meta, stages, later)) is None:
+        _save(None, os.path.join(run_dir, ROUNDS_PLOT))
+    else:
+        md += ["## Rounds", ""] + _rounds_table(*rounds) + [""]
+        fig = plots.plot_rounds(*rounds, METHODS)
+        md += _section(run_dir, ROUNDS_PLOT, fig, "one round: no per-round plot")
     md += ["## Training", ""] + _stage_table(stages) + [""]
-    for name, plot in zip(PLOTS, (_plot_lm, _plot_rm, _plot_ppo), strict=True):
-        path, (title, caption) = os.path.join(run_dir, name), _CAPTIONS[name]
-        md += [f"### {title}", ""]
-        if (fig := plot(stages)) is not None:
-            fig.savefig(path, dpi=100)
-            md += [f"![{title}]({name})", "", caption, ""]
-        else:
-            md += ["not run", ""]
-            if os.path.exists(path):
-                os.remove(path)  # a stale plot from an earlier build would contradict "not run"
+    ran = {_split(n): st for n, st in stages.items() if st is not None}  # (round, stage) -> rows
+    rms = {r: st for (r, s), st in ran.items() if s == "rm"}
+    ppo = {(s, r): st for (r, s), st in ran.items() if s in ("ppo", "ppo_ptx")}
+    figs = (
+        plots.plot_lm(stages["pretrain"], stages["sft"]),
+        plots.plot_rm(rms),
+        plots.plot_ppo(ppo, METHODS),
+    )
+    for name, fig in zip(PLOTS, figs, strict=True):
+        extra = f" Colour per method; {plots.ROUND_STYLES}." if later and name == PLOTS[2] else ""
+        md += _section(run_dir, name, fig, "not run", extra)
     md += _text_samples(stages)
     if models is not None:
         md += _model_samples(models)
@@ -111,13 +119,14 @@ def build_report(run_dir: str) -> str:
 
 
 def aggregate(run_dirs: list[str]) -> str:
-    """A markdown table of gold score and held-out pretraining loss over several runs (seeds).
+    """A markdown table of gold score, held-out pretraining loss and KL from SFT over several runs.
 
     Each cell is `mean [min, max]` over the runs that evaluated that model: with a handful of seeds
-    the range shows every run, where a standard deviation would be a noisy estimate.
+    the range shows every run, where a standard deviation would be a noisy estimate. Rows are the
+    union of the runs' models in first-seen order, then any of MODELS that no run evaluated.
 
     Args:
-        run_dirs: run directories, each with an eval.json.
+        run_dirs: run directories (one per seed), each with an eval.json.
 
     Returns:
         The table, one row per model.
@@ -126,26 +135,45 @@ def aggregate(run_dirs: list[str]) -> str:
         ValueError: a run has no eval.json (a missing seed would silently narrow the table), or
             an eval.json is malformed.
     """
-    fields = ("gold_score", "heldout_pretrain_loss")
-    values = {m: {f: [] for f in fields} for m in MODELS}
+    fields = ("gold_score", "heldout_pretrain_loss", "kl_from_sft")
+    values: dict[str, dict[str, list[float]]] = {}
+    labels, runs, bound = {}, {}, {}
     for d in run_dirs:
         path = os.path.join(d, "eval.json")
         models, _ = read_eval(path)
         if models is None:
             raise ValueError(f"{path}: missing; every aggregated run needs its evaluation")
-        for m, f in ((m, f) for m in models if m in MODELS for f in fields):
-            if models[m][f] is not None:
-                values[m][f].append(models[m][f])
+        for key, m in models.items():
+            labels.setdefault(key, m["label"])
+            runs[key] = runs.get(key, 0) + 1
+            bound[key] = bound.get(key, False) or m["kl_is_bound"]
+            v = values.setdefault(key, {f: [] for f in fields})
+            for f in (f for f in fields if m[f] is not None):
+                v[f].append(m[f])
+    for key, label in MODELS.items():
+        labels.setdefault(key, label)
     md = [
-        "| model | runs | gold score, mean [min, max] | held-out pretrain loss, mean [min, max] |",
-        "|---|---:|---|---|",
+        "| model | runs | gold score, mean [min, max] | held-out pretrain loss, mean [min, max] "
+        "| KL from SFT (nats/seq), mean [min, max] |",
+        "|---|---:|---|---|---|",
     ]
-    for m, label in MODELS.items():
-        n = max(len(v) for v in values[m].values())
-        cells = [f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "not run"
-                 for v in values[m].values()]  # fmt: skip
-        md.append(f"| {label} | {n} of {len(run_dirs)} | " + " | ".join(cells) + " |")
+    for key, label in labels.items():
+        cells = []
+        for f in fields:
+            v = values.get(key, {}).get(f)
+            bounded = "≤ " if f == "kl_from_sft" and bound.get(key) else ""
+            cells.append(f"{bounded}{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v
+                         else "n/a" if runs.get(key) else "not run")  # fmt: skip
+        n = runs.get(key, 0)
+        md.append(f"| {_cell(label)} | {n} of {len(run_dirs)} | " + " | ".join(cells) + " |")
     return "\n".join(md)
+
+
+def round_dirs(run_dir: str) -> list[int]:
+    """The rounds r >= 2 that have a `<run_dir>/round_{r}` directory, ascending."""
+    found = (re.fullmatch(r"round_(\d+)", n) for n in os.listdir(run_dir))
+    rounds = (int(m[1]) for m in found if m and os.path.isdir(os.path.join(run_dir, m[0])))
+    return sorted(r for r in rounds if r >= 2)
 
 
 def read_stage(path: str) -> list[dict[str, Any]] | None:
@@ -170,7 +198,10 @@ def read_stage(path: str) -> list[dict[str, Any]] | None:
 def read_eval(path: str) -> tuple[dict | None, dict]:
     """(models, meta) of an eval.json; (None, {}) if it is missing.
 
-    Every model entry comes back with each of `_NUMBERS` as a float or None, and its samples.
+    Every model entry comes back with each of `_NUMBERS` as a float or None, its samples, and
+    `label`, `method`, `round`, `kl_is_bound` (defaults for files from before they existed: the
+    MODELS/METHODS name or key, the key, 1 for RLHF methods and 0 otherwise, False). meta.rounds
+    comes back as a list of {"round", "rm_accuracy", "comparisons", ...} ([] if absent).
 
     Raises:
         ValueError: the file is not JSON, or an entry has the wrong type (names file and key).
@@ -184,7 +215,13 @@ def read_eval(path: str) -> tuple[dict | None, dict]:
         raise ValueError(f"{path}: 'meta' must be an object")
     out = {}
     for name, m in models.items():
-        out[name] = {k: _num(m, k, f"{path}: models.{name}") for k in _NUMBERS}
+        where = f"{path}: models.{name}"
+        out[name] = {k: _num(m, k, where) for k in _NUMBERS}
+        method = _typed(m, "method", str, name, where)
+        out[name]["method"] = method
+        out[name]["label"] = _typed(m, "label", str, METHODS.get(name, name), where)
+        out[name]["round"] = _typed(m, "round", int, int(method in RLHF_METHODS), where)
+        out[name]["kl_is_bound"] = _typed(m, "kl_is_bound", bool, False, where)
         samples = m.get("samples") or []
         if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
             raise ValueError(f"{path}: models.{name}.samples must be a list of objects")
@@ -194,19 +231,16 @@ def read_eval(path: str) -> tuple[dict | None, dict]:
     _num(meta, "elapsed_seconds", f"{path}: meta")
     if not isinstance(meta.get("timings", {}), dict):
         raise ValueError(f"{path}: meta.timings must map stage names to seconds")
+    rounds = meta.get("rounds") or []
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        raise ValueError(f"{path}: meta.rounds must be a list of objects")
+    for i, r in enumerate(rounds):
+        where = f"{path}: meta.rounds[{i}]"
+        if not isinstance(r.get("round"), int) or isinstance(r["round"], bool):
+            raise ValueError(f"{where}: round is {r.get('round')!r}; expected an integer")
+        r.update({k: _num(r, k, where) for k in ("rm_accuracy", "comparisons")})
+    meta["rounds"] = rounds
     return out, meta
-
-
-def moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean of `y` [N] over up to `window` points, ignoring NaN (NaN if all are)."""
-    y = np.asarray(y, np.float64)
-    ok = np.isfinite(y)
-    total = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
-    count = np.concatenate([[0], np.cumsum(ok)])
-    hi = np.arange(1, len(y) + 1)
-    lo = np.maximum(hi - window, 0)
-    n = count[hi] - count[lo]
-    return np.where(n > 0, (total[hi] - total[lo]) / np.maximum(n, 1), np.nan)
 
 
 def _read_json(path: str) -> dict | None:
@@ -234,15 +268,51 @@ def _parse_line(path: str, lineno: int, line: str) -> dict[str, Any]:
     return row
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _num(entry: dict, key: str, where: str) -> float | None:
     v = entry.get(key)
-    if v is not None and not _is_num(v):
+    if v is not None and not is_number(v):
         raise ValueError(f"{where}: {key} is {v!r}; expected a number")
     return None if v is None else float(v)
+
+
+def _typed(entry: dict, key: str, kind: type, default: Any, where: str) -> Any:
+    """entry[key] if it is a `kind` (bool is no int here), `default` if absent or null."""
+    v = entry.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ValueError(f"{where}: {key} is {v!r}; expected {kind.__name__}")
+    return v
+
+
+def _split(stage: str) -> tuple[int, str]:
+    """(round, stage) of a stage directory name: "ppo" -> (1, "ppo"), "round_2/rm" -> (2, "rm")."""
+    head, _, base = stage.rpartition("/")
+    return (int(head.removeprefix("round_")) if head else 1), base
+
+
+def _last(rows: list[dict] | None, key: str) -> float | None:
+    """The last finite number logged under `key`, or None."""
+    vals = [r[key] for r in rows or () if is_number(r.get(key)) and math.isfinite(r[key])]
+    return float(vals[-1]) if vals else None
+
+
+def _save(fig, path: str) -> bool:
+    """Writes `fig` as a PNG at `path`; with no figure, removes a stale one. True if written."""
+    if fig is not None:
+        fig.savefig(path, dpi=100)
+        return True
+    if os.path.exists(path):
+        os.remove(path)  # a stale plot from an earlier build would contradict "not run"
+    return False
+
+
+def _section(run_dir: str, name: str, fig, missing: str, extra: str = "") -> list[str]:
+    """A plot's markdown section: title, link and caption, or title and `missing`."""
+    title, caption = plots.CAPTIONS[name]
+    if _save(fig, os.path.join(run_dir, name)):
+        return [f"### {title}", "", f"![{title}]({name})", "", caption + extra, ""]
+    return [f"### {title}", "", missing, ""]
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
@@ -273,7 +343,7 @@ def _header(meta: dict, run_dir: str) -> list[str]:
     # after eval.json was written (evaluation itself); meta["timings"] is the fallback.
     timings = _read_json(os.path.join(run_dir, "timings.json"))
     timings = meta.get("timings") if timings is None else timings
-    timings = {k: float(v) for k, v in timings.items() if _is_num(v)} if timings else {}
+    timings = {k: float(v) for k, v in timings.items() if is_number(v)} if timings else {}
     total = max(meta.get("elapsed_seconds") or 0.0, sum(timings.values())) or None
     md = ["| seed | total time | device | command |", "|---|---|---|---|"]
     md += [f"| {shown['seed']} | {_duration(total)} | {shown['device']} | {shown['command']} |"]
@@ -285,36 +355,89 @@ def _header(meta: dict, run_dir: str) -> list[str]:
     return md + [""]
 
 
+def _rows(models: dict) -> list[tuple[str, str, dict | None]]:
+    """(label, method, entry) per table row: eval.json's models in its order, then MODELS that
+    it lacks with entry None, so a run that skipped a pipeline model says so."""
+    rows = [(m["label"], m["method"], m) for m in models.values()]
+    return rows + [(label, key, None) for key, label in MODELS.items() if key not in models]
+
+
 def _results_table(models: dict) -> list[str]:
     md = [
-        "| model | gold score (mean ± std) | held-out pretrain loss | RM score | response length "
-        "| finished fraction |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | gold score (mean ± std) | KL from SFT (nats/seq) | held-out pretrain loss "
+        "| RM score | response length | finished fraction |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for key, label in MODELS.items():
-        m = models.get(key)
+    for label, _, m in _rows(models):
         if m is None:
-            md.append(f"| {label} | not run | | | | |")
+            md.append(f"| {_cell(label)} | not run | | | | | |")
             continue
         gold = _fmt(m["gold_score"])
         if m["gold_score"] is not None and m["gold_score_std"] is not None:
             gold += f" ± {_fmt(m['gold_score_std'])}"
-        cells = [gold, _fmt(m["heldout_pretrain_loss"]), _fmt(m["rm_score"])]
+        kl = _fmt(m["kl_from_sft"])
+        kl = f"≤ {kl}" if m["kl_is_bound"] and m["kl_from_sft"] is not None else kl
+        cells = [gold, kl, _fmt(m["heldout_pretrain_loss"]), _fmt(m["rm_score"])]
         cells += [_fmt(m["response_length"], ".1f"), _fmt(m["finished_fraction"], ".2f")]
-        md.append(f"| {label} | " + " | ".join(cells) + " |")
+        md.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
     return md
 
 
 def _alignment_tax(models: dict) -> str:
-    loss = {k: (models.get(k) or {}).get("heldout_pretrain_loss") for k in ("sft", *RL_RUNS)}
+    sft = models.get("sft") or next((m for m in models.values() if m["method"] == "sft"), {})
+    base = sft.get("heldout_pretrain_loss")
     head = "**Alignment tax** (held-out pretraining loss increase over SFT): "
-    if loss["sft"] is None:
+    if base is None:
         return head + "n/a (no SFT held-out pretraining loss)."
-    parts = [
-        f"{MODELS[k]} {loss[k] - loss['sft']:+.3f}" if loss[k] is not None else f"{MODELS[k]} n/a"
-        for k in RL_RUNS
-    ]
-    return head + ", ".join(parts) + "."
+    parts = []
+    for label, method, m in _rows(models):
+        if method in RLHF_METHODS:
+            loss = (m or {}).get("heldout_pretrain_loss")
+            parts.append(f"{_cell(label)} " + ("n/a" if loss is None else f"{loss - base:+.3f}"))
+    return head + (", ".join(parts) if parts else "no RLHF model evaluated") + "."
+
+
+def _rounds(
+    models: dict, meta: dict, stages: dict, later: list[int]
+) -> tuple[list[dict], list[str]] | None:
+    """(rounds, methods) of an iterated run, or None if it has no rounds (neither meta.rounds
+    nor round_{r} directories).
+
+    Returns:
+        rounds: one {"round", "rm_accuracy", "comparisons", "gold": {method: score}} per round,
+            ascending; a method missing from "gold" has no model in that round (None: it has one
+            without a gold score). The RM accuracy is meta.rounds' when recorded, else the last
+            eval/accuracy of that round's RM.
+        methods: the methods of the models of rounds >= 1, in eval.json order.
+    """
+    listed = {r["round"]: r for r in meta.get("rounds", [])}
+    if not listed and not later:
+        return None
+    rlhf = [m for m in models.values() if m["round"] >= 1]
+    numbers = set(listed) | set(later) | {m["round"] for m in rlhf} | ({1} if later else set())
+    rounds = []
+    for r in sorted(numbers):
+        entry, gold = listed.get(r, {}), {}
+        for m in (m for m in rlhf if m["round"] == r):
+            gold.setdefault(m["method"], m["gold_score"])
+        acc = entry.get("rm_accuracy")
+        if acc is None:
+            acc = _last(stages.get("rm" if r == 1 else f"round_{r}/rm"), "eval/accuracy")
+        rounds.append(dict(round=r, rm_accuracy=acc, comparisons=entry.get("comparisons"),
+                           gold=gold))  # fmt: skip
+    return rounds, list(dict.fromkeys(m["method"] for m in rlhf))
+
+
+def _rounds_table(rounds: list[dict], methods: list[str]) -> list[str]:
+    head = "".join(f" {_cell(METHODS.get(m, m))} gold |" for m in methods)
+    md = ["| round | RM held-out accuracy | comparisons |" + head]
+    md.append("|---:" * (3 + len(methods)) + "|")
+    for r in rounds:
+        golds = [_fmt(r["gold"][m]) if m in r["gold"] else "not run" for m in methods]
+        cells = [str(r["round"]), _fmt(r["rm_accuracy"]), _fmt(r["comparisons"], ".0f"), *golds]
+        md.append("| " + " | ".join(cells) + " |")
+    return md + ["", "Each round r >= 2 collects comparisons on samples of round r-1's policy, "
+                 "trains a new RM on them and continues PPO and PPO-ptx against it."]  # fmt: skip
 
 
 def _stage_table(stages: dict) -> list[str]:
@@ -323,21 +446,23 @@ def _stage_table(stages: dict) -> list[str]:
         if not st:
             md.append(f"| {name} | {'not run' if st is None else 'nothing logged'} | | |")
             continue
-        last = {}
+        keys, last = _SUMMARY_KEYS[_split(name)[1]], {}
         for r in st:  # later rows overwrite: the last finite value of each key
-            last.update({k: r[k] for k in _SUMMARY_KEYS[name] if _is_num(r.get(k))})
-        shown = ", ".join(f"{k} {last[k]:.4g}" for k in _SUMMARY_KEYS[name] if k in last)
+            last.update({k: r[k] for k in keys if is_number(r.get(k))})
+        shown = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
         md.append(f"| {name} | ran | {max(r['step'] for r in st)} | {shown} |")
     return md
 
 
 def _text_samples(stages: dict) -> list[str]:
     md = ["## Samples logged during training", ""]
-    for name, key, title in (
-        ("sft", "eval/samples", "SFT eval samples"),
-        ("ppo", "ppo/samples", "PPO rollout samples ([score] prompt -> response)"),
-        ("ppo_ptx", "ppo/samples", "PPO-ptx rollout samples ([score] prompt -> response)"),
-    ):
+    logged = [("sft", "eval/samples", "SFT eval samples")]
+    for name in (n for n in stages if _split(n)[1] in ("ppo", "ppo_ptx")):
+        r, method = _split(name)
+        label = METHODS[method] + (f", round {r}" if r > 1 else "")
+        title = f"{label} rollout samples ([score] prompt -> response)"
+        logged.append((name, "ppo/samples", title))
+    for name, key, title in logged:
         st = stages[name]
         texts = [(r["step"], r[key]) for r in st or () if isinstance(r.get(key), str)]
         if not texts:
@@ -352,11 +477,9 @@ def _text_samples(stages: dict) -> list[str]:
 
 def _model_samples(models: dict) -> list[str]:
     md = ["## Held-out samples per model", ""]
-    for key, label in MODELS.items():
-        if key not in models:
-            continue
-        samples = models[key]["samples"][:SAMPLES_PER_MODEL]
-        md += [f"### {label}", ""]
+    for m in models.values():
+        samples = m["samples"][:SAMPLES_PER_MODEL]
+        md += [f"### {_cell(m['label'])}", ""]
         md += ["| prompt | response | gold |", "|---|---|---:|"] if samples else ["none recorded"]
         for s in samples:
             md.append(f"| {_cell(s.get('prompt', ''))} | {_cell(s.get('response', ''))} | "
@@ -365,97 +488,12 @@ def _model_samples(models: dict) -> list[str]:
     return md
 
 
-def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps [N], values [N]) of the rows that log `key` as a number or null (-> NaN, a gap).
-
-    A string under the key is text, which metrics.py also accepts; it is not part of the curve.
-    """
-    rows = [r for r in rows if key in r and (r[key] is None or _is_num(r[key]))]
-    ys = [np.nan if r[key] is None else float(r[key]) for r in rows]
-    return np.asarray([r["step"] for r in rows]), np.asarray(ys, np.float64)
-
-
-def _plot(ax, rows: list[dict], key: str, fmt: str = "-", **style):
-    """Draws `key` of a stage if it logged any."""
-    x, y = _series(rows, key)
-    if len(x):
-        ax.plot(x, y, fmt, markersize=4, **style)
-
-
-def _figure(ncols: int):
-    # A bare Figure on the Agg canvas: no pyplot global state, no display needed. Fixed margins
-    # rather than a layout engine, which draws every figure twice.
-    fig = Figure(figsize=(5.5 * ncols, 4))
-    fig.subplots_adjust(left=0.14 / ncols**0.9, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
-def _finish(ax, title: str, ylabel: str):
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # steps, also when there are few
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
-
-
-def _plot_lm(stages: dict) -> Figure | None:
-    if stages["pretrain"] is None and stages["sft"] is None:
-        return None
-    fig, axes = _figure(2)
-    for ax, name, title in zip(axes, ("pretrain", "sft"), ("Pretraining", "SFT"), strict=True):
-        if stages[name] is not None:
-            _plot(ax, stages[name], "train/loss", label="train/loss")
-            _plot(ax, stages[name], "eval/loss", "o--", label="eval/loss")
-        _finish(ax, title, "loss")
-    return fig
-
-
-def _plot_rm(stages: dict) -> Figure | None:
-    if (st := stages["rm"]) is None:
-        return None
-    fig, (ax,) = _figure(1)
-    _plot(ax, st, "rm/accuracy", alpha=0.3, label="rm/accuracy (train)")
-    _plot(ax, st, "eval/accuracy", "o-", label="eval/accuracy")
-    per_k = {k for r in st for k in r if re.fullmatch(r"eval/accuracy_k\d+", k)}
-    for key in sorted(per_k, key=lambda k: int(k.rsplit("k", 1)[1])):
-        _plot(ax, st, key, ".:", label=key)
-    if ax.lines:
-        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    _finish(ax, "Reward model", "pairwise accuracy")
-    return fig
-
-
-def _plot_ppo(stages: dict) -> Figure | None:
-    if all(stages[name] is None for name in RL_RUNS):
-        return None
-    fig, axes = _figure(2)
-    panels = (
-        ("ppo/score", "eval/score", "RM score"),
-        ("ppo/kl_per_seq", "eval/kl_per_seq", "KL per sequence"),
-    )
-    for ax, (train_key, eval_key, ylabel) in zip(axes, panels, strict=True):
-        for name, (label, color) in RL_RUNS.items():
-            if (st := stages[name]) is None:
-                continue
-            x, y = _series(st, train_key)
-            if len(x):  # every iteration is noisy: faint raw points under a moving average
-                ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
-                ax.plot(x, moving_average(y, SMOOTH_WINDOW), color=color,
-                        label=f"{label} {train_key} (avg {SMOOTH_WINDOW})")  # fmt: skip
-            _plot(ax, st, eval_key, "o--", color=color, label=f"{label} {eval_key}")
-        _finish(ax, f"{ylabel}: PPO vs PPO-ptx", ylabel)
-    return fig
-
-
 def main(argv: list[str] | None = None) -> int:
     """Rebuilds each DIR/report.md; with several DIRs also prints the aggregate table."""
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_jax.report",
         description="Write DIR/report.md from a run's metrics and eval.json; with several DIRs "
-        "(seeds) also print a mean [min, max] table of gold score and held-out loss.",
+        "(seeds) also print a mean [min, max] table of gold score, held-out loss and KL from SFT.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="DIR")
     args = parser.parse_args(argv)

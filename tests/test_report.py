@@ -1,5 +1,6 @@
-"""Tests for rlhf_jax.report: tables hold the eval.json numbers, plots are real PNGs, missing
-stages read "not run", malformed files name file:line, aggregate statistics, the CLI."""
+"""Tests for rlhf_jax.report (and report_plots): tables hold the eval.json numbers in its order,
+plots are real PNGs, missing stages read "not run", iterated rounds and old-shape eval.json both
+report, malformed files name file:line, aggregate statistics, the CLI."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import report
+from rlhf_jax import report, report_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +23,8 @@ def _jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _model(gold, std, loss, rm=0.5, length=12.25, finished=0.875):
-    return {
+def _model(gold, std, loss, rm=0.5, length=12.25, finished=0.875, **fields):
+    return fields | {
         "gold_score": gold,
         "gold_score_std": std,
         "heldout_pretrain_loss": loss,
@@ -36,8 +37,8 @@ def _model(gold, std, loss, rm=0.5, length=12.25, finished=0.875):
     }
 
 
-def _write_eval(run, models, seed=0):
-    meta = {
+def _write_eval(run, models, seed=0, **meta_fields):
+    meta = meta_fields | {
         "seed": seed,
         "elapsed_seconds": 3723.0,
         "device": "cpu x8",
@@ -46,6 +47,32 @@ def _write_eval(run, models, seed=0):
     }
     with open(os.path.join(run, "eval.json"), "w") as f:
         json.dump({"models": models, "meta": meta}, f)
+
+
+def _new(gold, loss, kl, label, method, rnd, **fields):
+    """A model entry of the iterated pipeline's eval.json: label, method, round, KL from SFT."""
+    return _model(gold, 0.25, loss, kl_from_sft=kl, label=label, method=method, round=rnd, **fields)
+
+
+def _new_models():
+    return {
+        "pretrained": _new(-0.5, 3.125, None, "Pretrained", "pretrained", 0),
+        "sft": _new(0.25, 3.25, 0.0, "SFT", "sft", 0, n=64),
+        "best_of_k": _new(
+            0.5, 3.25, 0.7836, "Best-of-4 sampling (SFT + RM)", "best_of_k", 1, kl_is_bound=True
+        ),  # fmt: skip
+        "ppo": _new(0.75, 3.5, 2.125, "PPO", "ppo", 1, n=64),
+        "ppo_ptx": _new(0.625, 3.3, 1.5, "PPO-ptx", "ppo_ptx", 1),
+        "rsft": _new(0.375, 3.375, 0.5, "Best-of-K fine-tuning", "rsft", 1),
+        "ppo_r2": _new(1.0, 3.625, 3.0, "PPO, round 2", "ppo", 2),
+        "ppo_ptx_r2": _new(0.875, 3.375, 2.5, "PPO-ptx, round 2", "ppo_ptx", 2),
+    }
+
+
+_ROUNDS = [
+    {"round": 1, "rm_dir": "rm", "rm_accuracy": 0.85, "comparisons": 1095},
+    {"round": 2, "rm_dir": "round_2/rm", "rm_accuracy": 0.8, "comparisons": 2100},
+]
 
 
 def _lm_rows(samples=False):
@@ -73,7 +100,8 @@ def _ppo_rows(offset, ptx):
     return rows
 
 
-def _fake_run(run, stages=report.STAGES, models=report.MODELS):
+def _fake_run(run, stages=report.STAGES[:5], models=report.MODELS):
+    """A run of the first pipeline (no rsft, no rounds) with an old-shape eval.json."""
     os.makedirs(run, exist_ok=True)
     if "pretrain" in stages:
         _jsonl(os.path.join(run, "pretrain", "metrics.jsonl"), _lm_rows())
@@ -89,6 +117,11 @@ def _fake_run(run, stages=report.STAGES, models=report.MODELS):
     for name in ("ppo", "ppo_ptx"):
         if name in stages:
             _jsonl(os.path.join(run, name, "metrics.jsonl"), _ppo_rows(0.1, name == "ppo_ptx"))
+    if "rsft" in stages:
+        keys = ("rsft/selected_score", "rsft/candidate_score", "rsft/kept_fraction")
+        rows = [dict(zip(keys, (0.5 + 0.25 * r, 0.25, 0.5), strict=True)) for r in (1, 2)]
+        _jsonl(os.path.join(run, "rsft", "metrics.jsonl"), [{"step": r + 1, **m} for r, m in
+                                                           enumerate(rows)])  # fmt: skip
     all_models = {
         "pretrained": _model(-0.5, 0.25, 3.125),
         "sft": _model(0.25, 0.125, 3.25),
@@ -97,6 +130,23 @@ def _fake_run(run, stages=report.STAGES, models=report.MODELS):
     }
     _write_eval(run, {k: v for k, v in all_models.items() if k in models})
     return run
+
+
+def _iterated_run(run):
+    """A run with best-of-K, rsft and a second round (round_2/{rm,ppo,ppo_ptx})."""
+    _fake_run(run, stages=report.STAGES)
+    rm = [{"step": s, "eval/accuracy": 0.5 + s / 40} for s in (0, 5)]
+    _jsonl(os.path.join(run, "round_2", "rm", "metrics.jsonl"), rm)
+    for name in ("ppo", "ppo_ptx"):
+        rows = _ppo_rows(0.5, name == "ppo_ptx")
+        _jsonl(os.path.join(run, "round_2", name, "metrics.jsonl"), rows)
+    _write_eval(run, _new_models(), rounds=_ROUNDS)
+    return run
+
+
+def _section(md, title):
+    """The text of a `## title` section up to the next `## ` heading."""
+    return md.split(f"\n## {title}\n")[1].split("\n## ")[0].strip()
 
 
 def _row(md, label):
@@ -117,12 +167,18 @@ def test_full_report_tables_plots_and_samples(tmp_path):
         json.dump({"pretrain": 1800.0, "sft": 600.0, "evaluate": 1500.0}, f)
     md = Path(report.build_report(run)).read_text()
     assert "| 0 | 1h 05m 00s | cpu x8 |" in md and "| evaluate | 25m 00s | 38% |" in md
-    # results: gold ± std, held-out loss, RM score, length, finished fraction
-    assert _row(md, "Pretrained") == ["Pretrained", "-0.500 ± 0.250", "3.125", "0.500", "12.2",
-                                      "0.88"]  # fmt: skip
-    assert _row(md, "PPO")[1:3] == ["0.750 ± 0.200", "3.500"]
-    assert _row(md, "PPO-ptx")[1:3] == ["0.625 ± 0.150", "3.300"]
+    # results (an old-shape eval.json: no label, method, round or KL): gold ± std, KL from SFT,
+    # held-out loss, RM score, length, finished fraction
+    assert _row(md, "Pretrained") == ["Pretrained", "-0.500 ± 0.250", "n/a", "3.125", "0.500",
+                                      "12.2", "0.88"]  # fmt: skip
+    assert _row(md, "PPO")[1:4] == ["0.750 ± 0.200", "n/a", "3.500"]
+    assert _row(md, "PPO-ptx")[1:4] == ["0.625 ± 0.150", "n/a", "3.300"]
     assert "over SFT): PPO +0.250, PPO-ptx +0.050." in md
+    # no KL, no rounds: no gold-vs-KL plot, no rounds section
+    assert "### Gold score vs KL from SFT\n\nn/a: no RLHF model has a KL from SFT" in md
+    assert "## Rounds" not in md and "round_2" not in md
+    assert not os.path.exists(os.path.join(run, report.GOLD_KL_PLOT))
+    assert not os.path.exists(os.path.join(run, report.ROUNDS_PLOT))
     # stage table: the last logged values, skipping the null
     training = md.split("## Training")[1]
     assert _row(training, "pretrain")[1:] == ["ran", "20", "train/loss 3, eval/loss 3.5"]
@@ -132,7 +188,7 @@ def test_full_report_tables_plots_and_samples(tmp_path):
         data = Path(run, name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
         assert f"]({name})" in md
-    assert f"moving average over {report.SMOOTH_WINDOW} iterations" in md
+    assert f"moving average over {report_plots.SMOOTH_WINDOW} iterations" in md
     assert str(tmp_path) not in md
     # the LAST logged text samples; a fence the sample's backticks cannot close
     assert "SFT eval samples, step 20" in md and "old sample" not in md
@@ -152,7 +208,7 @@ def test_missing_stages_and_models_are_not_run(tmp_path):
         os.remove(os.path.join(run, name, "metrics.jsonl"))
     _write_eval(run, {"sft": _model(0.25, 0.125, 3.25)})
     md = Path(report.build_report(run)).read_text()
-    for stage in ("rm", "ppo", "ppo_ptx"):
+    for stage in ("rm", "ppo", "ppo_ptx", "rsft"):
         assert _row(md, stage)[1] == "not run"
     assert _row(md, "PPO")[1] == "not run" and _row(md, "Pretrained")[1] == "not run"
     assert "over SFT): PPO n/a, PPO-ptx n/a." in md
@@ -201,6 +257,85 @@ def test_malformed_files_name_file_and_line(tmp_path):
         report.build_report(str(tmp_path))
 
 
+def test_iterated_run_new_models_kl_and_rounds(tmp_path):
+    run = _iterated_run(str(tmp_path / "run"))
+    md = Path(report.build_report(run)).read_text()
+    results = _section(md, "Results")
+    # one row per model in eval.json order, labels from the file, a KL column (≤: a bound)
+    table = [ln.split("|")[1].strip() for ln in results.splitlines() if ln.startswith("| ")]
+    labels = [m["label"] for m in _new_models().values()]
+    assert table == ["model", *labels]
+    assert _row(results, "Best-of-4 sampling (SFT + RM)") == [
+        "Best-of-4 sampling (SFT + RM)", "0.500 ± 0.250", "≤ 0.784", "3.250", "0.500", "12.2",
+        "0.88"]  # fmt: skip
+    assert _row(results, "SFT")[2] == "0.000" and _row(results, "Pretrained")[2] == "n/a"
+    assert _row(results, "PPO, round 2")[1:4] == ["1.000 ± 0.250", "3.000", "3.625"]
+    # the alignment tax of every RLHF model, in table order
+    assert (
+        "over SFT): Best-of-4 sampling (SFT + RM) +0.000, PPO +0.250, PPO-ptx +0.050, "
+        "Best-of-K fine-tuning +0.125, PPO, round 2 +0.375, PPO-ptx, round 2 +0.125."
+    ) in md
+    assert "![Gold score vs KL from SFT](report_gold_kl.png)" in results
+    assert "log K - (K-1)/K" in results
+    # rounds: RM accuracy, comparisons and each method's gold score per round
+    rounds = _section(md, "Rounds")
+    assert rounds.splitlines()[0] == (
+        "| round | RM held-out accuracy | comparisons | Best-of-K sampling gold | PPO gold "
+        "| PPO-ptx gold | Best-of-K fine-tuning gold |"
+    )
+    assert _row(rounds, "1") == ["1", "0.850", "1095", "0.500", "0.750", "0.625", "0.375"]
+    assert _row(rounds, "2") == ["2", "0.800", "2100", "not run", "1.000", "0.875", "not run"]
+    for name in (report.GOLD_KL_PLOT, report.ROUNDS_PLOT, *report.PLOTS):
+        data = Path(run, name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+        assert f"]({name})" in md
+    # training: rsft and round 2's stages, round 2's rollout samples, PPO line styles
+    training = _section(md, "Training")
+    rsft = "rsft/selected_score 1, rsft/candidate_score 0.25, rsft/kept_fraction 0.5"
+    assert _row(training, "rsft")[1:] == ["ran", "2", rsft]
+    assert _row(training, "round_2/rm")[1:] == ["ran", "5", "eval/accuracy 0.625"]
+    assert _row(training, "round_2/ppo_ptx")[1:3] == ["ran", "30"]
+    assert "rounds 2, 3, 4: dashed" in training
+    assert "### PPO-ptx, round 2 rollout samples ([score] prompt -> response), step 30" in md
+    assert "### Best-of-K fine-tuning\n\n| prompt |" in md
+
+    # one round recorded, no round_2 dir, round 1's RM accuracy from its metrics: a table, no plot
+    models = _new_models()
+    del models["ppo_r2"], models["ppo_ptx_r2"]
+    _write_eval(run, models, rounds=[{"round": 1, "comparisons": 1095}])
+    for name in ("rm", "ppo", "ppo_ptx"):
+        os.remove(os.path.join(run, "round_2", name, "metrics.jsonl"))
+        os.rmdir(os.path.join(run, "round_2", name))
+    os.rmdir(os.path.join(run, "round_2"))
+    md = Path(report.build_report(run)).read_text()
+    rounds = _section(md, "Rounds")
+    assert _row(rounds, "1") == ["1", "0.650", "1095", "0.500", "0.750", "0.625", "0.375"]
+    assert "one round: no per-round plot" in rounds and "| 2 |" not in rounds
+    assert not os.path.exists(os.path.join(run, report.ROUNDS_PLOT))
+    assert "round_2" not in md
+    # a round_2 dir alone (no meta.rounds) also makes the section; what is missing reads n/a
+    _jsonl(os.path.join(run, "round_2", "rm", "metrics.jsonl"), [{"step": 0, "rm/loss": 0.6}])
+    _write_eval(run, models)
+    md = Path(report.build_report(run)).read_text()
+    rounds = _section(md, "Rounds")
+    assert _row(rounds, "2") == ["2", "n/a", "n/a", "not run", "not run", "not run", "not run"]
+    assert _row(_section(md, "Training"), "round_2/ppo")[1] == "not run"
+    assert Path(run, report.ROUNDS_PLOT).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_new_fields_are_type_checked(tmp_path):
+    run = _fake_run(str(tmp_path / "run"))
+    _write_eval(run, {"sft": _model(0.25, 0.1, 3.0, round="one")})
+    with pytest.raises(ValueError, match="models.sft: round is 'one'; expected int"):
+        report.build_report(run)
+    _write_eval(run, {"sft": _model(0.25, 0.1, 3.0, kl_from_sft="0")})
+    with pytest.raises(ValueError, match="models.sft: kl_from_sft is '0'; expected a number"):
+        report.build_report(run)
+    _write_eval(run, {"sft": _model(0.25, 0.1, 3.0)}, rounds=[{"rm_accuracy": 0.5}])
+    with pytest.raises(ValueError, match=r"meta.rounds\[0\]: round is None"):
+        report.build_report(run)
+
+
 def test_moving_average_matches_a_loop():
     y = np.array([1.0, 2.0, np.nan, 4.0, 8.0, np.nan, np.nan, np.nan, 3.0])
     w = 3
@@ -208,7 +343,7 @@ def test_moving_average_matches_a_loop():
     for i in range(len(y)):
         window = [v for v in y[max(0, i - w + 1) : i + 1] if np.isfinite(v)]
         want.append(np.mean(window) if window else np.nan)
-    np.testing.assert_allclose(report.moving_average(y, w), want)
+    np.testing.assert_allclose(report_plots.moving_average(y, w), want)
 
 
 def _seed_runs(tmp_path):
@@ -226,12 +361,38 @@ def test_aggregate_mean_and_range(tmp_path):
     runs = _seed_runs(tmp_path)
     md = report.aggregate(runs)
     assert "mean [min, max]" in md.splitlines()[0]
-    assert _row(md, "PPO") == ["PPO", "3 of 3", "0.750 [0.500, 1.000]", "3.333 [3.000, 3.750]"]
-    assert _row(md, "SFT") == ["SFT", "3 of 3", "0.100 [0.000, 0.200]", "3.000 [3.000, 3.000]"]
-    assert _row(md, "PPO-ptx") == ["PPO-ptx", "0 of 3", "not run", "not run"]
+    assert _row(md, "PPO") == ["PPO", "3 of 3", "0.750 [0.500, 1.000]", "3.333 [3.000, 3.750]",
+                               "n/a"]  # fmt: skip
+    assert _row(md, "SFT") == ["SFT", "3 of 3", "0.100 [0.000, 0.200]", "3.000 [3.000, 3.000]",
+                               "n/a"]  # fmt: skip
+    assert _row(md, "PPO-ptx") == ["PPO-ptx", "0 of 3", "not run", "not run", "not run"]
     os.remove(os.path.join(runs[1], "eval.json"))
     with pytest.raises(ValueError, match="seed1.*eval.json: missing"):
         report.aggregate(runs)
+
+
+def test_aggregate_new_models_and_kl(tmp_path):
+    runs = []
+    for seed in range(2):
+        run = str(tmp_path / f"seed{seed}")
+        os.makedirs(run)
+        models = _new_models()
+        models["ppo"]["kl_from_sft"] += seed
+        if seed == 1:
+            del models["ppo_ptx_r2"]
+            models["ppo_r3"] = _new(1.25, 3.75, 4.0, "PPO, round 3", "ppo", 3)
+        _write_eval(run, models, seed=seed, rounds=_ROUNDS)
+        runs.append(run)
+    md = report.aggregate(runs)
+    assert "KL from SFT (nats/seq), mean [min, max]" in md.splitlines()[0]
+    labels = [ln.split("|")[1].strip() for ln in md.splitlines()[2:]]
+    assert labels == [m["label"] for m in _new_models().values()] + ["PPO, round 3"]
+    assert _row(md, "PPO")[1:] == ["2 of 2", "0.750 [0.750, 0.750]", "3.500 [3.500, 3.500]",
+                                   "2.625 [2.125, 3.125]"]  # fmt: skip
+    assert _row(md, "Best-of-4 sampling (SFT + RM)")[4] == "≤ 0.784 [0.784, 0.784]"
+    assert _row(md, "Pretrained")[4] == "n/a"
+    assert _row(md, "PPO-ptx, round 2")[1:3] == ["1 of 2", "0.875 [0.875, 0.875]"]
+    assert _row(md, "PPO, round 3")[1] == "1 of 2"
 
 
 def test_cli_builds_reports_prints_aggregate_and_reports_errors(tmp_path):
