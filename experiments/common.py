@@ -95,6 +95,7 @@ def ppo_config() -> mlc.ConfigDict:
         dict(
             reward_from="",  # RM workdir (its normalisation bias is applied)
             reward_fn="",  # or "module:function(prompts, responses) -> scores"
+            reference_from="",  # KL reference workdir; "" -> init_from (the SFT policy)
             value_init="rm",  # rm (InstructGPT) | sft (fresh scalar head on the SFT backbone)
             rollout_batch=64,  # prompts per iteration (global)
             minibatch=16,  # rows per gradient step (global)
@@ -165,6 +166,18 @@ def base_config() -> mlc.ConfigDict:
             cache=True,  # keep tokenized pretraining text under <workdir>/cache
             prompt_template=PROMPT_TEMPLATE,  # SFT/RM/PPO: how a prompt is shown to the model
             ptx="",  # PPO-ptx: pretraining text files for the gamma term
+        )
+    )
+    # Dialogue rows (`{"messages": [...]}`, rlhf_jax/chat.py): each turn is its role marker then
+    # its content; an assistant turn ends with EOS. `prompt` rows keep data.prompt_template. The
+    # markers are reserved pieces of a tokenizer the pretrain stage trains (reserve_tokens=False
+    # trains the single-turn tokenizer of before, which cannot encode messages rows).
+    c.chat = mlc.ConfigDict(
+        dict(
+            system="<|system|>",
+            user="<|user|>",
+            assistant="<|assistant|>",
+            reserve_tokens=True,
         )
     )
     # Samples logged at every SFT eval, for held-out prompts.

@@ -1,12 +1,18 @@
 """Demonstrations for SFT: `{"prompt", "response"}` JSONL -> LM batches with a response-only mask.
 
-An example is tokenized as
+Prompts here are either strings (`{"prompt"}` rows) or conversations (`{"messages"}` rows, see
+rlhf_jax/chat.py); a file may mix both. A single-turn example is tokenized as
     [bos] + encode(template.format(prompt=prompt)) + encode(response) + [eos]
 and laid out unpacked, one example per row, right-padded to `seq_len`, in the LM batch format of
 `data.py` ({"inputs", "targets", "mask"} [N, L]). `mask` is 1 exactly on the targets that are
 response tokens, including the EOS that ends the response, so the prompt never contributes to the
 loss. An example longer than `seq_len + 1` tokens is cut at the right (its response loses its
 tail and its EOS); how many were cut is reported in `info`, never silent.
+
+A `messages` demonstration is tokenized by `chat.encode` and its mask covers every assistant
+turn's content and EOS. Normalised, it is `{"messages", "prompt": the turns before its last
+assistant turn, "response": that turn's content}`, so code that shows or scores (prompt, response)
+pairs (eval samples, the RM's normalisation bias) handles both forms alike.
 """
 
 from __future__ import annotations
@@ -15,18 +21,68 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax import data
+from rlhf_jax import chat, data
 from rlhf_jax.tokenizer import Tokenizer
 
 DEMO_FIELDS = {"prompt": str, "response": str}
 PROMPT_FIELDS = {"prompt": str}
 
 
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file, for per-row checks."""
+    records = data.read_jsonl(path, {})
+    with open(path, "rb") as f:  # read_jsonl skips blank lines; errors must name real lines
+        lines = [i for i, raw in enumerate(f, start=1) if raw.decode("utf-8").strip()]
+    return list(zip(lines, records, strict=True))
+
+
+def _check_str(record: dict, name: str) -> str:
+    if name not in record:
+        raise ValueError(f"field {name!r} is missing")
+    if not isinstance(record[name], str):
+        raise ValueError(f"field {name!r} must be str, got {type(record[name]).__name__}")
+    return record[name]
+
+
+def row_prompt(record: dict) -> str | chat.Messages:
+    """The prompt of a prompt or comparison row: its `prompt` string, or its `messages` context
+    (which must end with a user turn). Errors omit the location."""
+    if "messages" in record:
+        if "prompt" in record:
+            raise ValueError("the line has both 'prompt' and 'messages'; use one form per line")
+        return chat.parse_messages(record["messages"], ends_with="user")
+    return _check_str(record, "prompt")
+
+
+def _demo(record: dict) -> dict:
+    if "messages" not in record:
+        _check_str(record, "prompt")
+        _check_str(record, "response")
+        return record
+    both = [k for k in ("prompt", "response") if k in record]
+    if both:
+        raise ValueError(f"the line has both 'messages' and {both[0]!r}; use one form per line")
+    messages = chat.parse_messages(record["messages"], ends_with="assistant")
+    return {"messages": messages, "prompt": messages[:-1], "response": messages[-1][1]}
+
+
 def read_demos(paths: str | Sequence[str]) -> list[dict]:
-    """All demonstrations of the files or globs in `paths` (errors name file:line:field)."""
+    """All demonstrations of the files or globs in `paths`, in either form.
+
+    Returns:
+      `{"prompt": str, "response": str, ...}` rows as written, and `{"messages", "prompt",
+      "response"}` for messages rows (see the module docstring).
+
+    Raises:
+      ValueError: `"{path}:{lineno}: ..."` naming the field or turn that is wrong.
+    """
     out = []
     for path in data.expand_paths(paths):
-        out.extend(data.read_jsonl(path, DEMO_FIELDS))
+        for lineno, record in read_records(path):
+            try:
+                out.append(_demo(record))
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
     return out
 
 
@@ -37,15 +93,32 @@ def format_prompt(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
-def prompt_ids(tokenizer: Tokenizer, template: str, prompt: str) -> list[int]:
-    """[bos] + the formatted prompt: exactly the prefix SFT trained the response to follow."""
+def prompt_ids(tokenizer: Tokenizer, template: str, prompt: str | chat.Messages) -> list[int]:
+    """[bos] + the formatted prompt: exactly the prefix SFT trained the response to follow.
+
+    A string goes through `template`; a conversation through the tokenizer's chat template
+    (its rendered turns plus the assistant marker).
+    """
+    if not isinstance(prompt, str):
+        return chat.prompt_ids(prompt, tokenizer)
     return [tokenizer.bos_id] + tokenizer.encode(format_prompt(template, prompt))
+
+
+def demo_ids(tokenizer: Tokenizer, template: str, demo: dict) -> tuple[list[int], list[int]]:
+    """(ids, per-id 1 where the SFT loss covers it) of one normalised demonstration."""
+    if "messages" in demo:
+        return chat.encode(demo["messages"], tokenizer)
+    p = prompt_ids(tokenizer, template, demo["prompt"])
+    r = tokenizer.encode(demo["response"]) + [tokenizer.eos_id]
+    return p + r, [0] * len(p) + [1] * len(r)
 
 
 def encode_demos(
     demos: Sequence[dict], tokenizer: Tokenizer, template: str, seq_len: int
 ) -> tuple[dict[str, np.ndarray], int]:
     """Tokenizes demonstrations into LM examples with a response-only loss mask.
+
+    For a conversation the mask covers every assistant turn (content and EOS), nothing else.
 
     Returns:
       ({"inputs": int32 [N, L], "targets": int32 [N, L], "mask": float32 [N, L]},
@@ -57,22 +130,21 @@ def encode_demos(
     mask = np.zeros((n, L), np.float32)
     cut = 0
     for i, d in enumerate(demos):
-        p = prompt_ids(tokenizer, template, d["prompt"])
-        r = tokenizer.encode(d["response"]) + [tokenizer.eos_id]
-        ids = p + r
+        ids, train = demo_ids(tokenizer, template, d)
+        p = train.index(1)  # tokens before the first one learned: the prompt
         if len(ids) > L + 1:
             cut += 1
-            ids = ids[: L + 1]
-        if len(p) >= len(ids):
+            ids, train = ids[: L + 1], train[: L + 1]
+        if p >= len(ids):
             raise ValueError(
-                f"demonstration {i}: the prompt alone is {len(p)} tokens, leaving no room for "
+                f"demonstration {i}: the prompt alone is {p} tokens, leaving no room for "
                 f"the response within train.seq_len={L}"
             )
         m = len(ids) - 1
         inputs[i, :m] = ids[:-1]
         targets[i, :m] = ids[1:]
-        # targets[t] = ids[t + 1]: a response token when t + 1 >= len(p).
-        mask[i, len(p) - 1 : m] = 1.0
+        # targets[t] = ids[t + 1], so target t is learned when id t + 1 is.
+        mask[i, :m] = train[1:]
     return {"inputs": inputs, "targets": targets, "mask": mask}, cut
 
 
@@ -81,7 +153,9 @@ def encode_sequences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full (prompt, response) sequences as the RM scores them, right-padded.
 
-    Each is [bos] + template(prompt) + response + [eos], cut at the right to `seq_len`.
+    Each is [bos] + template(prompt) + response + [eos], cut at the right to `seq_len`; a
+    conversation prompt is rendered by the chat template, so the response is its final
+    assistant turn.
 
     Returns:
       (tokens int32 [N, L], real-token mask bool [N, L]).
@@ -147,16 +221,29 @@ def build_sft_data(
     return it, evals, eval_demos, info
 
 
-def read_prompts(paths: str | Sequence[str]) -> list[str]:
-    """Prompt texts of `{"prompt": ...}` JSONL files (errors name file:line:field)."""
+def read_prompt_lines(path: str) -> tuple[list[str | chat.Messages], list[int]]:
+    """(prompts, their line numbers) of one `{"prompt"}` / `{"messages"}` JSONL file."""
+    prompts, lines = [], []
+    for lineno, record in read_records(path):
+        try:
+            prompts.append(row_prompt(record))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        lines.append(lineno)
+    return prompts, lines
+
+
+def read_prompts(paths: str | Sequence[str]) -> list[str | chat.Messages]:
+    """Prompts of `{"prompt": str}` or `{"messages": [... user turn]}` JSONL files (errors name
+    file:line:field)."""
     out = []
     for path in data.expand_paths(paths):
-        out.extend(r["prompt"] for r in data.read_jsonl(path, PROMPT_FIELDS))
+        out.extend(read_prompt_lines(path)[0])
     return out
 
 
 def encode_prompts(
-    prompts: Sequence[str], tokenizer: Tokenizer, template: str, prompt_len: int
+    prompts: Sequence[str | chat.Messages], tokenizer: Tokenizer, template: str, prompt_len: int
 ) -> tuple[dict[str, np.ndarray], int]:
     """Prompts as the policy sees them, left-padded to `prompt_len` for batched sampling.
 

@@ -4,12 +4,17 @@ Two line formats (DESIGN.md section 4), which may be mixed within a file:
   * K-way: `{"prompt", "responses": [str, ...], "ranking": [...]}`; `ranking` lists response
     indices best first, and an entry that is a list of indices marks a tie, e.g. `[2, [0, 3], 1]`.
   * pairwise: `{"prompt", "chosen", "rejected"}`, read as K = 2 with `chosen` ranked first.
+Either may give a conversation instead of a prompt: `{"messages": [... ending with a user turn],
+...}` (rlhf_jax/chat.py); its responses are the final assistant turn, and its "prompt" is then the
+hashable `chat.Messages`, so splitting, pairing and encoding treat both forms alike.
 Every comparison is normalised to `{"prompt", "responses", "ranks", "source"}` where `ranks[j]` is
 the dense rank of response j (0 = best, tied responses share a rank) and `source` is "file:line".
 
 Response j of a comparison is tokenized as
     data_demos.prompt_ids(tokenizer, template, prompt) + encode(response) + [eos]
-so the RM sees exactly the prefix SFT trained the response to follow, and right-padded to L.
+so the RM sees exactly the prefix SFT trained the response to follow, and right-padded to L (for a
+conversation the prefix is its rendered context plus the assistant marker, and the EOS after the
+response is its end of turn, so the score is read at the same kind of token).
 Example layout, with N comparisons, K = k_max response slots and L = seq_len:
   {"tokens": int32 [N, K, L], "mask": bool [N, K, L] (real tokens),
    "ranks": int32 [N, K] (-1 for absent slots), "kmask": float32 [N, K] (1 for real responses)}
@@ -34,18 +39,12 @@ import grain
 import numpy as np
 
 from rlhf_jax import data
-from rlhf_jax.data_demos import prompt_ids
+from rlhf_jax.data_demos import prompt_ids, read_records, row_prompt
 from rlhf_jax.tokenizer import Tokenizer
 
 BATCHINGS = ("per_prompt", "per_pair")
 _KWAY_KEYS = ("responses", "ranking")
 _PAIR_KEYS = ("chosen", "rejected")
-
-
-def _nonblank_linenos(path: str) -> list[int]:
-    """Line numbers of the lines `data.read_jsonl` parses (it skips whitespace-only lines)."""
-    with open(path, "rb") as f:
-        return [i for i, raw in enumerate(f, start=1) if raw.decode("utf-8").strip()]
 
 
 def _is_index(x) -> bool:
@@ -91,6 +90,7 @@ def _kway_ranks(record: dict, k_max: int) -> tuple[list[str], list[int]]:
 
 
 def _normalise(record: dict, k_max: int) -> dict:
+    prompt = row_prompt(record)
     has_kway = any(key in record for key in _KWAY_KEYS)
     has_pair = any(key in record for key in _PAIR_KEYS)
     if has_kway and has_pair:
@@ -112,7 +112,7 @@ def _normalise(record: dict, k_max: int) -> dict:
             "the line is neither a K-way comparison ('responses', 'ranking') nor a pairwise one "
             "('chosen', 'rejected')"
         )
-    return {"prompt": record["prompt"], "responses": responses, "ranks": ranks}
+    return {"prompt": prompt, "responses": responses, "ranks": ranks}
 
 
 def read_comparisons(paths: str | Sequence[str], k_max: int = 9) -> list[dict]:
@@ -123,20 +123,21 @@ def read_comparisons(paths: str | Sequence[str], k_max: int = 9) -> list[dict]:
       k_max: the most responses a comparison may have (the K axis of the examples).
 
     Returns:
-      Comparisons `{"prompt": str, "responses": [str] * K, "ranks": [int] * K, "source": str}`
-      in file order, with dense ranks (0 = best, ties share a rank) and source "file:line".
+      Comparisons `{"prompt": str | chat.Messages, "responses": [str] * K, "ranks": [int] * K,
+      "source": str}` in file order, with dense ranks (0 = best, ties share a rank) and source
+      "file:line".
 
     Raises:
-      ValueError: `"{path}:{lineno}: ..."` for invalid JSON, a missing or mistyped field, fewer
-        than 2 or more than k_max responses, a ranking with a duplicate, out-of-range, missing or
-        non-integer index, a ranking that ties every response, or a line of neither form.
+      ValueError: `"{path}:{lineno}: ..."` for invalid JSON, a missing or mistyped field, a bad
+        `messages` context (see chat.parse_messages), fewer than 2 or more than k_max responses,
+        a ranking with a duplicate, out-of-range, missing or non-integer index, a ranking that
+        ties every response, or a line of neither form.
     """
     if k_max < 2:
         raise ValueError(f"k_max must be at least 2, got {k_max}")
     comps = []
     for path in data.expand_paths(paths):
-        records = data.read_jsonl(path, {"prompt": str})
-        for lineno, record in zip(_nonblank_linenos(path), records, strict=True):
+        for lineno, record in read_records(path):
             try:
                 comp = _normalise(record, k_max)
             except ValueError as e:

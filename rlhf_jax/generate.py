@@ -9,7 +9,9 @@ reuse it) and the command. Each prompt line `{"prompt": "..."}` is formatted wit
 else the checkpoint config's `data.prompt_template`, else used raw, and encoded as
 [bos] + encode(text). Rows (prompt, sample) are batched over all local devices (data parallel);
 row i's PRNG stream is fold_in(fold_in(key(seed), prompt index), sample index), so outputs do
-not depend on the batch size. One JSON line per completion:
+not depend on the batch size. A `{"messages": [...]}` line (a conversation ending with a user
+turn) is rendered by the checkpoint's chat template instead (rlhf_jax/chat.py) and keeps its
+`messages` field in place of `prompt` in the output. One JSON line per completion:
 
   {"prompt", "response", "tokens": response length incl. EOS, "finished": ended with EOS,
    "sample": sample index, "logprob": summed log-probability under the unmodified model}
@@ -32,7 +34,7 @@ import jax
 import numpy as np
 import tqdm
 
-from rlhf_jax import checkpoint, cli, data, data_demos, sampling, sharding
+from rlhf_jax import chat, checkpoint, cli, data_demos, sampling, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax import tokenizer as tok_lib
@@ -63,7 +65,8 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
     if unknown:
         raise ValueError(f"checkpoint in {workdir} has unknown model config keys {unknown}")
     model_cfg = model_lib.ModelConfig(**meta["model"])
-    tok = tok_lib.Tokenizer.load(_tokenizer_path(workdir, meta))
+    template = chat.from_config(meta.get("config"))  # how this lineage renders messages rows
+    tok = tok_lib.Tokenizer.load(_tokenizer_path(workdir, meta), chat_template=template)
     tok.check_model_vocab(model_cfg.vocab_size)
     graphdef, abstract, shardings = state_lib.param_shardings(model_cfg, mesh, rules)
     abstract = jax.tree.map(
@@ -84,14 +87,12 @@ def _tokenizer_path(workdir: str, meta: dict) -> str:
     return os.path.join(stage_dir, path)
 
 
-def read_prompts(path: str) -> tuple[list[str], list[int]]:
-    """(prompts, their line numbers) of a JSONL file with a string field "prompt" per line."""
-    records = data.read_jsonl(path, {"prompt": str})
-    if not records:
+def read_prompts(path: str) -> tuple[list, list[int]]:
+    """(prompts, their line numbers) of a JSONL file of `{"prompt"}` or `{"messages"}` rows."""
+    prompts, lines = data_demos.read_prompt_lines(path)
+    if not prompts:
         raise ValueError(f"{path} holds no prompts")
-    with open(path, "rb") as f:  # read_jsonl skips blank lines; errors below name real lines
-        lines = [i for i, raw in enumerate(f, start=1) if raw.strip()]
-    return [r["prompt"] for r in records], lines
+    return prompts, lines
 
 
 def encode_prompts(
@@ -214,7 +215,7 @@ def run(args) -> dict:
                 for j, (i, s) in enumerate(chunk):
                     n = int(out["lengths"][j])
                     rec = {
-                        "prompt": prompts[i],
+                        **chat.prompt_record(prompts[i]),
                         "response": tok.decode(out["response"][j, :n]),
                         "tokens": n,
                         "finished": bool(out["finished"][j]),
@@ -278,7 +279,7 @@ def parse_args(argv=None):
         description="Sample completions of a JSONL prompt file from a stage checkpoint.",
     )
     p.add_argument("--checkpoint", required=True, help="stage workdir (or its checkpoints/)")
-    p.add_argument("--prompts", required=True, help='JSONL file, {"prompt": "..."} per line')
+    p.add_argument("--prompts", required=True, help='JSONL, {"prompt"} or {"messages"} rows')
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")

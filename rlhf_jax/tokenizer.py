@@ -11,8 +11,13 @@ training still encode (as UTF-8 byte pieces) instead of becoming <unk>. Because 
 prefix, `decode(encode(a) + encode(b)) == a + b`, which later stages rely on when they join a
 prompt and a response.
 
+Reserved pieces (`reserved`, e.g. the chat role markers of rlhf_jax/chat.py) are trained as
+user-defined symbols: each is one id (right after the special ids), is never split, and is
+matched wherever its text occurs.
+
 CLI:
-    python -m rlhf_jax.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model
+    python -m rlhf_jax.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model \
+        [--reserve '<|system|>' '<|user|>' '<|assistant|>']
     python -m rlhf_jax.tokenizer encode --model tok.model "some text"
 """
 
@@ -101,6 +106,7 @@ def train_tokenizer(
     seed: int = 0,
     *,
     max_sentences: int = 5_000_000,
+    reserved: Sequence[str] = (),
 ) -> str:
     """Trains a SentencePiece model on documents and writes it atomically to `out_path`.
 
@@ -117,22 +123,33 @@ def train_tokenizer(
       seed: seeds the sampling of training sentences when there are more than `max_sentences`.
       max_sentences: at most this many sentences (a seeded uniform sample) are used for training,
         which bounds memory on large corpora.
+      reserved: pieces that become single ids 4, 5, ... (user-defined symbols), e.g. chat role
+        markers; they count toward vocab_size. Empty gives exactly the tokenizer of before.
 
     Returns:
       out_path.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type: {model_type!r}; expected one of {MODEL_TYPES}")
-    if vocab_size < _MIN_VOCAB:
+    reserved = list(reserved)
+    if any(not isinstance(r, str) or not r.strip() for r in reserved):
+        raise ValueError(f"reserved pieces must be non-empty strings, got {reserved}")
+    if len(set(reserved)) != len(reserved):
+        raise ValueError(f"reserved pieces must be distinct, got {reserved}")
+    min_vocab = _MIN_VOCAB + len(reserved)
+    if vocab_size < min_vocab:
+        extra = f" + {len(reserved)} reserved pieces" if reserved else ""
         raise ValueError(
-            f"vocab_size must be at least {_MIN_VOCAB} (256 byte-fallback pieces + 4 special ids "
-            f"+ 1 learned piece), got {vocab_size}"
+            f"vocab_size must be at least {min_vocab} (256 byte-fallback pieces + 4 special ids"
+            f"{extra} + 1 learned piece), got {vocab_size}"
         )
     sentences = _sample(_training_sentences(texts), max_sentences, seed)
     if not sentences:
         raise ValueError("cannot train a tokenizer: the documents contain no non-empty text")
 
     model = io.BytesIO()
+    # Passed only when given, so the default trains exactly the model it always did.
+    extra = {"user_defined_symbols": reserved} if reserved else {}
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
@@ -151,6 +168,7 @@ def train_tokenizer(
         max_sentence_length=_MAX_SENTENCE_BYTES,
         num_threads=_TRAIN_THREADS,
         minloglevel=2,  # errors only; training chatter would drown the CLI summary
+        **extra,
     )
     _atomic_write_bytes(out_path, model.getvalue())
     return out_path
@@ -161,11 +179,15 @@ class Tokenizer:
 
     Attributes:
       path: the `.model` file this tokenizer was loaded from.
+      chat_template: how `messages` rows are rendered with this tokenizer (a
+        `rlhf_jax.chat.ChatTemplate`; None means chat.DEFAULT). Stages bind it from config.chat,
+        as a Hugging Face tokenizer carries its chat template, so every encoder sees one format.
     """
 
-    def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+    def __init__(self, processor: spm.SentencePieceProcessor, path: str, chat_template=None):
         self._sp = processor
         self.path = path
+        self.chat_template = chat_template
         # Our tokenizers have pad 0, unk 1, bos 2, eos 3. A foreign model (e.g. LLaMA's: unk 0,
         # bos 1, eos 2, no pad) is used as is; without a pad piece, padding uses the unk id,
         # which is safe because padded slots are always masked out of attention and loss.
@@ -173,11 +195,12 @@ class Tokenizer:
         self._pad = pad if pad >= 0 else processor.unk_id()
 
     @classmethod
-    def load(cls, path: str) -> Tokenizer:
+    def load(cls, path: str, chat_template=None) -> Tokenizer:
         """Loads a `.model` file and checks its special ids.
 
         Args:
           path: a SentencePiece model file, e.g. written by `train_tokenizer`.
+          chat_template: bound as `self.chat_template` (see the class docstring).
 
         Returns:
           The tokenizer.
@@ -195,7 +218,7 @@ class Tokenizer:
                 f"tokenizer {path!r} defines no bos or eos piece (bos id {processor.bos_id()}, "
                 f"eos id {processor.eos_id()}); both are needed to frame documents and responses"
             )
-        return cls(processor, path)
+        return cls(processor, path, chat_template)
 
     @property
     def vocab_size(self) -> int:
@@ -247,6 +270,14 @@ class Tokenizer:
         """The vocabulary piece of one id (e.g. '▁the', '<0x0A>', '<s>')."""
         return self._sp.id_to_piece(int(token_id))
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece (e.g. a reserved chat marker), or None if it has none."""
+        token_id = self._sp.piece_to_id(piece)
+        # SentencePiece answers the unk id for an unknown piece.
+        if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
+            return None
+        return token_id
+
     def check_model_vocab(self, model_vocab_size: int, where: str = "model.vocab_size") -> None:
         """Raises if token ids could index past a model's embedding table.
 
@@ -275,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train.add_argument("--out", required=True, help="output .model path")
     train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--reserve", nargs="*", default=[], help="pieces kept as single ids, e.g. chat markers"
+    )
     encode = commands.add_parser("encode", help="print the ids and pieces of a text")
     encode.add_argument("--model", required=True)
     encode.add_argument("text")
@@ -286,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         start = time.time()
         docs = read_documents(args.input)
-        train_tokenizer(docs, args.out, args.vocab_size, args.model_type, args.seed)
+        train_tokenizer(
+            docs, args.out, args.vocab_size, args.model_type, args.seed, reserved=args.reserve
+        )
         tok = Tokenizer.load(args.out)
         print(
             f"trained {args.model_type} tokenizer: vocab {tok.vocab_size} "

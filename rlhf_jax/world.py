@@ -32,6 +32,16 @@ right answer, a missing final period), which SFT imitates and the RM and RL can 
 
 Prompt sets are split by a stable hash of the prompt text into disjoint sft/rm/ppo/eval regions.
 The pipeline's PPO uses the learned RM; `reward_fn` (the gold utility) is for ablations only.
+
+Dialogues (the multi-turn variant, `messages` rows of rlhf_jax/chat.py): a first question whose
+answer is one number (add, compare, count), its ideal answer, then a follow-up that adds to that
+answer, which the model must read from the conversation::
+
+    user: what is 7 plus 5?   assistant: 7 plus 5 is 12.   user: and plus 3?   -> 12 plus 3 is 15.
+
+`dialogue_demonstrations` and `dialogue_prompts` write them; `gold_score` of a conversation judges
+its final answer as an addition task (`gold_score_messages`). A dialogue lies in the split of its
+first question. They are separate generators, so `write_world` writes what it always wrote.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from rlhf_jax import chat
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
 TASK_MIX = {"add": 0.3, "compare": 0.25, "count": 0.2, "sort": 0.25}
@@ -77,6 +89,10 @@ _PROMPT_RES = {
     "count": re.compile(r"how many words: ([a-z]+(?: [a-z]+)*)\?"),
     "sort": re.compile(r"sort (\d+) (\d+) (\d+)\."),
 }
+# Tasks whose answer is one number, so a follow-up can add to it; and the follow-up phrasings.
+DIALOGUE_MIX = {"add": 0.5, "compare": 0.25, "count": 0.25}
+FOLLOW_UPS = ("and plus {n}?", "what is that plus {n}?")
+_FOLLOW_UP_RE = re.compile(r"(?:and|what is that) plus (\d+)\?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,18 +153,23 @@ def _draw(kind: str, rng: random.Random) -> Task:
     return make_task(kind, *(rng.randint(0, 20) for _ in range(3)))
 
 
-def gold_score(prompt: str, response: str, finished: bool = True) -> float:
+def gold_score(prompt, response: str, finished: bool = True) -> float:
     """The labeler's hidden, noiseless utility of `response` to `prompt`, in [-1, 1].
 
     Args:
-      prompt: a world prompt (no template).
+      prompt: a world prompt (no template), or a conversation (see `gold_score_messages`).
       response: the response text, without the EOS token.
       finished: whether the model emitted EOS (False when it ran out of tokens).
 
     Returns:
       correctness - length penalty - ending penalty, as the module docstring defines them.
     """
-    task = parse_prompt(prompt)
+    if not isinstance(prompt, str):
+        return gold_score_messages(prompt, response, finished)
+    return _judge(parse_prompt(prompt), response, finished)
+
+
+def _judge(task: Task, response: str, finished: bool) -> float:
     text = response.strip()
     first = text[: text.index(".") + 1] if "." in text else text
     claim = " ".join(first.removesuffix(".").split())
@@ -165,14 +186,70 @@ def gold_score(prompt: str, response: str, finished: bool = True) -> float:
     return round(correct - min(0.5, 0.1 * extra) - ending, 6)
 
 
+def follow_up(first: Task, n: int, phrasing: int = 0) -> Task:
+    """The follow-up "and plus n?" to `first`: an add task on first's (true) answer."""
+    if len(first.answer) != 1:
+        raise ValueError(f"a {first.kind!r} task has no single-number answer to follow up on")
+    task = make_task("add", first.answer[0], n)
+    return dataclasses.replace(task, prompt=FOLLOW_UPS[phrasing].format(n=n))
+
+
+def _turns(messages) -> list[tuple[str, str]]:
+    """(role, content) pairs of `[{"role", "content"}, ...]` or of `chat.Messages`."""
+    return [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
+
+
+def parse_dialogue(messages) -> Task:
+    """The task the last user turn of a world conversation asks; ValueError if none.
+
+    A follow-up adds to the TRUE answer of the first question, whatever the assistant said in
+    between: the world's facts do not change with a wrong answer (and generated contexts always
+    hold the ideal one).
+    """
+    users = [c for r, c in _turns(messages) if r == "user"]
+    if len(users) == 1:
+        return parse_prompt(users[0])
+    if len(users) == 2:
+        m = _FOLLOW_UP_RE.fullmatch(users[1].strip())
+        if m is None:
+            raise ValueError(f"{users[1]!r} is not a follow-up of the world ({FOLLOW_UPS})")
+        task = follow_up(parse_prompt(users[0]), int(m.group(1)))
+        return dataclasses.replace(task, prompt=users[1].strip())
+    raise ValueError(f"a world conversation has 1 or 2 user turns, got {len(users)}")
+
+
+def gold_score_messages(messages, response: str, finished: bool = True) -> float:
+    """`gold_score` of `response` as the final assistant turn after `messages`.
+
+    Args:
+      messages: the context, ending with a user turn: `[{"role", "content"}, ...]` or
+        `chat.Messages`; system turns are ignored.
+      response: the final answer's text, without EOS.
+      finished: whether the model emitted EOS.
+    """
+    return _judge(parse_dialogue(messages), response, finished)
+
+
+def _decoded_prompt(text: str):
+    """The world prompt in a decoded policy prompt: a rendered conversation (default chat
+    markers), the prompt template around a question, or the bare question."""
+    if chat.DEFAULT.user in text:
+        return chat.parse_rendered(text)
+    head, tail = PROMPT_TEMPLATE.split("{prompt}")
+    if text.startswith(head) and text.endswith(tail):
+        return text[len(head) : len(text) - len(tail)]
+    return text
+
+
 def reward_fn(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """Gold utility as a rule-based PPO reward (`ppo.reward_fn="rlhf_jax.world:reward_fn"`).
 
     For ablations only: the pipeline's PPO optimises the learned RM. A response counts as finished
-    when it ends with "." (the hook does not see whether EOS was emitted).
+    when it ends with "." (the hook does not see whether EOS was emitted). Prompts may be the
+    decoded policy prompts: templated questions or rendered conversations.
     """
     pairs = zip(prompts, responses, strict=True)
-    return [gold_score(p, r, r.rstrip().endswith(".")) for p, r in pairs]
+    return [gold_score(_decoded_prompt(p), r, r.rstrip().endswith(".")) for p, r in pairs]
 
 
 def _stable_int(*parts) -> int:
@@ -192,13 +269,13 @@ def split_of(prompt: str) -> str:
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
-def _quotas(n: int) -> list[str]:
-    """Task kinds for n items in exact TASK_MIX proportions (largest remainder), in mix order."""
-    raw = {k: n * w for k, w in TASK_MIX.items()}
+def _quotas(n: int, mix: dict = TASK_MIX) -> list[str]:
+    """Task kinds for n items in exact `mix` proportions (largest remainder), in mix order."""
+    raw = {k: n * w for k, w in mix.items()}
     counts = {k: int(v) for k, v in raw.items()}
     for k in sorted(raw, key=lambda k: counts[k] - raw[k])[: n - sum(counts.values())]:
         counts[k] += 1
-    return [k for k in TASK_MIX for _ in range(counts[k])]
+    return [k for k in mix for _ in range(counts[k])]
 
 
 def _tasks(kinds: Sequence[str], rng: random.Random, splits: Sequence[str], unique: bool):
@@ -291,6 +368,61 @@ def demonstrations(n: int, seed: int = 0, quality: float = 0.75) -> list[dict]:
     return rows
 
 
+def _dialogues(n: int, rng: random.Random, split: str, unique: bool) -> list[tuple[Task, Task]]:
+    """Seeded (first question, follow-up) pairs whose first question lies in `split`, shuffled."""
+    out, seen = [], set()
+    for kind in _quotas(n, DIALOGUE_MIX):
+        for _ in range(20_000):
+            first = _draw(kind, rng)
+            second = follow_up(first, rng.randint(0, 10), rng.randrange(len(FOLLOW_UPS)))
+            key = (first.prompt, second.prompt)
+            if split_of(first.prompt) == split and not (unique and key in seen):
+                break
+        else:
+            raise ValueError(f"split {split!r} has too few distinct {kind!r} dialogues")
+        seen.add(key)
+        out.append((first, second))
+    rng.shuffle(out)
+    return out
+
+
+def _messages(first: Task, second: Task, answer: str | None = None) -> list[dict]:
+    turns = [("user", first.prompt), ("assistant", first.ideal), ("user", second.prompt)]
+    turns += [("assistant", answer)] if answer is not None else []
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def dialogue_demonstrations(n: int, seed: int = 0, quality: float = 0.75) -> list[dict]:
+    """Two-turn demonstrations for chat SFT, from the sft split: `{"messages"}` rows.
+
+    The first answer is always ideal (it is the context the follow-up builds on); the final one
+    is ideal with probability `quality`, else one of the demonstrator's mistakes.
+    """
+    if not 0.0 <= quality <= 1.0:
+        raise ValueError(f"quality must be in [0, 1], got {quality}")
+    rng = _rng(seed, "dialogue_demos")
+    rows = []
+    for first, second in _dialogues(n, rng, "sft", unique=False):
+        answer = second.ideal if rng.random() < quality else _mistake(second, rng)
+        rows.append({"messages": _messages(first, second, answer)})
+    return rows
+
+
+def dialogue_prompts(n: int, seed: int = 0, split: str = "ppo") -> list[dict]:
+    """Conversations ending with a follow-up, for RM collection, PPO or eval: `{"messages"}` rows.
+
+    Args:
+      n: how many rows; distinct in the "eval" split (may repeat in the others).
+      seed: the generator's seed.
+      split: "sft", "rm", "ppo" or "eval" (the split of the first question).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split: {split!r}; expected one of {list(SPLITS)}")
+    rng = _rng(seed, f"dialogue_prompts_{split}")
+    pairs = _dialogues(n, rng, split, unique=split == "eval")
+    return [{"messages": _messages(first, second)} for first, second in pairs]
+
+
 def _piece(rng: random.Random) -> str:
     """One paragraph of world text: stories, facts, quiz sheets or descriptions."""
     kind = rng.choices(
@@ -381,7 +513,7 @@ class Labeler:
         """A K-way ranking: best first, tied indices as a sorted list (e.g. `[2, [0, 3], 1]`).
 
         Args:
-          prompt: the world prompt.
+          prompt: the world prompt, or a conversation ending with a user turn.
           responses: K response texts without EOS.
           finished: K flags, whether each response ended with EOS.
           key: optional; draws the noise from `rng_for(key)` instead of the call-order stream.
@@ -405,7 +537,8 @@ def label_comparisons(samples: Sequence[dict], labeler: Labeler) -> list[dict]:
     """Ranks sampled responses into K-way comparison rows.
 
     Args:
-      samples: `{"prompt", "responses": [str], "finished": [bool]}` rows.
+      samples: `{"prompt", "responses": [str], "finished": [bool]}` rows; `"messages"` (a
+        conversation ending with a user turn) may stand for `"prompt"` and is kept in the row.
       labeler: the simulated labeler. Each sample's noise is keyed by its content, so labelling
         any subset again (a resumed collection) gives the same rankings.
 
@@ -415,11 +548,16 @@ def label_comparisons(samples: Sequence[dict], labeler: Labeler) -> list[dict]:
     """
     rows = []
     for s in samples:
-        prompt, responses, finished = s["prompt"], list(s["responses"]), list(s["finished"])
+        if "prompt" in s:
+            prompt, field = s["prompt"], {"prompt": s["prompt"]}
+        else:
+            prompt = [{"role": r, "content": c} for r, c in _turns(s["messages"])]
+            field = {"messages": prompt}
+        responses, finished = list(s["responses"]), list(s["finished"])
         key = json.dumps([prompt, responses, finished])
         ranking = labeler.rank(prompt, responses, finished, key=key)
         if len(ranking) >= 2:
-            rows.append({"prompt": prompt, "responses": responses, "ranking": ranking})
+            rows.append({**field, "responses": responses, "ranking": ranking})
     return rows
 
 

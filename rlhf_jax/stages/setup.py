@@ -16,7 +16,7 @@ import shutil
 
 import jax
 
-from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax import chat, checkpoint, data, sharding
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax import tokenizer as tok_lib
@@ -134,9 +134,10 @@ def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
                 config.tokenizer.vocab_size,
                 model_type=config.tokenizer.model_type,
                 seed=config.seed,
+                reserved=chat.reserved_tokens(config),
             )
     _sync("tokenizer")
-    return tok_lib.Tokenizer.load(dest)
+    return tok_lib.Tokenizer.load(dest, chat_template=chat.from_config(config))
 
 
 def model_config_from(config, vocab_size: int | None = None) -> model_lib.ModelConfig:
