@@ -35,7 +35,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "pipeline")
+STAGES = ("pretrain", "sft", "rm", "ppo", "rsft", "pipeline")
 
 
 def _multi_process_env() -> bool:
@@ -77,6 +77,10 @@ def dispatch(config, mesh, workdir):
         from rlhf_jax.stages import ppo
 
         return ppo.run(config, mesh, workdir)
+    if stage == "rsft":
+        from rlhf_jax.stages import rsft
+
+        return rsft.run(config, mesh, workdir)
     if stage == "pipeline":
         from rlhf_jax.stages import pipeline
 

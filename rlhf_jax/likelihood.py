@@ -1,0 +1,204 @@
+"""Teacher-forced log-likelihood of responses under a model, and KL(policy || reference) from
+samples.
+
+Owns `response_logprobs` (the summed log-probability of each response given its prompt) and
+`kl_to_reference`, the sample estimate
+
+    KL(pi || pi_ref) = E_{x, y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]
+
+over completions sampled from the policy (the records `generate` writes). A sequence is laid out
+exactly as sampling and SFT see it: [bos] + template(prompt) + response tokens, plus the EOS that
+ended the response when it finished (a response cut at the length limit has none), so its
+log-probability is the one the sampler reports for the same tokens.
+
+Both terms of the KL are recomputed teacher-forced from the response *text*: the sampled token
+ids are not stored, and re-encoding a sampled text may tokenize it differently, so the records'
+own "logprob" (of the sampled tokenization) would not pair with the reference's term. With both
+terms from the same ids, the KL of a model to itself is exactly 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import data_demos, generate, sampling, sharding
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_logprob_sums(graphdef, mesh, rules):
+    """jit of (params, tokens [B, S], mask [B, S], targets [B, S-1]) -> summed logprobs [B]."""
+    rows = lambda ndim: sharding.batch_sharding(mesh, rules, ndim)
+
+    def fn(params, tokens, mask, target_mask):
+        with sharding.use_rules(mesh, rules):
+            logp = sampling.sequence_logprobs(graphdef, params, tokens, mask)  # [B, S-1]
+            return jnp.sum(jnp.where(target_mask, logp, 0.0), axis=-1)
+
+    # None: params keep the sharding they were restored with.
+    return jax.jit(fn, in_shardings=(None, rows(2), rows(2), rows(2)), out_shardings=rows(1))
+
+
+def sequence_logprob_sums(
+    graphdef,
+    params,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    mesh,
+    rules,
+    max_len: int | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Sum over response tokens of log p(token | everything before it), teacher-forced.
+
+    Args:
+      graphdef, params: an LM-head model (params sharded or not).
+      prompt_ids: per row, the prompt tokens (with bos), at least one.
+      response_ids: per row, the response tokens to score (with EOS if it is to be scored).
+      pad_id: fills the right padding.
+      mesh, rules: rows are sharded over `act_batch`.
+      max_len: the model's learned positions (GPT-2); a longer row is an error. None: no limit.
+      batch_size: rows per compiled call (rounded to the data-parallel size).
+
+    Returns:
+      float64 [N]; 0 for an empty response.
+    """
+    rules = sharding.normalize_rules(rules)  # hashable, for the compile cache
+    n = len(prompt_ids)
+    if n == 0:
+        return np.zeros(0)
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    if min(len(p) for p in prompt_ids) < 1:
+        raise ValueError("every prompt needs at least one token (bos)")
+    longest = max(lengths)
+    if max_len is not None and longest > max_len:
+        i = lengths.index(longest)
+        raise ValueError(
+            f"row {i} is {longest} tokens (prompt + response) but the model has {max_len} positions"
+        )
+    # One width (a multiple of 8) and one batch shape for every call: one compile.
+    width = 8 * math.ceil(longest / 8)
+    if max_len is not None:
+        width = min(width, max_len)
+    dp = sharding.data_parallel_size(mesh, rules)
+    batch = dp * math.ceil(min(batch_size, n) / dp)
+    fn = _jitted_logprob_sums(graphdef, mesh, rules)
+    out = []
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        tokens = np.full((batch, width), pad_id, np.int32)
+        mask = np.zeros((batch, width), bool)
+        targets = np.zeros((batch, width - 1), bool)  # [B, S-1]: targets[t] scores tokens[t+1]
+        mask[:, 0] = True  # dummy rows (filling the last batch) keep one real token
+        for j, i in enumerate(range(lo, hi)):
+            p, r = list(prompt_ids[i]), list(response_ids[i])
+            tokens[j, : len(p) + len(r)] = p + r
+            mask[j, : len(p) + len(r)] = True
+            targets[j, len(p) - 1 : len(p) + len(r) - 1] = True
+        dev = sharding.put_batch({"t": tokens, "m": mask, "y": targets}, mesh, rules)
+        sums = fn(params, dev["t"], dev["m"], dev["y"])
+        out.append(np.asarray(jax.device_get(sums), np.float64)[: hi - lo])
+    return np.concatenate(out)
+
+
+def encode_responses(tok, records: Sequence[dict], template: str):
+    """(prompt ids, response ids) of records {"prompt", "response", "finished"}: the response
+    text re-encoded, plus EOS when it finished (a missing "finished" counts as finished)."""
+    prompts = [data_demos.prompt_ids(tok, template, r["prompt"]) for r in records]
+    eos = lambda r: [tok.eos_id] if r.get("finished", True) else []
+    responses = [tok.encode(r["response"]) + eos(r) for r in records]
+    return prompts, responses
+
+
+def _template(template: str | None, meta: dict) -> str:
+    """The given template, else the checkpoint config's, else the raw prompt (as generate)."""
+    if template is not None:
+        return template
+    return meta.get("config", {}).get("data", {}).get("prompt_template") or "{prompt}"
+
+
+def response_logprobs(
+    model_dir: str,
+    records: Sequence[dict],
+    *,
+    mesh,
+    rules=None,
+    template: str | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """log p(response | prompt) under the LM in `model_dir`, per record.
+
+    Args:
+      model_dir: a stage workdir with an LM head (pretrain, SFT, PPO policy, rsft round).
+      records: dicts with "prompt", "response" (text) and "finished" (EOS is scored when True).
+      mesh, rules: where the model is placed; rules default to sharding.DEFAULT_RULES.
+      template: the prompt format; None: the checkpoint config's `data.prompt_template`.
+      batch_size: rows per compiled call.
+
+    Returns:
+      float64 [N].
+    """
+    rules = rules if rules is not None else sharding.DEFAULT_RULES
+    graphdef, params, cfg, tok, meta = generate.load_model(model_dir, mesh, rules)
+    if cfg.head != "lm":
+        raise ValueError(f"{model_dir} has a {cfg.head!r} head; log-likelihoods need an LM head")
+    prompts, responses = encode_responses(tok, records, _template(template, meta))
+    return sequence_logprob_sums(
+        graphdef,
+        params,
+        prompts,
+        responses,
+        pad_id=tok.pad_id,
+        mesh=mesh,
+        rules=rules,
+        max_len=cfg.max_len if cfg.family == "gpt2" else None,
+        batch_size=batch_size,
+    )
+
+
+def kl_to_reference(
+    records: Sequence[dict],
+    policy_dir: str,
+    reference_dir: str,
+    *,
+    mesh,
+    rules=None,
+    template: str | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """Sample estimate of KL(policy || reference) in nats per response.
+
+    Args:
+      records: completions sampled from the policy, as `generate` writes them ("prompt",
+        "response", "finished"; other fields are ignored).
+      policy_dir: the workdir that sampled them.
+      reference_dir: the reference model's workdir (e.g. the SFT stage).
+      mesh, rules: where the models are placed (one at a time).
+      template: the prompt format for both; None: each checkpoint config's own.
+      batch_size: rows per compiled call.
+
+    Returns:
+      {"kl": mean of log pi - log pi_ref, "kl_std", "kl_sem" (standard error of the mean),
+       "policy_logprob", "reference_logprob" (means), "n"}.
+    """
+    if not records:
+        raise ValueError("kl_to_reference needs at least one record")
+    kw = dict(mesh=mesh, rules=rules, template=template, batch_size=batch_size)
+    logp = response_logprobs(policy_dir, records, **kw)
+    logp_ref = response_logprobs(reference_dir, records, **kw)
+    diff = logp - logp_ref
+    return {
+        "kl": float(diff.mean()),
+        "kl_std": float(diff.std()),
+        "kl_sem": float(diff.std() / math.sqrt(len(diff))),
+        "policy_logprob": float(logp.mean()),
+        "reference_logprob": float(logp_ref.mean()),
+        "n": len(diff),
+    }
