@@ -12,7 +12,7 @@ Every stage's full config lives under `stages.<name>` and can be overridden, e.g
 every stage and the labeler. Args (after the colon): size (tiny|small|...), family.
 """
 
-from experiments import common, ppo_ptx, pretrain, rm, sft
+from experiments import common, ppo_ptx, pretrain, rm, rsft, sft
 
 
 def get_config(arg=None):
@@ -26,7 +26,11 @@ def get_config(arg=None):
     # kept the held-out pretraining loss near the pretrained model's.
     c.ptx_coef = 1.0
     c.reuse = ""  # a finished pipeline run: take its pretrain, SFT, comparisons and RM
-    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx"
+    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft"
+    # Iterated RLHF: rounds >= 2 label samples of the current policy, train a new RM (from the
+    # previous RM, or "sft"; on all comparisons so far when accumulate) and continue PPO/PPO-ptx.
+    c.rounds = 1
+    c.iterate = dict(policy="ppo_ptx", rm_init="previous", accumulate=True)
     c.world = dict(
         sizes=dict(
             pretrain=20000,
@@ -43,12 +47,14 @@ def get_config(arg=None):
     c.collect = dict(k=4, temperature=1.0, max_new_tokens=24, labeler_noise=0.1, labeler_ties=True)
     # Sampling at temperature 1 (the policy PPO optimises), not greedy decoding, which would
     # hide most of the demonstrator's mistakes that SFT copies.
-    c.evaluate = dict(temperature=1.0, max_new_tokens=24, seq_len=96, samples=4)
+    # best_of_k: K of the best-of-K sampling baseline (SFT samples, the RM picks); 0 disables.
+    c.evaluate = dict(temperature=1.0, max_new_tokens=24, seq_len=96, samples=4, best_of_k=4)
     c.stages = dict(
         pretrain=pretrain.get_config(structural),
         sft=sft.get_config(structural),
         rm=rm.get_config(structural),
         ppo=ppo_ptx.get_config(structural),
+        rsft=rsft.get_config(structural),
     )
     s = c.stages
     if arg.size in common.CPU_SIZES:
@@ -56,13 +62,13 @@ def get_config(arg=None):
             stage.model.dtype = "float32"  # CPU
         s.pretrain.tokenizer.vocab_size = 512
         s.pretrain.train.update(
-            steps=600,
+            steps=400,
             batch_size=32,
             seq_len=96,
             lr=3e-3,
             warmup_steps=50,
-            eval_every=200,
-            ckpt_every=200,
+            eval_every=100,
+            ckpt_every=100,
             log_every=20,
         )
         s.sft.train.update(
@@ -84,6 +90,9 @@ def get_config(arg=None):
             log_every=10,
         )
         s.rm.rm.k_max = 4
+        # Best-of-K fine-tuning: 2 rounds of 512 prompts x 4 samples (PPO sees 40 x 64 prompts).
+        s.rsft.rsft.update(k=4, rounds=2, prompts_per_round=512, max_new_tokens=24)
+        s.rsft.train.update(batch_size=32, seq_len=48)
         s.ppo.train.update(steps=40, log_every=5, ckpt_every=20)
         # beta 0.1 rather than the paper's 0.02: with beta 0.02 and lr 2e-4 this tiny policy
         # over-optimised the RM (RM score up, gold score down) in a measured run.

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from rlhf_jax import checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = [
@@ -33,6 +35,12 @@ SMALL = [
     "--config.stages.ppo.ppo.eval_every=2",
     "--config.stages.ppo.ppo.eval_prompts=16",
     "--config.stages.ppo.ppo.ptx_batch=8",
+    "--config.stages.rsft.rsft.rounds=1",
+    "--config.stages.rsft.rsft.prompts_per_round=8",
+    "--config.stages.rsft.train.batch_size=4",
+    "--config.stages.rsft.rsft.finished_only=False",  # tiny models rarely finish
+    "--config.evaluate.best_of_k=2",
+    "--config.rounds=2",
     "--config.collect.k=3",
     "--config.collect.max_new_tokens=12",
     "--config.evaluate.max_new_tokens=12",
@@ -61,32 +69,49 @@ def launch(workdir, *extra):
 def test_pipeline_end_to_end(tmp_path):
     proc = launch(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy"):
         assert os.path.isdir(tmp_path / sub / "checkpoints"), sub
         assert os.path.getsize(tmp_path / sub / "metrics.jsonl") > 0, sub
+    for sub in ("rm", "ppo", "ppo_ptx"):  # round 2: a new RM, PPO continued from round 1
+        assert os.path.isdir(tmp_path / "round_2" / sub / "checkpoints"), sub
+    r2 = checkpoint.read_meta(str(tmp_path / "round_2" / "ppo_ptx"))["config"]
+    assert r2["init_from"] == str(tmp_path / "ppo_ptx")
+    assert r2["ppo"]["reference_from"] == str(tmp_path / "sft")
+    assert r2["ppo"]["reward_from"] == str(tmp_path / "round_2" / "rm")
+    rm2 = checkpoint.read_meta(str(tmp_path / "round_2" / "rm"))["config"]
+    assert rm2["init_from"] == str(tmp_path / "rm")
+    assert rm2["data"]["train"].split(",") == [
+        str(tmp_path / "round_2" / "comparisons.jsonl"),
+        str(tmp_path / "comparisons.jsonl"),
+    ]
     for name in ("pretrain", "heldout", "demos", "rm_prompts", "ppo_prompts", "eval_prompts"):
         assert os.path.exists(tmp_path / "world" / f"{name}.jsonl")
     comps = (tmp_path / "comparisons.jsonl").read_text().splitlines()
     assert comps and all({"prompt", "responses", "ranking"} <= set(json.loads(c)) for c in comps)
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert set(ev["models"]) == {"pretrained", "sft", "ppo", "ppo_ptx"}
+    assert list(ev["models"]) == [
+        *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "ppo_r2", "ppo_ptx_r2")
+    ]
     for m in ev["models"].values():
         assert -1.0 <= m["gold_score"] <= 1.0 and m["heldout_pretrain_loss"] > 0
+    assert ev["models"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-4)
+    assert [r["round"] for r in ev["meta"]["rounds"]] == [1, 2]
     report = (tmp_path / "report.md").read_text()
     assert "PPO-ptx" in report and (tmp_path / "report_ppo.png").exists()
     again = launch(tmp_path)  # everything is done: every step is skipped
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("skipping") == 7
+    assert again.stdout.count("skipping") == 12
 
     # A PPO-only run on top of the finished one: links its SFT model and RM, runs PPO only.
     ppo_only = tmp_path / "ppo_only"
-    proc = launch(ppo_only, f"--config.reuse={tmp_path}", "--config.skip=ppo_ptx")
+    skip = "--config.skip=ppo_ptx,rsft"
+    proc = launch(ppo_only, f"--config.reuse={tmp_path}", skip, "--config.rounds=1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     for sub in ("pretrain", "sft", "rm", "comparisons.jsonl"):
         assert os.path.realpath(ppo_only / sub) == os.path.realpath(tmp_path / sub), sub
     assert os.path.isdir(ppo_only / "ppo" / "checkpoints")
     assert not os.path.exists(ppo_only / "ppo_ptx")
     ev = json.loads((ppo_only / "eval.json").read_text())
-    assert set(ev["models"]) == {"pretrained", "sft", "ppo"}
+    assert list(ev["models"]) == ["pretrained", "sft", "best_of_k", "ppo"]
     bad = launch(tmp_path / "bad", f"--config.reuse={tmp_path}", "--config.seed=5")
     assert bad.returncode == 2 and "ran with seed 0, this run has seed 5" in bad.stderr

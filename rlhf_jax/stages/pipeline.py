@@ -1,6 +1,8 @@
 """The whole InstructGPT pipeline on the bundled task world, one command, one report.
 
-  world -> pretrain -> SFT -> collect comparisons -> RM -> PPO and PPO-ptx -> evaluate -> report
+  world -> pretrain -> SFT -> collect comparisons -> RM -> PPO, PPO-ptx and best-of-K fine-tuning
+        [-> rounds 2..N: collect from the current policy -> new RM -> continue PPO / PPO-ptx]
+        -> evaluate (+ best-of-K sampling) -> report
 
 Every step writes into its own sub-directory of the run directory in the project's standard
 formats (JSONL data, stage workdirs with checkpoints and metrics), so any intermediate can be
@@ -11,29 +13,33 @@ output exists. Start a killed pipeline again with the same command and it carrie
 Each stage runs from the full stage config in `config.stages.<name>`, so any setting of any stage
 can be overridden (`--config.stages.rm.train.steps=300`).
 
+Iterated rounds (`config.rounds=N`, InstructGPT's steps 2 and 3 repeated): round r >= 2 labels
+fresh samples of the current policy (`config.iterate.policy`, the previous round's PPO-ptx by
+default) on the RM prompts, trains a new RM on them (plus the earlier rounds' comparisons when
+`iterate.accumulate`) starting from the previous RM or from SFT (`iterate.rm_init`), and
+continues PPO and PPO-ptx from the previous round's policies, the KL still measured against SFT.
+Round r lives in `round_<r>/`.
+
 `config.reuse=DIR` takes the pretrained model, SFT model, comparisons and RM of a finished run in
 DIR (linked, not copied) and runs only what follows, which is how a sweep over PPO settings
-shares one SFT model and RM (experiments/sweeps/kl_overopt.py). `config.skip="ppo_ptx"` leaves a
-step out.
+shares one SFT model and RM (experiments/sweeps/kl_overopt.py). `config.skip="ppo_ptx,rsft"`
+leaves steps out.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import tempfile
 import time
 
 import jax
-import numpy as np
 
-from rlhf_jax import data, generate, preemption, sharding, world
-from rlhf_jax.stages import lm, ppo, rm
+from rlhf_jax import preemption, sharding, world
+from rlhf_jax.stages import lm, ppo, rm, rsft
+from rlhf_jax.stages import pipeline_eval as ev
 
-MODELS = ("pretrained", "sft", "ppo", "ppo_ptx")
-STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "evaluate")
+STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "evaluate")
 # What `config.reuse` takes from a finished run: step -> the files and directories it produced.
 REUSABLE = {
     "pretrain": ("pretrain",),
@@ -41,166 +47,7 @@ REUSABLE = {
     "collect": ("comparisons.jsonl", "collect_samples.jsonl"),
     "rm": ("rm",),
 }
-
-
-def write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def sample(
-    workdir: str,
-    prompts_path: str,
-    out: str,
-    *,
-    n: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    greedy: bool = False,
-) -> list[dict]:
-    """Samples `n` completions per prompt with `python -m rlhf_jax.generate` (skipped if `out`
-    already exists) and returns its records."""
-    if not os.path.exists(out):
-        args = argparse.Namespace(
-            checkpoint=workdir,
-            prompts=prompts_path,
-            out=out,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            greedy=greedy,
-            batch_size=256,
-            seed=seed,
-            num_samples=n,
-            step=None,
-            template=None,
-        )
-        generate.run(args)
-    with open(out) as f:
-        return [json.loads(line) for line in f]
-
-
-def collect_comparisons(config, run_dir: str, paths: dict) -> str:
-    """K samples per RM prompt from the SFT policy, ranked by the simulated labeler."""
-    out = os.path.join(run_dir, "comparisons.jsonl")
-    if os.path.exists(out):
-        return out
-    c = config.collect
-    recs = sample(
-        os.path.join(run_dir, "sft"),
-        paths["rm_prompts"],
-        os.path.join(run_dir, "collect_samples.jsonl"),
-        n=c.k,
-        temperature=c.temperature,
-        max_new_tokens=c.max_new_tokens,
-        seed=config.seed,
-    )
-    # generate writes the k samples of each prompt line consecutively; prompts may repeat.
-    groups = [recs[i : i + c.k] for i in range(0, len(recs), c.k)]
-    samples = [
-        {
-            "prompt": g[0]["prompt"],
-            "responses": [r["response"] for r in g],
-            "finished": [r["finished"] for r in g],
-        }
-        for g in groups
-    ]
-    labeler = world.Labeler(noise=c.labeler_noise, seed=config.seed, ties=c.labeler_ties)
-    comps = world.label_comparisons(samples, labeler)
-    world.write_jsonl(out, comps)
-    return out
-
-
-def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> float:
-    """Mean next-token loss of a stage's model on held-out pretraining text."""
-    graphdef, params, _, tok, _ = generate.load_model(workdir, mesh, rules)
-    docs = data.read_documents(text_path)
-    ex = data.pack_documents(
-        data.tokenize_documents(docs, tok),
-        seq_len,
-        bos_id=tok.bos_id,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-    )
-    dp = sharding.data_parallel_size(mesh, rules)
-    batches = data.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
-    fn = jax.jit(lambda p, b: lm.eval_step(p, b, graphdef=graphdef, mesh=mesh, rules=rules))
-    sums = jax.device_get([fn(params, sharding.put_batch(b, mesh, rules)) for b in batches])
-    total, count = np.sum(sums, axis=0)
-    return float(total / max(count, 1.0))
-
-
-def evaluate(config, run_dir: str, paths: dict, mesh, rules, timings: dict) -> str:
-    """Gold score (the labeler's noiseless utility), RM score and held-out pretraining loss of
-    every model on held-out prompts -> `eval.json`."""
-    out = os.path.join(run_dir, "eval.json")
-    if os.path.exists(out):
-        return out
-    c = config.evaluate
-    workdirs = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
-    rm_dir = os.path.join(run_dir, "rm")
-    results = {}
-    for name, sub in workdirs.items():
-        wd = os.path.join(run_dir, sub)
-        if not os.path.isdir(os.path.join(wd, "checkpoints")):
-            continue
-        recs = sample(
-            wd,
-            paths["eval_prompts"],
-            os.path.join(run_dir, f"eval_{name}.jsonl"),
-            n=1,
-            temperature=c.temperature,
-            greedy=c.temperature == 0,
-            max_new_tokens=c.max_new_tokens,
-            seed=config.seed + 1,
-        )
-        gold = np.array([world.gold_score(r["prompt"], r["response"], r["finished"]) for r in recs])
-        entry = {
-            "gold_score": float(gold.mean()),
-            "gold_score_std": float(gold.std()),
-            "heldout_pretrain_loss": heldout_loss(wd, paths["heldout"], c.seq_len, mesh, rules),
-            "response_length": float(np.mean([r["tokens"] for r in recs])),
-            "finished_fraction": float(np.mean([r["finished"] for r in recs])),
-            "samples": [
-                {"prompt": r["prompt"], "response": r["response"], "gold": float(g)}
-                for r, g in list(zip(recs, gold, strict=True))[: c.samples]
-            ],
-        }
-        if os.path.isdir(os.path.join(rm_dir, "checkpoints")):
-            entry["rm_score"] = rm_mean_score(rm_dir, recs, mesh, rules)
-        results[name] = entry
-    meta = {
-        "seed": config.seed,
-        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "timings": timings,
-        "elapsed_seconds": sum(timings.values()),
-        "command": "python -m launch.run --config experiments/pipeline.py ...",
-    }
-    write_json(out, {"models": results, "meta": meta})
-    return out
-
-
-def rm_mean_score(rm_dir, recs, mesh, rules) -> float:
-    from rlhf_jax import reward
-
-    graphdef, params, _, tok, meta = generate.load_model(rm_dir, mesh, rules)
-    cfg = meta.get("config", {})
-    scores = reward.score_texts(
-        graphdef,
-        params,
-        tok,
-        [(r["prompt"], r["response"]) for r in recs],
-        template=cfg["data"]["prompt_template"],
-        seq_len=cfg["train"]["seq_len"],
-        mesh=mesh,
-        rules=rules,
-        bias=float(meta.get("reward_bias", 0.0)),
-    )
-    return float(np.mean(scores))
+RL = {"ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 
 
 def link_reused(config, workdir: str, timings: dict):
@@ -239,15 +86,18 @@ def run(config, mesh, workdir: str):
     if os.path.exists(timings_path):
         with open(timings_path) as f:
             timings = json.load(f)
-
     skip = {x.strip() for x in config.skip.split(",") if x.strip()}
     if skip - set(STEPS):
         raise ValueError(f"config.skip: unknown steps {sorted(skip - set(STEPS))}; one of {STEPS}")
+    if config.iterate.policy not in RL or config.iterate.policy in skip and config.rounds > 1:
+        raise ValueError(f"config.iterate.policy must be a step that runs, one of {list(RL)}")
+    if config.iterate.rm_init not in ("previous", "sft"):
+        raise ValueError(f"config.iterate.rm_init: {config.iterate.rm_init!r}; previous | sft")
     if config.reuse:
         link_reused(config, workdir, timings)
 
     def step(name, fn):
-        if name in skip:
+        if name.split("_r")[0] in skip:
             print(f"[pipeline] {name}: skipped (config.skip)", flush=True)
             return
         if name in timings:
@@ -259,15 +109,17 @@ def run(config, mesh, workdir: str):
         fn()
         timings[name] = round(time.time() - t0, 1)
         if jax.process_index() == 0:
-            write_json(timings_path, timings)
+            ev.write_json(timings_path, timings)
 
     w = config.world
     paths = world.write_world(
         os.path.join(workdir, "world"), dict(w.sizes), config.seed, quality=w.quality
     )
     s = config.stages
+    at = lambda *p: os.path.join(workdir, *p)  # noqa: E731
 
-    def stage(name, cfg, module, **over):
+    def stage(sub, cfg, module, **over):
+        cfg = cfg.copy_and_resolve_references()
         for key, value in over.items():
             node = cfg
             *parents, leaf = key.split(".")
@@ -275,52 +127,103 @@ def run(config, mesh, workdir: str):
                 node = node[p]
             node[leaf] = value
         cfg.seed = config.seed
-        module.run(cfg, mesh, os.path.join(workdir, name))
+        module.run(cfg, mesh, at(sub))
 
     step("pretrain", lambda: stage("pretrain", s.pretrain, lm, **{"data.train": paths["pretrain"]}))
+    sft_over = {"data.train": paths["demos"], "init_from": at("pretrain")}
+    step("sft", lambda: stage("sft", s.sft, lm, **sft_over))
     step(
-        "sft",
-        lambda: stage(
-            "sft",
-            s.sft,
-            lm,
-            **{"data.train": paths["demos"], "init_from": os.path.join(workdir, "pretrain")},
+        "collect",
+        lambda: ev.collect_comparisons(
+            config, at("sft"), workdir, paths["rm_prompts"], config.seed
         ),
     )
-    step("collect", lambda: collect_comparisons(config, workdir, paths))
-    step(
-        "rm",
-        lambda: stage(
-            "rm",
-            s.rm,
-            rm,
-            **{
-                "data.train": os.path.join(workdir, "comparisons.jsonl"),
-                "init_from": os.path.join(workdir, "sft"),
-                "rm.norm_data": paths["demos"],
-            },
-        ),
-    )
-    for name, gamma in (("ppo", 0.0), ("ppo_ptx", config.ptx_coef)):
+    rm_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
+    step("rm", lambda: stage("rm", s.rm, rm, **rm_over, **{"rm.norm_data": paths["demos"]}))
+
+    def rl(name, sub, init_from, rm_dir, gamma):
+        over = {"data.train": paths["ppo_prompts"], "data.ptx": paths["pretrain"]}
+        over |= {"init_from": init_from, "ppo.reference_from": at("sft")}
+        over |= {"ppo.reward_from": rm_dir, "ppo.ptx_coef": gamma}
+        step(name, lambda: stage(sub, s.ppo, ppo, **over))
+
+    for name in RL:
+        rl(name, name, at("sft"), at("rm"), 0.0 if name == "ppo" else config.ptx_coef)
+    rsft_over = {"data.train": paths["ppo_prompts"], "init_from": at("sft")}
+    step("rsft", lambda: stage("rsft", s.rsft, rsft, **rsft_over, **{"rsft.reward_from": at("rm")}))
+    # The best-of-K fine-tuned policy is its last round's (the stage iterates internally).
+    rsft_sub = os.path.relpath(rsft.final_policy(at("rsft")), workdir) if "rsft" in timings else ""
+    models = [
+        dict(key="pretrained", label="Pretrained", method="pretrained", round=0, sub="pretrain"),
+        dict(key="sft", label="SFT", method="sft", round=0, sub="sft"),
+        *(dict(key=k, label=v, method=k, round=1, sub=k) for k, v in RL.items()),
+        dict(key="rsft", label="Best-of-K fine-tuning", method="rsft", round=1, sub=rsft_sub),
+    ]
+    rounds = [dict(round=1, rm_dir="rm", comparisons="comparisons.jsonl")]
+    for r in range(2, config.rounds + 1):
+        prev, rd = rounds[-1], f"round_{r}"
+        policy = f"{config.iterate.policy}_r{r - 1}" if r > 2 else config.iterate.policy
+        src = at(_sub(policy))  # the current policy, whose samples get labelled
         step(
-            name,
-            lambda name=name, gamma=gamma: stage(
-                name,
-                s.ppo.copy_and_resolve_references(),
-                ppo,
-                **{
-                    "data.train": paths["ppo_prompts"],
-                    "data.ptx": paths["pretrain"],
-                    "init_from": os.path.join(workdir, "sft"),
-                    "ppo.reward_from": os.path.join(workdir, "rm"),
-                    "ppo.ptx_coef": gamma,
-                },
+            f"collect_r{r}",
+            lambda rd=rd, src=src, r=r: ev.collect_comparisons(
+                config, src, at(rd), paths["rm_prompts"], config.seed + 1000 * r
             ),
         )
-    step("evaluate", lambda: evaluate(config, workdir, paths, mesh, rules, timings))
+        comps = [at(rd, "comparisons.jsonl")]
+        if config.iterate.accumulate:
+            comps += [at(x["comparisons"]) for x in rounds]
+        rm_init = at(prev["rm_dir"]) if config.iterate.rm_init == "previous" else at("sft")
+        over = {"data.train": ",".join(comps), "init_from": rm_init, "rm.norm_data": paths["demos"]}
+        step(f"rm_r{r}", lambda rd=rd, over=over: stage(f"{rd}/rm", s.rm, rm, **over))
+        for name in RL:
+            last = name if r == 2 else f"{name}_r{r - 1}"
+            gamma = 0.0 if name == "ppo" else config.ptx_coef
+            rl(f"{name}_r{r}", f"{rd}/{name}", at(_sub(last)), at(rd, "rm"), gamma)
+            models.append(
+                dict(key=f"{name}_r{r}", label=f"{RL[name]}, round {r}", method=name, round=r,
+                     sub=f"{rd}/{name}")
+            )  # fmt: skip
+        rounds.append(dict(round=r, rm_dir=f"{rd}/rm", comparisons=f"{rd}/comparisons.jsonl"))
+    for m in models:
+        m["workdir"] = at(m.pop("sub")) if m["sub"] else ""
+
+    def evaluate():
+        meta = {"timings": timings, "rounds": [round_meta(workdir, x) for x in rounds]}
+        ev.evaluate(config, workdir, paths, models, mesh, rules, meta)
+
+    # Evaluation is done only while it covers every trained model: a rerun with more rounds
+    # evaluates the new ones (and keeps the earlier entries).
+    evaluated = ev.read_models(at("eval.json"))
+    if any(ev.has_checkpoint(m["workdir"]) and m["key"] not in evaluated for m in models):
+        timings.pop("evaluate", None)
+    step("evaluate", evaluate)
     if jax.process_index() == 0:
         from rlhf_jax import report
 
         path = report.build_report(workdir)
         total = sum(timings.values())
         print(f"[pipeline] done in {total / 60:.1f} min; report: {path}", flush=True)
+
+
+def _sub(key: str) -> str:
+    """The sub-directory of a policy key: ppo -> ppo, ppo_ptx_r3 -> round_3/ppo_ptx."""
+    name, _, r = key.rpartition("_r")
+    return f"round_{r}/{name}" if name and r.isdigit() else key
+
+
+def round_meta(workdir: str, r: dict) -> dict:
+    """A round's RM held-out accuracy (its last eval) and number of new comparisons."""
+    from rlhf_jax import metrics
+
+    acc, n = None, None
+    path = os.path.join(workdir, r["rm_dir"], "metrics.jsonl")
+    if os.path.exists(path):
+        rows = metrics.read_metrics(path)
+        accs = [row["eval/accuracy"] for row in rows if "eval/accuracy" in row]
+        acc = accs[-1] if accs else None
+    comps = os.path.join(workdir, r["comparisons"])
+    if os.path.exists(comps):
+        with open(comps) as f:
+            n = sum(1 for _ in f)
+    return {"round": r["round"], "rm_dir": r["rm_dir"], "rm_accuracy": acc, "comparisons": n}

@@ -1,9 +1,11 @@
 """PPO-ptx stage (InstructGPT step 3): the loop around rollout -> score -> update.
 
-Models: policy and reference from the SFT workdir (`init_from`), value from the RM workdir
-(`ppo.value_init="rm"`, as InstructGPT) or the SFT backbone with a fresh head (`"sft"`), reward
-from the RM workdir (`ppo.reward_from`) with its normalisation bias, or a Python function
-`ppo.reward_fn="module:function"` taking (prompts, responses) lists and returning scores.
+Models: policy and reference from the SFT workdir (`init_from`; the reference from
+`ppo.reference_from` when set, e.g. a later round starting from a PPO policy), value from the RM
+workdir (`ppo.value_init="rm"`, as InstructGPT) or the SFT backbone with a fresh head
+(`"sft"`), reward from the RM workdir (`ppo.reward_from`) with its normalisation bias, or a
+Python function `ppo.reward_fn="module:function"` taking (prompts, responses) lists and
+returning scores.
 
 One iteration: sample `ppo.rollout_batch` prompts -> generate (compiled on-device loop) ->
 score_step (jit) -> update_step (jit; epochs x minibatches, one loss) -> scalar metrics to the host
@@ -110,7 +112,9 @@ def build_models(config, tok, mesh, rules, fresh: bool = True):
     else:
         raise ValueError(f"unknown ppo.value_init: {c.value_init!r}; expected 'rm' or 'sft'")
     graphdefs = {k: model_lib.abstract(v)[0] for k, v in cfgs.items()}
-    frozen = {"ref": _restore(config.init_from, policy_cfg, mesh, rules)}
+    # The KL reference is the SFT policy even when the policy starts elsewhere (a later round
+    # of iterated RLHF continues from the previous round's policy).
+    frozen = {"ref": _restore(c.reference_from or config.init_from, policy_cfg, mesh, rules)}
     if "reward" in cfgs:
         frozen["reward"] = _restore(c.reward_from, cfgs["reward"], mesh, rules)
     params = None
