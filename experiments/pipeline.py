@@ -5,7 +5,7 @@
 world -> pretrain -> SFT -> comparison collection (K samples per prompt from the SFT policy,
 ranked by a simulated labeler) -> RM -> PPO and PPO-ptx -> evaluation (gold score = the
 labeler's noiseless utility, held-out pretraining loss) -> runs/pipeline/report.md.
-Mini models (0.89M parameters) on a 2-core CPU: 18-22 min in the measured runs.
+Mini models (0.89M parameters) on a 2-core CPU: see the README for the measured time.
 
 Every stage's full config lives under `stages.<name>` and can be overridden, e.g.
 `--config.stages.ppo.ppo.beta=0.05 --config.stages.rm.train.steps=300`. `seed` seeds the world,
@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft"
     # Iterated RLHF: rounds >= 2 label samples of the current policy, train a new RM (from the
     # previous RM, or "sft"; on all comparisons so far when accumulate) and continue PPO/PPO-ptx.
-    c.rounds = 1
+    c.rounds = 2
     c.iterate = dict(policy="ppo_ptx", rm_init="previous", accumulate=True)
     c.world = dict(
         sizes=dict(
@@ -110,4 +110,23 @@ def get_config(arg=None):
             eval_every=10,
             eval_prompts=64,
         )
+    else:
+        # GPU/TPU sizes (e.g. size=small, GPT-2 124M) on the same world: the world's text has a
+        # few hundred distinct words, so the tokenizer stays small, and the stage lengths are
+        # scaled to the world's ~1M pretraining tokens rather than to web-scale data.
+        s.pretrain.tokenizer.vocab_size = 512
+        s.pretrain.train.update(
+            steps=2000, batch_size=64, seq_len=128, warmup_steps=100, eval_every=500,
+            ckpt_every=500,
+        )  # fmt: skip
+        s.sft.train.update(epochs=2.0, batch_size=64, seq_len=64, eval_every=50, ckpt_every=100)
+        s.rm.train.update(steps=300, batch_size=64, seq_len=64, eval_every=50, ckpt_every=100)
+        s.rm.rm.k_max = 4
+        s.rsft.rsft.update(k=4, rounds=2, prompts_per_round=1024, max_new_tokens=24)
+        s.rsft.train.update(batch_size=64, seq_len=64)
+        s.ppo.train.update(steps=100, ckpt_every=50)
+        s.ppo.ppo.update(
+            beta=0.1, rollout_batch=128, minibatch=32, epochs=2, prompt_len=32, max_new_tokens=24,
+            ptx_seq_len=128, eval_every=20, eval_prompts=128,
+        )  # fmt: skip
     return c

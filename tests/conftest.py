@@ -17,7 +17,12 @@ import pytest  # noqa: E402
 
 # Many tests compile the same tiny programs (a resumed run recompiles what the killed one did);
 # a per-session persistent compilation cache lets them reuse the executables.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="rlhf-jax-xla-cache-"))
+# Subprocess tests (the real entry point, several processes, sweeps, the pipeline) inherit the
+# cache through the environment, so a rerun or a second process of the same program reuses it.
+_CACHE = tempfile.mkdtemp(prefix="rlhf-jax-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -288,3 +288,20 @@ def test_failed_point_is_reported_and_rerun(tmp_path, cache_dir):
     assert "skip steps=2 (done)" in again.stdout and "start steps=2\n" not in again.stdout
     assert "start steps=many" in again.stdout
     assert point_files(workdir)["steps=2"] == before
+
+
+@pytest.mark.parametrize("name", ["tiny_lr", "kl_overopt"])
+def test_bundled_sweep_files_load_and_their_overrides_exist(name):
+    """Every bundled sweep loads, and each override names a key its experiment config has."""
+    import importlib
+
+    s = sweep.load_sweep(os.path.join(ROOT, "experiments", "sweeps", f"{name}.py"))
+    path, _, arg = s.config.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    config = module.get_config(arg or None)
+    for point in s.points:
+        for key in {**s.fixed, **point}:
+            node = config
+            for part in key.split("."):
+                assert part in node, f"{name}: {key} is not a key of {s.config}"
+                node = node[part]

@@ -18,7 +18,9 @@ from launch.sweep import grid
 CONFIG = "experiments/pipeline.py"
 FIXED = {
     "reuse": "runs/pipeline",
-    "skip": "ppo_ptx",
+    "skip": "ppo_ptx,rsft",
+    "evaluate.best_of_k": 0,
+    "rounds": 1,
     # Long enough for small betas to drift far from the SFT policy.
     "stages.ppo.train.steps": 60,
     "stages.ppo.ppo.eval_every": 20,
