@@ -379,6 +379,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     col.add_argument("--x", default="", help="x axis of the plots: an override or metric key")
     col.add_argument("--y", default="", help="comma-separated metric keys, one plot each")
     col.add_argument("--logx", action="store_true", help="log-scale x axis")
+    col.add_argument(
+        "--together", action="store_true", help="all --y keys in one plot, sweep_<x>.png"
+    )
     return parser.parse_args(argv)
 
 
@@ -389,8 +392,9 @@ def main(argv: list[str]) -> int:
 
         split = lambda s: [k for k in s.split(",") if k]
         sweep_collect.collect(
-            args.workdir, split(args.metrics), args.x or None, split(args.y), args.logx
-        )
+            args.workdir, split(args.metrics), args.x or None, split(args.y), args.logx,
+            together=args.together,
+        )  # fmt: skip
         return 0
     if args.launcher_args and args.emit not in ("slurm", "tpu"):
         raise ValueError("--launcher_args goes with --emit slurm or --emit tpu")

@@ -118,6 +118,7 @@ def collect(
     x: str | None = None,
     y: list[str] | None = None,
     logx: bool = False,
+    together: bool = False,
 ) -> list[str]:
     """Writes sweep.csv, sweep.md and the plots into `workdir`; returns (and prints) the paths.
 
@@ -127,6 +128,8 @@ def collect(
         x: the plots' x axis, an override or a metric key.
         y: metric keys, one plot each (and the table's columns when `metrics` is empty).
         logx: log-scale x axis.
+        together: one plot with a line per y key (`sweep_<x>.png`), each point labelled with its
+            swept values, e.g. a gold and a proxy score against KL; else one plot per y key.
     """
     metrics, y = list(metrics or []), list(y or [])
     if bool(x) != bool(y):
@@ -161,8 +164,13 @@ def collect(
             print(f"plots leave out {len(rows) - len(complete)} points that did not finish")
         # One line per combination of the other keys that actually vary across points.
         others = [k for k in keys if k != x and len({_cell(r.get(k)) for r in rows}) > 1]
-        for key in y:
-            path = os.path.join(workdir, f"sweep_{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.png")
+        safe = lambda k: re.sub(r"[^A-Za-z0-9._-]", "_", k)  # noqa: E731
+        if together:
+            path = os.path.join(workdir, f"sweep_{safe(x)}.png")
+            plot_together(complete, x, y, keys, path, logx)
+            written.append(path)
+        for key in [] if together else y:
+            path = os.path.join(workdir, f"sweep_{safe(key)}.png")
             plot(complete, x, key, others, path, logx)
             written.append(path)
     for path in written:
@@ -199,6 +207,33 @@ def plot(rows: list[dict], x: str, y: str, others: list[str], path: str, logx: b
     ax.grid(True, alpha=0.3)
     if any(lines):
         ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_together(rows: list[dict], x: str, ys: list[str], keys: list[str], path: str, logx: bool):
+    """Every y key against a numeric x in one plot; points labelled with their swept values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for y in ys:
+        pts = sorted(
+            (r[x], r[y], ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(r.get(k))}" for k in keys))
+            for r in rows
+            if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=y)
+        for px, py, label in pts:
+            ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=x, title=f"against {x}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

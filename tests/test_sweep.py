@@ -244,6 +244,11 @@ def test_collect_tables_and_plots(lr_sweep):
     written = out.stdout.split()
     assert written == [str(workdir / f) for f in ("sweep.csv", "sweep.md", "sweep_train_loss.png")]
     assert (workdir / "sweep_train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    both = sweep_cli(
+        "collect", workdir, "--x", "train.lr", "--y", "train/loss,seconds", "--together"
+    )
+    assert both.returncode == 0, both.stderr
+    assert (workdir / "sweep_train.lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     lines = (workdir / "sweep.csv").read_text().splitlines()
     header = lines[0].split(",")
