@@ -27,7 +27,7 @@ RUN = [
     "--config.train.ckpt_every=1000",
     "--config.train.eval_every=0",
 ]
-STEPS = 120
+STEPS = 60
 
 
 def env_with(devices: int) -> dict:

@@ -116,5 +116,21 @@ def test_pipeline_end_to_end(tmp_path):
     assert not os.path.exists(ppo_only / "ppo_ptx")
     ev = json.loads((ppo_only / "eval.json").read_text())
     assert list(ev["models"]) == ["pretrained", "sft", "ppo"]
-    bad = launch(tmp_path / "bad", f"--config.reuse={tmp_path}", "--config.seed=5")
-    assert bad.returncode == 2 and "ran with seed 0, this run has seed 5" in bad.stderr
+
+
+def test_reuse_refuses_a_run_of_another_seed_or_unfinished(tmp_path):
+    import ml_collections as mlc
+
+    from rlhf_jax.stages import pipeline
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"seed": 0}))
+    (base / "timings.json").write_text(json.dumps({"pretrain": 1.0, "sft": 1.0}))
+    config = mlc.ConfigDict({"reuse": str(base), "seed": 5})
+    with pytest.raises(ValueError, match="ran with seed 0, this run has seed 5"):
+        pipeline.link_reused(config, str(tmp_path), {})
+    config.seed = 0
+    with pytest.raises(ValueError, match="has not finished step 'collect'"):
+        pipeline.link_reused(config, str(tmp_path), {})
+    assert os.path.realpath(tmp_path / "sft") == os.path.realpath(base / "sft")

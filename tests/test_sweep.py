@@ -244,11 +244,6 @@ def test_collect_tables_and_plots(lr_sweep):
     written = out.stdout.split()
     assert written == [str(workdir / f) for f in ("sweep.csv", "sweep.md", "sweep_train_loss.png")]
     assert (workdir / "sweep_train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    both = sweep_cli(
-        "collect", workdir, "--x", "train.lr", "--y", "train/loss,seconds", "--together"
-    )
-    assert both.returncode == 0, both.stderr
-    assert (workdir / "sweep_train.lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     lines = (workdir / "sweep.csv").read_text().splitlines()
     header = lines[0].split(",")
@@ -271,6 +266,12 @@ def test_collect_tables_and_plots(lr_sweep):
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: --metrics 'train/los'")
     assert "train/loss" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # --together: both metrics in one plot named after x
+    both = sweep_cli(
+        "collect", workdir, "--x", "train.lr", "--y", "train/loss,seconds", "--together"
+    )
+    assert both.returncode == 0, both.stderr
+    assert (workdir / "sweep_train.lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
