@@ -24,38 +24,15 @@ Single process (as generate).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, cli, generate, reward, sampling, sharding
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> str:
-    """Writes rows as JSONL atomically (temp file + rename: a killed write leaves nothing)."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; an output is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+from rlhf_jax import checkpoint, cli, data, generate, reward, sampling, sharding
 
 
 def sample_candidates(
@@ -336,7 +313,7 @@ def run(args) -> dict:
         template=args.template,
         batch_size=args.batch_size,
     )
-    write_jsonl(args.out, recs)
+    data.write_jsonl(args.out, recs)
     best = np.array([r["score"] for r in recs])
     every = np.array([c["score"] for r in recs for c in r["candidates"]])
     summary = {

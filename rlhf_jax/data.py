@@ -56,6 +56,34 @@ def _check_exists(path: str) -> None:
         raise FileNotFoundError(f"data file {path!r} does not exist")
 
 
+def write_atomic(path: str, text: str) -> str:
+    """Writes `text` to `path` via a temp file in the same directory and os.replace, so a killed
+    write never leaves a partial file that a resumed step would take as done; -> path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> str:
+    """Writes rows as JSONL atomically; -> path."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str, obj) -> str:
+    """Writes one JSON object atomically; -> path."""
+    return write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
 def read_jsonl(path: str, fields: dict[str, type]) -> list[dict]:
     """Reads a JSONL file whose every non-blank line is an object with the given typed fields.
 

@@ -52,12 +52,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax import chat
+from rlhf_jax import chat, data
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
 TASK_MIX = {"add": 0.3, "compare": 0.25, "count": 0.2, "sort": 0.25}
@@ -561,28 +560,6 @@ def label_comparisons(samples: Sequence[dict], labeler: Labeler) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: str, text: str) -> str:
-    """Writes `text` to `path` via a temp file in the same directory and os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> str:
-    """Writes rows as JSONL atomically (a killed write never leaves a partial file); -> path."""
-    return _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def write_world(
     directory: str, sizes: dict | None = None, seed: int = 0, quality: float = 0.75
 ) -> dict[str, str]:
@@ -610,7 +587,9 @@ def write_world(
         "ppo_prompts": ppo_prompts(n["ppo_prompts"], seed),
         "eval_prompts": eval_prompts(n["eval_prompts"], seed),
     }
-    paths = {k: write_jsonl(os.path.join(directory, f"{k}.jsonl"), v) for k, v in datasets.items()}
+    paths = {
+        k: data.write_jsonl(os.path.join(directory, f"{k}.jsonl"), v) for k, v in datasets.items()
+    }
     examples = [parse_prompt(p) for p in EXAMPLE_PROMPTS]
     meta = {
         "seed": seed,
@@ -623,7 +602,7 @@ def write_world(
         "prompt_template": PROMPT_TEMPLATE,
         "gold_score": "rlhf_jax.world:gold_score",
     }
-    paths["world"] = _write_atomic(
+    paths["world"] = data.write_atomic(
         os.path.join(directory, "world.json"), json.dumps(meta, indent=2) + "\n"
     )
     return paths

@@ -35,7 +35,7 @@ import time
 
 import jax
 
-from rlhf_jax import preemption, sharding, world
+from rlhf_jax import data, preemption, sharding, world
 from rlhf_jax.stages import lm, ppo, rm, rsft
 from rlhf_jax.stages import pipeline_eval as ev
 
@@ -96,8 +96,9 @@ def run(config, mesh, workdir: str):
     if config.reuse:
         link_reused(config, workdir, timings)
 
-    def step(name, fn):
-        if name.split("_r")[0] in skip:
+    def step(name, fn, kind=None):
+        """Runs `fn` once; `kind` (default: name) is what config.skip names, e.g. rm for rm_r2."""
+        if (kind or name) in skip:
             print(f"[pipeline] {name}: skipped (config.skip)", flush=True)
             return
         if name in timings:
@@ -109,7 +110,7 @@ def run(config, mesh, workdir: str):
         fn()
         timings[name] = round(time.time() - t0, 1)
         if jax.process_index() == 0:
-            ev.write_json(timings_path, timings)
+            data.write_json(timings_path, timings)
 
     w = config.world
     paths = world.write_world(
@@ -141,14 +142,15 @@ def run(config, mesh, workdir: str):
     rm_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
     step("rm", lambda: stage("rm", s.rm, rm, **rm_over, **{"rm.norm_data": paths["demos"]}))
 
-    def rl(name, sub, init_from, rm_dir, gamma):
+    def rl(name, sub, init_from, rm_dir, kind):
+        gamma = 0.0 if kind == "ppo" else config.ptx_coef
         over = {"data.train": paths["ppo_prompts"], "data.ptx": paths["pretrain"]}
         over |= {"init_from": init_from, "ppo.reference_from": at("sft")}
         over |= {"ppo.reward_from": rm_dir, "ppo.ptx_coef": gamma}
-        step(name, lambda: stage(sub, s.ppo, ppo, **over))
+        step(name, lambda: stage(sub, s.ppo, ppo, **over), kind)
 
     for name in RL:
-        rl(name, name, at("sft"), at("rm"), 0.0 if name == "ppo" else config.ptx_coef)
+        rl(name, name, at("sft"), at("rm"), name)
     rsft_over = {"data.train": paths["ppo_prompts"], "init_from": at("sft")}
     step("rsft", lambda: stage("rsft", s.rsft, rsft, **rsft_over, **{"rsft.reward_from": at("rm")}))
     # The best-of-K fine-tuned policy is its last round's (the stage iterates internally).
@@ -160,26 +162,26 @@ def run(config, mesh, workdir: str):
         dict(key="rsft", label="Best-of-K fine-tuning", method="rsft", round=1, sub=rsft_sub),
     ]
     rounds = [dict(round=1, rm_dir="rm", comparisons="comparisons.jsonl")]
+    current = {name: name for name in RL}  # each method's latest policy (sub-directory)
     for r in range(2, config.rounds + 1):
         prev, rd = rounds[-1], f"round_{r}"
-        policy = f"{config.iterate.policy}_r{r - 1}" if r > 2 else config.iterate.policy
-        src = at(_sub(policy))  # the current policy, whose samples get labelled
+        src = at(current[config.iterate.policy])  # the policy whose samples get labelled
         step(
             f"collect_r{r}",
             lambda rd=rd, src=src, r=r: ev.collect_comparisons(
                 config, src, at(rd), paths["rm_prompts"], config.seed + 1000 * r
             ),
+            "collect",
         )
         comps = [at(rd, "comparisons.jsonl")]
         if config.iterate.accumulate:
             comps += [at(x["comparisons"]) for x in rounds]
         rm_init = at(prev["rm_dir"]) if config.iterate.rm_init == "previous" else at("sft")
         over = {"data.train": ",".join(comps), "init_from": rm_init, "rm.norm_data": paths["demos"]}
-        step(f"rm_r{r}", lambda rd=rd, over=over: stage(f"{rd}/rm", s.rm, rm, **over))
+        step(f"rm_r{r}", lambda rd=rd, over=over: stage(f"{rd}/rm", s.rm, rm, **over), "rm")
         for name in RL:
-            last = name if r == 2 else f"{name}_r{r - 1}"
-            gamma = 0.0 if name == "ppo" else config.ptx_coef
-            rl(f"{name}_r{r}", f"{rd}/{name}", at(_sub(last)), at(rd, "rm"), gamma)
+            rl(f"{name}_r{r}", f"{rd}/{name}", at(current[name]), at(rd, "rm"), name)
+            current[name] = f"{rd}/{name}"
             models.append(
                 dict(key=f"{name}_r{r}", label=f"{RL[name]}, round {r}", method=name, round=r,
                      sub=f"{rd}/{name}")
@@ -204,12 +206,6 @@ def run(config, mesh, workdir: str):
         path = report.build_report(workdir)
         total = sum(timings.values())
         print(f"[pipeline] done in {total / 60:.1f} min; report: {path}", flush=True)
-
-
-def _sub(key: str) -> str:
-    """The sub-directory of a policy key: ppo -> ppo, ppo_ptx_r3 -> round_3/ppo_ptx."""
-    name, _, r = key.rpartition("_r")
-    return f"round_{r}/{name}" if name and r.isdigit() else key
 
 
 def round_meta(workdir: str, r: dict) -> dict:

@@ -10,20 +10,12 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 import jax
 import numpy as np
 
 from rlhf_jax import data, data_demos, generate, sharding, world
 from rlhf_jax.stages import lm
-
-
-def write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def sample(
@@ -87,7 +79,7 @@ def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str
         for g in groups
     ]
     labeler = world.Labeler(noise=c.labeler_noise, seed=seed, ties=c.labeler_ties)
-    world.write_jsonl(out, world.label_comparisons(samples, labeler))
+    data.write_jsonl(out, world.label_comparisons(samples, labeler))
     return out
 
 
@@ -212,7 +204,7 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
         **extra_meta,
     }
     meta["elapsed_seconds"] = sum(meta.get("timings", {}).values())
-    write_json(out, {"models": results, "meta": meta})
+    data.write_json(out, {"models": results, "meta": meta})
     return out
 
 
@@ -238,7 +230,7 @@ def best_of_k_entry(config, run_dir, paths, sft_entry, mesh, rules) -> dict:
             mesh=mesh,
             rules=rules,
         )
-        best_of_k.write_jsonl(out, recs)
+        data.write_jsonl(out, recs)
     with open(out) as f:
         recs = [json.loads(line) for line in f]
     entry = {"label": f"Best-of-{k} sampling (SFT + RM)", "method": "best_of_k", "round": 1}

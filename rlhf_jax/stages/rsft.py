@@ -79,15 +79,6 @@ def read_json(path: str, default):
         return json.load(f)
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def final_policy(workdir: str) -> str:
     """The policy workdir of the last finished round of an rsft run (what to evaluate)."""
     done = read_json(os.path.join(workdir, ROUNDS_FILE), [])
@@ -152,7 +143,7 @@ def sample_round(config, rdir: str, policy: str, prompts: list[str], r: int, mes
         template=config.data.prompt_template,
         index_offset=start,  # each stream position (not each prompt text) has its own PRNG
     )
-    best_of_k.write_jsonl(path, recs)
+    data.write_jsonl(path, recs)
     return recs
 
 
@@ -187,7 +178,7 @@ def select_round(config, rdir: str, recs: list[dict]) -> list[dict]:
                     "tokens": c["tokens"],
                 }
             )
-    best_of_k.write_jsonl(path, rows)
+    data.write_jsonl(path, rows)
     return rows
 
 
@@ -253,7 +244,7 @@ def run(config, mesh, workdir: str) -> str:
             policy = sub
             stats["sft_final_loss"] = _last_loss(sub)
             done.append({"round": r, "policy": os.path.relpath(sub, workdir), **stats})
-            write_json(rounds_path, done)
+            data.write_json(rounds_path, done)
             writer.write(r, {f"rsft/{k}": v for k, v in stats.items() if v is not None})
     finally:
         writer.close()
