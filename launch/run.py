@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import cli, preemption, provenance
+from rlhf_jax import cli, paths, preemption, provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -114,9 +114,12 @@ def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
     init_distributed()
     preemption.install()
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    # Paths as users type them: resolved against the current directory once, here (paths.py).
+    workdir = paths.absolute(_WORKDIR.value)
+    paths.resolve_config(_CONFIG.value)
+    os.makedirs(workdir, exist_ok=True)
     try:
-        cli.run_or_exit(start, _CONFIG.value, _WORKDIR.value)
+        cli.run_or_exit(start, _CONFIG.value, workdir)
     except preemption.Preempted as e:
         print(f"{e}; exit code {preemption.EXIT_CODE}", file=sys.stderr, flush=True)
         sys.exit(preemption.EXIT_CODE)

@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from rlhf_jax import paths
+
 PyTree = Any
 
 _JSON_ITEMS = ("data", "meta")
@@ -86,7 +88,8 @@ class Checkpointer:
             read_only: never create, save or delete anything (for reading another stage's
                 checkpoints).
         """
-        self.directory = epath.Path(directory)
+        # orbax refuses relative paths; library callers (tests, notebooks) may pass them.
+        self.directory = epath.Path(paths.absolute(str(directory)))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             create=not read_only,

@@ -58,7 +58,7 @@ def launch(workdir, *extra):
         "--config",
         "experiments/pipeline.py:size=tiny",
         "--workdir",
-        str(workdir),
+        os.path.relpath(workdir, ROOT),  # relative, as users type it (resolved at the entry)
         *SMALL,
         *extra,
     ]
@@ -106,7 +106,7 @@ def test_pipeline_end_to_end(tmp_path):
     ppo_only = tmp_path / "ppo_only"
     skip = "--config.skip=ppo_ptx,rsft"
     proc = launch(
-        ppo_only, f"--config.reuse={tmp_path}", skip, "--config.rounds=1",
+        ppo_only, f"--config.reuse={os.path.relpath(tmp_path, ROOT)}", skip, "--config.rounds=1",
         "--config.evaluate.best_of_k=0",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
