@@ -73,6 +73,7 @@ def get_config(arg=None):
         )
         s.sft.train.update(
             epochs=2.0,
+            steps=0,  # from epochs
             batch_size=32,
             seq_len=48,
             lr=1e-3,
@@ -119,7 +120,9 @@ def get_config(arg=None):
             steps=2000, batch_size=64, seq_len=128, warmup_steps=100, eval_every=500,
             ckpt_every=500,
         )  # fmt: skip
-        s.sft.train.update(epochs=2.0, batch_size=64, seq_len=64, eval_every=50, ckpt_every=100)
+        s.sft.train.update(
+            epochs=2.0, steps=0, batch_size=64, seq_len=64, eval_every=50, ckpt_every=100
+        )
         s.rm.train.update(steps=300, batch_size=64, seq_len=64, eval_every=50, ckpt_every=100)
         s.rm.rm.k_max = 4
         s.rsft.rsft.update(k=4, rounds=2, prompts_per_round=1024, max_new_tokens=24)

@@ -55,6 +55,7 @@ def get_config(arg=None):
         c.model.dtype = "float32"  # CPU
         c.train.update(
             epochs=2.0,
+            steps=0,
             batch_size=16,
             seq_len=64,
             lr=3e-4,
@@ -70,6 +71,7 @@ def get_config(arg=None):
         # (the data are the policy's own samples, easy to overfit).
         c.train.update(
             epochs=2.0,
+            steps=0,
             batch_size=32,
             seq_len=1024,
             lr=1e-5,

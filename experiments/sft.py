@@ -30,6 +30,7 @@ def get_config(arg=None):
         c.model.dtype = "float32"  # CPU
         c.train.update(
             epochs=1.0,
+            steps=0,
             batch_size=16,
             seq_len=64,
             lr=1e-3,
@@ -46,6 +47,7 @@ def get_config(arg=None):
         # residual dropout 0.2 is not implemented (the model has no dropout).
         c.train.update(
             epochs=16.0,
+            steps=0,
             batch_size=32,
             seq_len=1024,
             lr=1e-5,

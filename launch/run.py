@@ -90,6 +90,15 @@ def dispatch(config, mesh, workdir):
 
 def parse_flags(argv):
     """absl flag parsing, with a bad override (unknown key, wrong type) as one line."""
+    for i, arg in enumerate(argv):  # a missing config file: one line, not two tracebacks
+        path = arg[len("--config=") :] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path is not None and not os.path.isfile(path.split(":")[0]):
+            print(
+                f"error: --config file not found: {path.split(':')[0]}", file=sys.stderr, flush=True
+            )
+            sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # absl raises several types here, ml_collections AttributeError
@@ -152,6 +161,7 @@ def start(config, workdir: str):
 
     from launch import mesh as mesh_lib
 
+    paths.check_sources(config)
     config_hash = provenance.config_hash(config.to_dict())
     version = provenance.code_version()
     check_same_run(config_hash, version["source_hash"])

@@ -45,3 +45,19 @@ def resolve_config(config, parent: str = "") -> None:
             resolve_config(value, key)
         elif isinstance(value, str) and (key in PATH_KEYS or (parent, key) in PARENT_PATH_KEYS):
             config[key] = absolute_list(value)
+
+
+# Keys naming another run's workdir (or `hf:DIR`): checked to exist before anything starts.
+SOURCE_KEYS = frozenset({"init_from", "reward_from", "reference_from", "reuse"})
+
+
+def check_sources(config, prefix: str = "config.") -> None:
+    """Fails with one line naming the key when a source workdir does not exist."""
+    for key in list(config.keys()):
+        value = config[key]
+        if hasattr(value, "keys"):
+            check_sources(value, f"{prefix}{key}.")
+        elif key in SOURCE_KEYS and isinstance(value, str) and value and "://" not in value:
+            path = value[len(HF_PREFIX) :] if value.startswith(HF_PREFIX) else value
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{prefix}{key}={value!r} does not exist")

@@ -144,6 +144,56 @@ def put_batch(local: dict, mesh: Mesh, rules) -> dict:
     return out
 
 
+def put_global(host: dict, mesh: Mesh, rules) -> dict:
+    """Whole-batch numpy arrays, the same on every process -> global arrays sharded by batch.
+
+    For data every process holds in full (a decoded rollout's scores, a tool's prompt batch);
+    each process places only the rows its devices own. Typed PRNG key arrays keep their type.
+    """
+    out = {}
+    for key, value in host.items():
+        is_key = isinstance(value, jax.Array) and jax.dtypes.issubdtype(
+            value.dtype, jax.dtypes.prng_key
+        )
+        arr = np.asarray(jax.random.key_data(value) if is_key else value)
+        sh = batch_sharding(mesh, rules, arr.ndim)
+        glob = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
+        out[key] = jax.random.wrap_key_data(glob) if is_key else glob
+    return out
+
+
+def to_host(tree):
+    """numpy copies of (global) arrays, gathered across processes on purpose.
+
+    `jax.device_get` of an array that spans processes fails; a batch-sharded one is gathered
+    with `process_allgather` (a collective: every process must call this at the same point),
+    a replicated one (scalar metrics) is read from a local copy.
+    """
+
+    def get(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def check_batch(size: int, key: str, mesh: Mesh, rules) -> None:
+    """Refuses a batch that the data-parallel devices (and processes) do not divide.
+
+    Such a batch would be replicated (every device computing all of it), never an error.
+    """
+    dp = data_parallel_size(mesh, rules)
+    n = math.lcm(dp, jax.process_count())
+    if size % n:
+        raise ValueError(
+            f"{key}={size} does not divide over the {dp} data-parallel devices"
+            f" of {jax.process_count()} process(es); use a multiple of {n}"
+        )
+
+
 @contextlib.contextmanager
 def use_rules(mesh: Mesh, rules):
     """Activates (mesh, rules) for `constrain` while tracing jitted model code."""

@@ -145,6 +145,11 @@ def build_data(config, tok, workdir: str):
 def total_steps(config, info) -> int:
     """`train.steps`, or `train.epochs` passes over the SFT demonstrations when set."""
     t = config.train
+    if config.stage == "sft" and t.epochs > 0 and t.steps > 0:
+        raise ValueError(
+            f"train.epochs={t.epochs} and train.steps={t.steps} are both set; SFT trains for "
+            "one of them: set train.epochs=0 to train for train.steps, or train.steps=0"
+        )
     if config.stage == "sft" and t.epochs > 0:
         return max(1, math.ceil(t.epochs * info["train_demos"] / t.batch_size))
     return t.steps

@@ -48,9 +48,13 @@ class Setup:
 def _finite_or_raise(step_metrics, key, last_ckpt):
     for step, m in step_metrics:
         if not np.isfinite(m[key]):
+            where = (
+                f"the last checkpoint is step {last_ckpt}, written before it"
+                if last_ckpt
+                else "no checkpoint was written before it"
+            )
             raise FloatingPointError(
-                f"non-finite loss ({m[key]}) at step {step}; stopping. The last "
-                f"checkpoint is step {last_ckpt}, written before it."
+                f"non-finite loss ({m[key]}) at step {step}; stopping: {where}"
             )
 
 

@@ -58,6 +58,7 @@ class PPOConfig:
     weight_decay: float
     grad_clip: float
     min_lr_ratio: float
+    temperature: float = 1.0  # the rollout's; every log-prob is taken at it (ppo_steps)
 
 
 def ppo_config_from(config, eos_id: int) -> PPOConfig:
@@ -67,6 +68,7 @@ def ppo_config_from(config, eos_id: int) -> PPOConfig:
             f"ppo.rollout_batch={c.rollout_batch} must be divisible by "
             f"ppo.minibatch={c.minibatch} and by the {pc} processes"
         )
+    ppo_steps.check_sampling(c.temperature, c.top_k, c.top_p)
     names = {f.name for f in dataclasses.fields(PPOConfig)}
     kw = {k: c[k] for k in names if k in c}
     return PPOConfig(
@@ -239,9 +241,9 @@ class Iteration:
 
 def decode_rows(tok, rollout, p: int, rows) -> tuple[list[str], list[str]]:
     """Prompt and response texts of some rows (host side, for reward functions and tables)."""
-    tokens = np.asarray(jax.device_get(rollout["tokens"]))
-    pm = np.asarray(jax.device_get(rollout["prompt_mask"]))
-    rm = np.asarray(jax.device_get(rollout["response_mask"]))
+    # Gathered from every process (a collective: every process decodes the same rows).
+    host = sharding.to_host({k: rollout[k] for k in ("tokens", "prompt_mask", "response_mask")})
+    tokens, pm, rm = host["tokens"], host["prompt_mask"], host["response_mask"]
     prompts, responses = [], []
     for i in rows:
         prompts.append(tok.decode([int(x) for x in tokens[i, :p][pm[i]]]))
@@ -257,7 +259,7 @@ def external_scores(fn, tok, rollout, p: int, mesh, rules):
     scores = np.asarray(fn(prompts, responses), np.float32)
     if scores.shape != (n,):
         raise ValueError(f"ppo.reward_fn returned shape {scores.shape}; expected ({n},)")
-    return jax.device_put(jnp.asarray(scores), sharding.batch_sharding(mesh, rules, 1))
+    return sharding.put_global({"s": scores}, mesh, rules)["s"]
 
 
 def kl_update(coef: float, observed_kl: float, config) -> float:
@@ -293,6 +295,8 @@ def run(config, mesh, workdir: str):
         raise ValueError("stage 'ppo' needs config.init_from (the SFT workdir)")
     if not (c.reward_from or c.reward_fn):
         raise ValueError("set ppo.reward_from (an RM workdir) or ppo.reward_fn (module:function)")
+    for key in ("rollout_batch", "minibatch") + (("ptx_batch",) if c.ptx_coef > 0 else ()):
+        sharding.check_batch(c[key], f"ppo.{key}", mesh, rules)
     tok = setup.load_tokenizer(config, workdir)
     ppo_cfg = ppo_config_from(config, tok.eos_id)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
@@ -376,7 +380,7 @@ def run(config, mesh, workdir: str):
         for b in evals:
             roll = step.rollout(state["params"], b, it, config.seed, stream=1)
             ms.append(score_batch(roll, kl_coef)[1])
-        ms = jax.device_get(ms)
+        ms = sharding.to_host(ms)
         return {
             f"eval/{k.split('/')[1]}": float(np.mean([m[k] for m in ms]))
             for k in ("ppo/score", "ppo/kl_per_seq", "ppo/response_length", "ppo/no_eos_fraction")
@@ -398,7 +402,7 @@ def run(config, mesh, workdir: str):
                 ptx = sharding.put_batch(_stack_ptx(ptx_it, n_updates), mesh, rules)
             upd_key = jax.random.fold_in(jax.random.key(config.seed + 1), it)
             state, um = step.update(state, batch, ptx, upd_key)
-            m = jax.device_get({**sm, **um})
+            m = sharding.to_host({**sm, **um})
             t3 = time.time()
             n = it + 1
             if not np.isfinite(m["ppo/loss"]):
@@ -451,5 +455,5 @@ def sample_table(tok, rollout, batch, c) -> str:
     """A few prompts, responses and their scores (reward model or function), as plain text."""
     rows = range(min(c.sample_rows, rollout["tokens"].shape[0]))
     prompts, responses = decode_rows(tok, rollout, c.prompt_len, rows)
-    scores = np.asarray(jax.device_get(batch["scores"]))
+    scores = sharding.to_host(batch["scores"])
     return "\n".join(f"[{scores[i]:+.3f}] {prompts[i]!r} -> {responses[i]!r}" for i in rows)

@@ -40,9 +40,13 @@ class EvalSampler:
         self.keys = jax.random.split(root, self.tokens.shape[0])
 
     def __call__(self, params, step: int) -> str:
-        batch = sharding.put_batch({"t": self.tokens, "m": self.mask}, self.mesh, self.rules)
-        keys = jax.device_put(self.keys, sharding.batch_sharding(self.mesh, self.rules, 1))
-        out = jax.device_get(self.sample(params, batch["t"], batch["m"], keys, **self.knobs))
+        # Every process holds all sample prompts: placed as one global batch, gathered back.
+        batch = sharding.put_global(
+            {"t": self.tokens, "m": self.mask, "k": self.keys}, self.mesh, self.rules
+        )
+        out = sharding.to_host(
+            self.sample(params, batch["t"], batch["m"], batch["k"], **self.knobs)
+        )
         lines = [f"step {step}"]
         for i, d in enumerate(self.demos):
             n = int(out["lengths"][i])

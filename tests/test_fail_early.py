@@ -1,0 +1,97 @@
+"""Bad input found before training starts, each as one line naming what is wrong and where."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import ppo_ptx, sft
+from launch import mesh as mesh_lib
+from rlhf_jax import paths, sharding
+from rlhf_jax.stages import lm, loop, ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def entry(*argv):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env.pop("RLHF_JAX_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "launch.run", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    proc = entry("--config", "experiments/no_such.py:size=tiny", "--workdir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --config file not found: experiments/no_such.py"
+
+
+def test_missing_init_from_names_the_key(tmp_path):
+    proc = entry(
+        "--config", "experiments/sft.py", "--workdir", str(tmp_path / "w"),
+        "--config.init_from=runs/does_not_exist",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"error: config.init_from={os.path.join(ROOT, 'runs/does_not_exist')!r} does not exist"
+    )
+    assert "Traceback" not in proc.stderr and "tokenizer" not in proc.stderr
+
+
+def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = ppo_ptx.get_config()
+    c.init_from, c.ppo.reward_from = "runs/sft", "hf:models/rm"
+    c.data.train, c.tokenizer.path = "a.jsonl,data/*.jsonl", "tok.model"
+    c.ppo.reference_from = "gs://bucket/ref"
+    paths.resolve_config(c)
+    assert c.init_from == str(tmp_path / "runs/sft")
+    assert c.ppo.reward_from == f"hf:{tmp_path / 'models/rm'}"
+    assert c.data.train == f"{tmp_path / 'a.jsonl'},{tmp_path / 'data/*.jsonl'}"
+    assert c.tokenizer.path == str(tmp_path / "tok.model")
+    assert c.ppo.reference_from == "gs://bucket/ref"  # remote: untouched
+    assert c.ppo.reward_fn == "" and c.stage == "ppo"  # not paths: untouched
+
+
+def test_sft_refuses_steps_and_epochs_together():
+    c = sft.get_config()
+    c.train.steps = 7  # the user's override, which epochs would silently win over
+    with pytest.raises(ValueError, match=r"train.epochs=1.0 and train.steps=7 are both set"):
+        lm.total_steps(c, {"train_demos": 100})
+    c.train.epochs = 0.0
+    assert lm.total_steps(c, {"train_demos": 100}) == 7
+    c.train.update(epochs=2.0, steps=0, batch_size=16)
+    assert lm.total_steps(c, {"train_demos": 100}) == 13  # ceil(2 * 100 / 16)
+
+
+def test_nan_stop_before_any_checkpoint_says_so():
+    with pytest.raises(FloatingPointError) as e:
+        loop._finite_or_raise([(3, {"train/loss": float("nan")})], "train/loss", None)
+    assert "None" not in str(e.value) and "no checkpoint was written" in str(e.value)
+    with pytest.raises(FloatingPointError, match="the last checkpoint is step 2"):
+        loop._finite_or_raise([(3, {"train/loss": float("inf")})], "train/loss", 2)
+
+
+@pytest.mark.parametrize("key", ["rollout_batch", "minibatch", "ptx_batch"])
+def test_ppo_batch_that_does_not_divide_the_devices_is_refused(tmp_path, key):
+    c = ppo_ptx.get_config()
+    c.init_from, c.ppo.reward_fn = str(tmp_path), "tests.ppo_rewards:count_apples"
+    c.ppo[key] = 12  # 8 data-parallel devices
+    mesh = mesh_lib.build_mesh(c.mesh, jax.devices())
+    with pytest.raises(ValueError, match=rf"^ppo.{key}=12 does not divide over the 8 data-"):
+        ppo.run(c, mesh, str(tmp_path / "w"))
+
+
+def test_put_global_and_to_host_round_trip():
+    c = ppo_ptx.get_config()
+    mesh = mesh_lib.build_mesh(c.mesh, jax.devices())
+    rules = sharding.normalize_rules(c.sharding.rules)
+    x = jax.numpy.arange(16 * 3).reshape(16, 3)
+    keys = jax.random.split(jax.random.key(0), 16)
+    g = sharding.put_global({"x": x, "k": keys}, mesh, rules)
+    assert g["x"].sharding.spec[0] == ("data", "fsdp") or g["x"].sharding.spec[0] == "data"
+    assert (sharding.to_host(g["x"]) == x).all()
+    assert (jax.random.key_data(g["k"]) == jax.random.key_data(keys)).all()
