@@ -9,7 +9,9 @@ Owns `response_logprobs` (the summed log-probability of each response given its 
 over completions sampled from the policy (the records `generate` writes). A sequence is laid out
 exactly as sampling and SFT see it: [bos] + template(prompt) + response tokens, plus the EOS that
 ended the response when it finished (a response cut at the length limit has none), so its
-log-probability is the one the sampler reports for the same tokens.
+log-probability is the one the sampler reports for the same tokens when it samples at
+temperature 1 without top-k / top-p (the sampler reports its sampling distribution's; these are
+the model's own). Logits come from the model's float32 head whatever the compute dtype.
 
 Both terms of the KL are recomputed teacher-forced from the response *text*: the sampled token
 ids are not stored, and re-encoding a sampled text may tokenize it differently, so the records'

@@ -150,8 +150,9 @@ class Norm(nnx.Module):
         self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, init="ones")
         self.bias = None if self.rms else _param(rngs, (cfg.d_model,), ("norm",), cfg, init="zeros")
 
-    def __call__(self, x):
-        dtype = x.dtype
+    def __call__(self, x, out_dtype=None):
+        """Normalises x [..., D]; the result has `out_dtype` (default: x's dtype)."""
+        dtype = x.dtype if out_dtype is None else out_dtype
         x = x.astype(jnp.float32)
         if self.rms:
             x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
@@ -373,11 +374,13 @@ class Transformer(nnx.Module):
           key_mask: [B, T] bool, False at padding. Without a cache it masks the keys of this
             call; with a cache it is written into the cache's mask at the slots being filled.
           cache: None, or the KV-cache pytree described in the module docstring.
-          return_hidden: return the final normed hidden states [B, T, D] instead of logits.
+          return_hidden: return the final normed hidden states [B, T, D] float32 instead of
+            logits, for a caller that needs the head at a few positions only: slice the hidden
+            states, then `unembed` them (PPO's response positions, the sampler's prefill).
 
         Returns:
-          (logits [B, T, V] in the compute dtype, or scores [B, T] float32 for a scalar head, or
-           hidden [B, T, D]; the updated cache or None).
+          (logits [B, T, V] float32, or scores [B, T] float32 for a scalar head, or hidden
+           [B, T, D] float32; the updated cache or None).
         """
         cfg = self.cfg
         dt = _dt(cfg.dtype)
@@ -421,7 +424,9 @@ class Transformer(nnx.Module):
                 if cache is not None:
                     new_kvs = layer_kv
 
-        x = self.final_norm(x)
+        # The head reads the final norm in float32 (no bf16 rounding between them): log-probs
+        # and scores are computed from float32 logits on every path.
+        x = self.final_norm(x, out_dtype=jnp.float32)
         new_cache = None
         if cache is not None:
             new_cache = {
@@ -433,15 +438,22 @@ class Transformer(nnx.Module):
         if return_hidden:
             return x, new_cache
         if cfg.head == "scalar":
-            scores = x.astype(jnp.float32) @ self.score_head[...] + self.score_bias[...]
+            scores = x @ self.score_head[...].astype(jnp.float32) + self.score_bias[...]
             return scores, new_cache  # [B, T] float32
         return self.unembed(x), new_cache
 
     def unembed(self, x):
-        """Logits [B, T, V] in the compute dtype from final hidden states x [B, T, D]
-        (the sampler's prefill unembeds only the last prompt position)."""
+        """Logits [B, T, V] float32 from final hidden states x [B, T, D] (`return_hidden`).
+
+        The head runs in float32 whatever the compute dtype: bf16 logits carry a rounding error
+        of ~1e-2 nats at typical logit sizes, which would reach every log-prob (PPO's ratio and
+        KL, the LM loss, likelihoods). Operands and result are float32; the matmul uses the
+        backend's default float32 precision (exact on CPU; TF32 / bf16 passes on GPU / TPU
+        unless `jax_default_matmul_precision` asks for more). Slicing x first (e.g. to the
+        response positions) computes only those logits.
+        """
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D, V]
-        logits = x @ w.astype(_dt(self.cfg.dtype))
+        logits = x.astype(jnp.float32) @ w.astype(jnp.float32)
         return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
 

@@ -88,6 +88,29 @@ def filter_logits(scaled, top_k, top_p):
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def sampling_logits(logits, knobs: dict, mode: str):
+    """The logits of the distribution tokens are drawn from.
+
+    Args:
+      logits: [B, V] float32, the model's unmodified logits.
+      knobs: {"temperature": f32 [], "top_k": i32 [], "top_p": f32 []} (traced).
+      mode: "greedy" (the logits unchanged), "sample" (divided by the temperature) or
+        "filter" (divided, then outside top-k / top-p set to -inf, i.e. renormalised over the
+        kept tokens by any softmax of the result).
+
+    Returns:
+      [B, V] float32.
+    """
+    if mode == "greedy":
+        return logits
+    scaled = logits / knobs["temperature"]
+    if mode == "filter":
+        return filter_logits(scaled, knobs["top_k"], knobs["top_p"])
+    if mode != "sample":
+        raise ValueError(f"unknown sampling mode: {mode!r}; expected one of {MODES}")
+    return scaled
+
+
 def sample_tokens(logits, step_keys, knobs: dict, mode: str):
     """Picks one token per row.
 
@@ -100,14 +123,14 @@ def sample_tokens(logits, step_keys, knobs: dict, mode: str):
     Returns:
       [B] int32 tokens.
     """
+    return _draw(sampling_logits(logits, knobs, mode), step_keys, mode)
+
+
+def _draw(dist_logits, step_keys, mode: str):
+    """[B] int32 tokens from the sampling distribution's logits [B, V]."""
     if mode == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / knobs["temperature"]
-    if mode == "filter":
-        scaled = filter_logits(scaled, knobs["top_k"], knobs["top_p"])
-    elif mode != "sample":
-        raise ValueError(f"unknown sampling mode: {mode!r}; expected one of {MODES}")
-    return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+        return jnp.argmax(dist_logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(step_keys, dist_logits).astype(jnp.int32)
 
 
 def _active_rules(mesh, rules):
@@ -133,8 +156,8 @@ def prefill(model, prompts, prompt_mask, cache_len: int):
       cache_len: S, the number of cache slots (P + max new tokens).
 
     Returns:
-      (logits [B, V] for the token after the prompt, in the compute dtype; the cache;
-       prompt lengths [B] int32).
+      (logits [B, V] float32 for the token after the prompt; the cache; prompt lengths [B]
+       int32).
     """
     b, _ = prompts.shape
     prompt_mask = prompt_mask.astype(bool)
@@ -160,7 +183,7 @@ def decode_step(model, cache: dict, tokens, positions):
       positions: [B] int32 position ids of `tokens`.
 
     Returns:
-      (logits [B, V] in the compute dtype, the updated cache).
+      (logits [B, V] float32, the updated cache).
     """
     logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
     return logits[:, 0], _constrain_cache(cache)
@@ -204,10 +227,12 @@ def _generate(
         logits, cache, prompt_len = prefill(model, prompts, prompt_mask, p + t_max)
 
         def pick(logits, t):
-            """Token [B] and its unmodified logprob [B] for response position t."""
+            """Token [B] for response position t, and its logprob [B] under the distribution
+            that drew it (the unmodified model's when greedy)."""
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-            tokens = sample_tokens(logits.astype(jnp.float32), step_keys, knobs, mode)
-            return tokens, _token_logprob(logits, tokens)
+            dist = sampling_logits(logits.astype(jnp.float32), knobs, mode)  # [B, V]
+            tokens = _draw(dist, step_keys, mode)
+            return tokens, _token_logprob(dist, tokens)
 
         def record(s, tokens, logp):
             """Writes response position s["t"]; rows already done get pad, logprob 0."""
@@ -287,9 +312,10 @@ def make_sampler(
         tokens [B, P + T] int32: the prompt followed by the response,
         response [B, T] int32: pad after EOS,
         response_mask [B, T] bool: True up to and including EOS,
-        logprobs [B, T] float32: log-probability of each sampled token under the model's
-          unmodified distribution (temperature 1, no top-k/top-p), 0 where masked. PPO
-          recomputes logp_old teacher-forced; these are for inspection and tests,
+        logprobs [B, T] float32: log-probability of each sampled token under the distribution
+          that drew it (logits / temperature, renormalised over the top-k / top-p set; the
+          unmodified model's when greedy), 0 where masked. PPO recomputes logp_old
+          teacher-forced under the same temperature (`sequence_logprobs`), and gets these,
         lengths [B] int32: response tokens including EOS,
         finished [B] bool: the row emitted EOS,
         steps [] int32: response positions decoded before the loop stopped (< T when every row
@@ -391,28 +417,34 @@ def generate(
     return sample(params, prompts, prompt_mask, row_keys, **knobs)
 
 
-def sequence_logprobs(graphdef, params, tokens, mask):
+def sequence_logprobs(graphdef, params, tokens, mask, *, start: int = 0, temperature=1.0):
     """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for left- (or right-) padded rows.
 
     Positions count real tokens only and padding is masked out of attention, so the result does
-    not depend on the padding. Call it inside a jitted function (under `sharding.use_rules` to
-    apply the model's sharding constraints).
+    not depend on the padding. The head (float32) is applied only at the predicting positions
+    start .. S-2, so scoring the responses of [B, P + T] rollouts (start = P - 1) computes
+    [B, T, V] logits, never the prompt's. Call it inside a jitted function (under
+    `sharding.use_rules` to apply the model's sharding constraints).
 
     Args:
       graphdef: the model's NNX graphdef.
       params: the model's params pure dict.
       tokens: [B, S] int32.
       mask: [B, S] bool, True at real tokens.
+      start: the first predicting position (static); 0 scores every token after the first.
+      temperature: divides the logits (the sampling distribution of `make_sampler` at that
+        temperature, without top-k / top-p).
 
     Returns:
-      [B, S-1] float32; 0 where tokens[:, t] or tokens[:, t+1] is padding.
+      [B, S-1-start] float32: entry t scores tokens[:, start+t+1]; 0 where it or the token
+      before it is padding.
     """
     model = nnx.merge(graphdef, params)
     mask = mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)  # [B, S]
-    logits, _ = model(tokens, positions=positions, key_mask=mask)
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, S-1, V]
-    targets = tokens[:, 1:]
+    hidden, _ = model(tokens, positions=positions, key_mask=mask, return_hidden=True)
+    logits = model.unembed(hidden[:, start:-1]) / temperature  # [B, S-1-start, V] float32
+    targets = tokens[:, start + 1 :]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.where(mask[:, :-1] & mask[:, 1:], logp, 0.0)
+    return jnp.where(mask[:, start:-1] & mask[:, start + 1 :], logp, 0.0)

@@ -10,6 +10,10 @@ Models: `policy` (LM head, trained), `value` (scalar head, trained), `ref` (the 
 policy) and `reward` (the frozen RM). The frozen params are ordinary arguments: they are never
 donated and never reach the optimizer.
 
+Every log-prob (logp_old, logp_ref, the update's logp, the entropy) is that of the rollout's
+sampling distribution, the logits divided by `cfg.temperature` (`check_sampling` refuses
+top-k / top-p), so the ratio starts at exactly 1 and the KL is that of what was sampled.
+
 The loss, minimised, for one minibatch and one pretraining batch:
   L = policy_clip_loss + vf_coef * value_clip_loss + ptx_coef * NLL(pretraining batch)
 which is the negative of InstructGPT's objective with gamma = ptx_coef (ptx_coef = 0: plain PPO).
@@ -37,11 +41,39 @@ def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
 
 
-def policy_forward(graphdef, params, tokens, mask, p: int):
-    """(logp of the response tokens [B, T], logits at response positions [B, T, V] float32)."""
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuses rollout sampling knobs PPO cannot train under, in one sentence.
+
+    PPO's ratio, its KL penalty and the adaptive KL controller are computed teacher-forced under
+    the distribution that drew the tokens: the policy's logits divided by `ppo.temperature`
+    (the reference's by the same temperature, as TRL does). Top-k / top-p truncation is not
+    supported: a token the old policy kept may fall outside the updated policy's (or the
+    reference's) kept set, where its log-prob is -inf.
+    """
+    if top_k != 0 or top_p != 1.0:
+        raise ValueError(
+            f"ppo.top_k={top_k} / ppo.top_p={top_p}: PPO trains under the sampling "
+            "distribution and supports temperature only; set ppo.top_k=0 and ppo.top_p=1.0"
+        )
+    if not temperature > 0:
+        raise ValueError(
+            f"ppo.temperature must be > 0 (PPO samples its rollouts), got {temperature}"
+        )
+
+
+def policy_forward(graphdef, params, tokens, mask, p: int, temperature: float = 1.0):
+    """Response log-probs under the sampling distribution (logits / temperature).
+
+    The float32 head is applied to the response positions' hidden states only (columns
+    P-1 .. P+T-2, which predict tokens[:, P:]), so no [B, P + T, V] logits are built.
+
+    Returns:
+      (logp of the response tokens [B, T], scaled logits at response positions [B, T, V]
+       float32).
+    """
     model = state_lib.merge(graphdef, params)
-    logits, _ = model(tokens, positions=_positions(mask), key_mask=mask)
-    logits = logits[:, p - 1 : -1].astype(jnp.float32)  # predicts tokens[:, p:]
+    hidden, _ = model(tokens, positions=_positions(mask), key_mask=mask, return_hidden=True)
+    logits = model.unembed(hidden[:, p - 1 : -1]) / temperature  # predicts tokens[:, p:]
     return losses.token_logprobs(logits, tokens[:, p:]), logits
 
 
@@ -80,8 +112,8 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
         rmask_f = rmask.astype(jnp.float32)
         mb = cfg.minibatch_rows
 
-        def lp(params_, t, m):
-            return policy_forward(graphdefs["policy"], params_, t, m, p)[0]
+        def lp(params_, t, m):  # policy and reference, both at the sampling temperature
+            return policy_forward(graphdefs["policy"], params_, t, m, p, cfg.temperature)[0]
 
         logp = _chunked(functools.partial(lp, params["policy"]), [tokens, mask], mb)
         logp_ref = _chunked(functools.partial(lp, frozen["ref"]), [tokens, mask], mb)
@@ -134,7 +166,9 @@ def ppo_loss(params, mb, ptx, *, graphdefs, cfg, p: int):
     """The one PPO-ptx loss of a minibatch (module docstring) and its metrics."""
     tokens, mask = mb["tokens"], full_mask(mb)
     rmask = mb["response_mask"].astype(jnp.float32)
-    logp, logits = policy_forward(graphdefs["policy"], params["policy"], tokens, mask, p)
+    logp, logits = policy_forward(
+        graphdefs["policy"], params["policy"], tokens, mask, p, cfg.temperature
+    )
     pl, pm = ppo_math.policy_loss(logp, mb["logp_old"], mb["advantages"], rmask, cfg.clip)
     values = value_forward(graphdefs["value"], params["value"], tokens, mask, p)
     vl, vm = ppo_math.value_loss(values, mb["values_old"], mb["returns"], rmask, cfg.value_clip)
