@@ -7,9 +7,11 @@ The usual inference-time baseline for RLHF (and the sampling half of rejection-s
 fine-tuning, stages/rsft.py). Sampling is `generate`'s: the same prompt formatting, padding and
 per-row PRNG streams, row (prompt i, sample s) drawing from fold_in(fold_in(key(seed), i), s),
 so candidate s of prompt i is exactly what `python -m rlhf_jax.generate --num-samples K
---seed S` writes for that row. Scores are the RM's, with its stored normalisation bias, on
-[bos] + the RM's prompt template + response + [eos], as `reward.score_texts` reads them. The
-chosen response is the argmax of the K scores; a tie goes to the lowest sample index.
+--seed S` writes for that row. Scores are the RM's, with its stored normalisation bias, read at
+the last token of what the policy produced, as PPO scores its rollouts: [bos] + the RM's prompt
+template + response, + [eos] only when the candidate finished (a response cut at the length
+limit is scored where it was cut, never given an EOS it did not emit). The chosen response is
+the argmax of the K scores; a tie goes to the lowest sample index.
 
 One JSON line per prompt, written to a temp file and renamed at the end:
 
@@ -17,8 +19,8 @@ One JSON line per prompt, written to a temp file and renamed at the end:
    "candidates": [{"response", "score", "finished", "tokens", "logprob"}, ...]}
 
 "tokens" counts response tokens including EOS, "logprob" is the sampled tokens' summed
-log-probability under the unmodified policy. Bad input is one `error: ...` line, exit code 2.
-Single process (as generate).
+log-probability under the distribution that drew them (temperature, top-k, top-p applied).
+Bad input is one `error: ...` line, exit code 2. Single process (as generate).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, cli, data, generate, reward, sampling, sharding
+from rlhf_jax import checkpoint, cli, data, data_demos, generate, reward, sampling, sharding
 
 
 def sample_candidates(
@@ -156,10 +158,26 @@ def sample_candidates(
     return groups
 
 
+def encode_scored(
+    pairs: Sequence[tuple[str, str]], finished: Sequence[bool], tok, template: str, seq_len: int
+):
+    """(tokens int32 [N, L], mask bool [N, L]), right-padded: [bos] + template(prompt) +
+    response, + [eos] only where `finished`, cut at the right to L = seq_len."""
+    tokens = np.full((len(pairs), seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(pairs), seq_len), bool)
+    for i, ((prompt, response), done) in enumerate(zip(pairs, finished, strict=True)):
+        ids = data_demos.prompt_ids(tok, template, prompt) + tok.encode(response)
+        ids = (ids + ([tok.eos_id] if done else []))[:seq_len]
+        tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
+    return tokens, mask
+
+
 def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
-    """`score(pairs) -> float64 [N]`: the RM in `rm_dir` on (prompt, response) pairs, plus its
-    normalisation bias, each read as the RM was trained (its own template and seq_len)."""
-    rules = rules if rules is not None else sharding.DEFAULT_RULES
+    """`score(pairs, finished=None) -> float64 [N]`: the RM in `rm_dir` on (prompt, response)
+    pairs, plus its normalisation bias, each read as the RM was trained (its own template and
+    seq_len) at the last token of the response, its EOS when `finished[i]` (None: all
+    finished, i.e. `reward.score_texts`)."""
+    rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
     graphdef, params, cfg, tok, meta = generate.load_model(rm_dir, mesh, rules)
     if cfg.head != "scalar":
         raise ValueError(f"reward model {rm_dir} has a {cfg.head!r} head; expected a scalar head")
@@ -167,20 +185,31 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
     template = config.get("data", {}).get("prompt_template") or "{prompt}"
     seq_len = config.get("train", {}).get("seq_len") or cfg.max_len
     bias = float(meta.get("reward_bias", 0.0))
+    dp = sharding.data_parallel_size(mesh, rules)
+    rows = max(dp, batch_size - batch_size % dp)
 
-    def score(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        return reward.score_texts(
-            graphdef,
-            params,
-            tok,
-            list(pairs),
-            template=template,
-            seq_len=seq_len,
-            mesh=mesh,
-            rules=rules,
-            batch_size=batch_size,
-            bias=bias,
-        )
+    def fn(params, tokens, mask):
+        with sharding.use_rules(mesh, rules):
+            return reward.sequence_scores(graphdef, params, tokens, mask, right_padded=True)
+
+    jitted = jax.jit(fn)
+
+    def score(pairs: Sequence[tuple[str, str]], finished: Sequence[bool] | None = None):
+        pairs = list(pairs)
+        finished = [True] * len(pairs) if finished is None else list(finished)
+        out = []
+        for lo in range(0, len(pairs), rows):
+            chunk = slice(lo, lo + rows)
+            tokens, mask = encode_scored(pairs[chunk], finished[chunk], tok, template, seq_len)
+            n = len(tokens)
+            if n < rows:  # fill the last batch with 1-token dummy rows (one compiled shape)
+                tokens = np.concatenate([tokens, np.full((rows - n, seq_len), tok.pad_id)])
+                mask = np.concatenate([mask, np.zeros((rows - n, seq_len), bool)])
+                mask[n:, 0] = True
+            batch = sharding.put_batch({"t": tokens.astype(np.int32), "m": mask}, mesh, rules)
+            got = jax.device_get(jitted(params, batch["t"], batch["m"]))
+            out.append(np.asarray(got, np.float64)[:n])
+        return (np.concatenate(out) if out else np.zeros(0)) + bias
 
     return score
 
@@ -275,7 +304,8 @@ def best_of_k(
         index_offset=index_offset,
     )
     score = load_scorer(rm_dir, mesh, rules)
-    flat = score([(c["prompt"], c["response"]) for g in groups for c in g])  # [N * K]
+    cands = [c for g in groups for c in g]
+    flat = score([(c["prompt"], c["response"]) for c in cands], [c["finished"] for c in cands])
     return select(groups, flat.reshape(len(groups), k))
 
 

@@ -106,21 +106,38 @@ def test_best_of_k_picks_the_rm_argmax_of_plain_samples(dirs, prompts_file, tmp_
         assert abs(c["logprob"] - s["logprob"]) < 1e-3
     assert len({c["response"] for c in cands}) > 1
 
-    # Scores recomputed independently with the RM (and its bias); the chosen one is the argmax.
+    # Scores recomputed independently with the RM (and its bias), read as PPO reads its
+    # rollouts: at the EOS of a finished response, at the last token of an unfinished one
+    # (no EOS appended to it); the chosen one is the argmax.
     mesh = local_mesh()
     graphdef, params, _, tok, meta = generate.load_model(dirs["rm"], mesh)
-    scores = reward.score_texts(
+    template = meta["config"]["data"]["prompt_template"]
+    seq_len = meta["config"]["train"]["seq_len"]
+    bias = rm_stage.load_bias(dirs["rm"])
+    forward = jax.jit(lambda p, x: state_lib.merge(graphdef, p)(x)[0])
+    scores = []
+    for s in samples:  # one unpadded row at a time, read at its last token
+        ids = data_demos.prompt_ids(tok, template, s["prompt"]) + tok.encode(s["response"])
+        ids = (ids + ([tok.eos_id] if s["finished"] else []))[:seq_len]
+        scores.append(float(forward(params, jnp.asarray([ids], jnp.int32))[0, -1]) + bias)
+    scores = np.asarray(scores).reshape(3, K)
+    assert bias != 0.0
+    # Some candidates were cut at the length limit, and for them appending an EOS (the
+    # all-finished scoring of reward.score_texts) would give another score.
+    unfinished = [i for i, s in enumerate(samples) if not s["finished"]]
+    assert unfinished
+    with_eos = reward.score_texts(
         graphdef,
         params,
         tok,
-        [(s["prompt"], s["response"]) for s in samples],
-        template=meta["config"]["data"]["prompt_template"],
-        seq_len=meta["config"]["train"]["seq_len"],
+        [(samples[i]["prompt"], samples[i]["response"]) for i in unfinished],
+        template=template,
+        seq_len=seq_len,
         mesh=mesh,
         rules=sharding.DEFAULT_RULES,
-        bias=rm_stage.load_bias(dirs["rm"]),
-    ).reshape(3, K)
-    assert rm_stage.load_bias(dirs["rm"]) != 0.0
+        bias=bias,
+    )
+    assert np.abs(with_eos - scores.reshape(-1)[unfinished]).max() > 1e-3
     for rec, row in zip(recs, scores, strict=True):
         np.testing.assert_allclose([c["score"] for c in rec["candidates"]], row, atol=1e-4)
         best = int(np.argmax(row))
