@@ -92,8 +92,9 @@ def score_texts(
             tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])
             mask = np.concatenate([mask, np.zeros((pad, seq_len), bool)])
             mask[-pad:, 0] = True
-        batch = sharding.put_batch({"t": tokens, "m": mask}, mesh, rules)
-        scores = np.asarray(jax.device_get(fn(params, batch["t"], batch["m"])), np.float64)
+        # Every process holds all pairs: one global batch in, gathered back (multi-process safe).
+        batch = sharding.put_global({"t": tokens, "m": mask}, mesh, rules)
+        scores = sharding.to_host(fn(params, batch["t"], batch["m"])).astype(np.float64)
         out.append(scores[: len(chunk)])
         if progress is not None:
             progress(len(chunk))

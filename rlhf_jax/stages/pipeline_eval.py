@@ -97,7 +97,8 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
     dp = sharding.data_parallel_size(mesh, rules)
     batches = data.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
     fn = jax.jit(lambda p, b: lm.eval_step(p, b, graphdef=graphdef, mesh=mesh, rules=rules))
-    sums = jax.device_get([fn(params, sharding.put_batch(b, mesh, rules)) for b in batches])
+    # Every process holds every batch: placed as global batches, the scalar sums read back.
+    sums = sharding.to_host([fn(params, sharding.put_global(b, mesh, rules)) for b in batches])
     total, count = np.sum(sums, axis=0)
     return float(total / max(count, 1.0))
 
