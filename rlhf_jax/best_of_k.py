@@ -108,11 +108,10 @@ def sample_candidates(
     rows = [(i, s) for i in range(len(ids)) for s in range(k)]
     dp = sharding.data_parallel_size(mesh, rules)
     batch = dp * math.ceil(min(batch_size, len(rows)) / dp)
-    keys_sharding = sharding.batch_sharding(mesh, rules, 1)
     groups: list[list[dict]] = [[] for _ in prompts]
 
     def collect(chunk, out):
-        out = jax.device_get(out)
+        out = sharding.to_host(out)
         for j, (i, s) in enumerate(chunk):
             n = int(out["lengths"][j])
             resp = out["response"][j, :n]
@@ -136,8 +135,11 @@ def sample_candidates(
         tokens, mask = generate.left_pad(batch_ids, width, tok.pad_id)
         idx = np.array([index_offset + i for i, _ in chunk] + [0] * (batch - len(chunk)))
         smp = np.array([s for _, s in chunk] + [0] * (batch - len(chunk)))
-        keys = jax.device_put(generate.row_keys(seed, idx, smp), keys_sharding)
-        dev = sharding.put_batch({"tokens": tokens, "mask": mask}, mesh, rules)
+        # Every process holds the whole batch: placed globally (multi-process safe).
+        dev = sharding.put_global(
+            {"tokens": tokens, "mask": mask, "keys": generate.row_keys(seed, idx, smp)}, mesh, rules
+        )
+        keys = dev["keys"]
         out = sampling.generate(
             graphdef,
             params,
@@ -206,8 +208,8 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
                 tokens = np.concatenate([tokens, np.full((rows - n, seq_len), tok.pad_id)])
                 mask = np.concatenate([mask, np.zeros((rows - n, seq_len), bool)])
                 mask[n:, 0] = True
-            batch = sharding.put_batch({"t": tokens.astype(np.int32), "m": mask}, mesh, rules)
-            got = jax.device_get(jitted(params, batch["t"], batch["m"]))
+            batch = sharding.put_global({"t": tokens.astype(np.int32), "m": mask}, mesh, rules)
+            got = sharding.to_host(jitted(params, batch["t"], batch["m"]))
             out.append(np.asarray(got, np.float64)[:n])
         return (np.concatenate(out) if out else np.zeros(0)) + bias
 

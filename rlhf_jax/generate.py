@@ -195,7 +195,6 @@ def run(args) -> dict:
     knobs = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy
     )
-    keys_sharding = sharding.batch_sharding(mesh, rules, 1)
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
@@ -211,7 +210,7 @@ def run(args) -> dict:
 
             def write(chunk, out):
                 nonlocal n_tokens, n_finished
-                out = jax.device_get(out)
+                out = sharding.to_host(out)
                 for j, (i, s) in enumerate(chunk):
                     n = int(out["lengths"][j])
                     rec = {
@@ -239,8 +238,9 @@ def run(args) -> dict:
                 tokens, mask = left_pad(batch_ids, width, tok.pad_id)
                 idx = np.array([i for i, _ in chunk] + [0] * (batch - len(chunk)))
                 smp = np.array([s for _, s in chunk] + [0] * (batch - len(chunk)))
-                keys = jax.device_put(row_keys(args.seed, idx, smp), keys_sharding)
-                dev = sharding.put_batch({"tokens": tokens, "mask": mask}, mesh, rules)
+                host = {"tokens": tokens, "mask": mask, "keys": row_keys(args.seed, idx, smp)}
+                dev = sharding.put_global(host, mesh, rules)
+                keys = dev["keys"]
                 out = sample(params, dev["tokens"], dev["mask"], keys, **knobs)
                 if pending is not None:  # fetch the previous batch while this one runs
                     write(*pending)

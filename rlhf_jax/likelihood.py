@@ -104,9 +104,9 @@ def sequence_logprob_sums(
             tokens[j, : len(p) + len(r)] = p + r
             mask[j, : len(p) + len(r)] = True
             targets[j, len(p) - 1 : len(p) + len(r) - 1] = True
-        dev = sharding.put_batch({"t": tokens, "m": mask, "y": targets}, mesh, rules)
+        dev = sharding.put_global({"t": tokens, "m": mask, "y": targets}, mesh, rules)
         sums = fn(params, dev["t"], dev["m"], dev["y"])
-        out.append(np.asarray(jax.device_get(sums), np.float64)[: hi - lo])
+        out.append(sharding.to_host(sums).astype(np.float64)[: hi - lo])
     return np.concatenate(out)
 
 
