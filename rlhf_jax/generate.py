@@ -14,7 +14,8 @@ turn) is rendered by the checkpoint's chat template instead (rlhf_jax/chat.py) a
 `messages` field in place of `prompt` in the output. One JSON line per completion:
 
   {"prompt", "response", "tokens": response length incl. EOS, "finished": ended with EOS,
-   "sample": sample index, "logprob": summed log-probability under the unmodified model}
+   "sample": sample index, "logprob": summed log-probability under the sampling distribution
+   (temperature-scaled, renormalised over the top-k / top-p set)}
 
 The output is written to a temp file and renamed at the end, so a killed run leaves no partial
 file. Bad input ends with one `error: ...` line on stderr and exit code 2. Single process.
