@@ -33,6 +33,7 @@ same K-way set in both modes and no prompt is in both train and eval.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Sequence
 
 import grain
@@ -41,6 +42,16 @@ import numpy as np
 from rlhf_jax import data
 from rlhf_jax.data_demos import prompt_ids, read_records, row_prompt
 from rlhf_jax.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
+# More than this fraction of sequences cut at seq_len is worth a warning: the RM then reads its
+# score off a truncated response (a run that cut 72% reached 0.75 accuracy instead of 0.92).
+CUT_WARN_FRACTION = 0.05
+
+
+class AllTie(ValueError):
+    """A comparison whose ranking ties every response: no ranked pair, no training signal."""
+
 
 BATCHINGS = ("per_prompt", "per_pair")
 _KWAY_KEYS = ("responses", "ranking")
@@ -85,7 +96,7 @@ def _kway_ranks(record: dict, k_max: int) -> tuple[list[str], list[int]]:
     if missing:
         raise ValueError(f"field 'ranking' does not mention response(s) {missing}")
     if len(ranking) < 2:
-        raise ValueError(f"field 'ranking' ties all {k} responses, so there is no ranked pair")
+        raise AllTie(f"field 'ranking' ties all {k} responses, so there is no ranked pair")
     return responses, ranks
 
 
@@ -115,12 +126,18 @@ def _normalise(record: dict, k_max: int) -> dict:
     return {"prompt": prompt, "responses": responses, "ranks": ranks}
 
 
-def read_comparisons(paths: str | Sequence[str], k_max: int = 9) -> list[dict]:
+def read_comparisons(
+    paths: str | Sequence[str], k_max: int = 9, skipped: collections.Counter | None = None
+) -> list[dict]:
     """Reads and checks comparisons from JSONL files in either format.
+
+    A row that ties every response (real labelled data has them) carries no ranked pair: it is
+    skipped and counted in `skipped["all_tie"]`, with one warning per file, never silently.
 
     Args:
       paths: files or globs, as accepted by `data.expand_paths`.
       k_max: the most responses a comparison may have (the K axis of the examples).
+      skipped: a Counter that receives the skip counts (optional).
 
     Returns:
       Comparisons `{"prompt": str | chat.Messages, "responses": [str] * K, "ranks": [int] * K,
@@ -130,19 +147,33 @@ def read_comparisons(paths: str | Sequence[str], k_max: int = 9) -> list[dict]:
     Raises:
       ValueError: `"{path}:{lineno}: ..."` for invalid JSON, a missing or mistyped field, a bad
         `messages` context (see chat.parse_messages), fewer than 2 or more than k_max responses,
-        a ranking with a duplicate, out-of-range, missing or non-integer index, a ranking that
-        ties every response, or a line of neither form.
+        a ranking with a duplicate, out-of-range, missing or non-integer index, or a line of
+        neither form.
     """
     if k_max < 2:
         raise ValueError(f"k_max must be at least 2, got {k_max}")
+    skipped = collections.Counter() if skipped is None else skipped
     comps = []
     for path in data.expand_paths(paths):
+        ties = []
         for lineno, record in read_records(path):
             try:
                 comp = _normalise(record, k_max)
+            except AllTie:
+                ties.append(lineno)
+                continue
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             comps.append({**comp, "source": f"{path}:{lineno}"})
+        if ties:
+            skipped["all_tie"] += len(ties)
+            _log.warning(
+                "%s: skipped %d comparison(s) that tie every response (no ranked pair), "
+                "first at line %d",
+                path,
+                len(ties),
+                ties[0],
+            )
     return comps
 
 
@@ -193,7 +224,7 @@ def encode_comparisons(
     kmask = np.zeros((n, k_slots), np.float32)
     flat = [r for c in comps for r in c["responses"]]
     response_ids = tokenizer.encode_batch(flat) if flat else []
-    pos = cut = 0
+    pos = cut = longest = 0
     for i, c in enumerate(comps):
         where = c.get("source", f"comparison {i}")
         k = len(c["responses"])
@@ -209,6 +240,7 @@ def encode_comparisons(
             )
         for j in range(k):
             ids = prefix + response_ids[pos + j] + [tokenizer.eos_id]
+            longest = max(longest, len(ids))
             if len(ids) > L:
                 cut += 1
                 ids = ids[:L]
@@ -218,7 +250,7 @@ def encode_comparisons(
         kmask[i, :k] = 1.0
         pos += k
     examples = {"tokens": tokens, "mask": mask, "ranks": ranks, "kmask": kmask}
-    return examples, {"sequences": len(flat), "cut_sequences": cut}
+    return examples, {"sequences": len(flat), "cut_sequences": cut, "longest": longest}
 
 
 def pair_examples(examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -322,12 +354,18 @@ def build_rm_data(
     """
     if batching not in BATCHINGS:
         raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
-    comps = read_comparisons(train_paths, k_max)
+    skipped = collections.Counter()
+    comps = read_comparisons(train_paths, k_max, skipped)
     if eval_paths:
-        train_comps, eval_comps = comps, read_comparisons(eval_paths, k_max)
+        train_comps, eval_comps = comps, read_comparisons(eval_paths, k_max, skipped)
     else:
         train_comps, eval_comps = split_by_prompt(comps, eval_fraction, seed)
+    if not train_comps:
+        raise ValueError(f"no training comparisons in {train_paths!r}")
     procs = dict(process_index=process_index, process_count=process_count)
+    # K from the data, not k_max: pairwise data padded to 9 slots would run the model on 7 empty
+    # responses per row (4.5x the work). One K per run, so the steps still compile once.
+    k_max = max(len(c["ranks"]) for c in [*train_comps, *eval_comps])
 
     train_ex, train_info = encode_comparisons(train_comps, tokenizer, template, seq_len, k_max)
     train_pairs = num_pairs(train_ex["ranks"], train_ex["kmask"])
@@ -335,7 +373,7 @@ def build_rm_data(
         train_ex = pair_examples(train_ex)
     train_iter = data.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
 
-    eval_list, eval_info, eval_pairs = [], {"cut_sequences": 0}, 0
+    eval_list, eval_info, eval_pairs = [], {"cut_sequences": 0, "sequences": 0, "longest": 0}, 0
     if eval_comps:
         eval_ex, eval_info = encode_comparisons(eval_comps, tokenizer, template, seq_len, k_max)
         eval_pairs = num_pairs(eval_ex["ranks"], eval_ex["kmask"])
@@ -355,6 +393,20 @@ def build_rm_data(
             sorted(collections.Counter(len(c["ranks"]) for c in all_comps).items())
         ),
         "cut_sequences": train_info["cut_sequences"] + eval_info["cut_sequences"],
+        "all_tie_skipped": skipped["all_tie"],
+        "k": k_max,
         "eval_batches": len(eval_list),
     }
+    n_seq = train_info["sequences"] + eval_info["sequences"]
+    if n_seq and info["cut_sequences"] > CUT_WARN_FRACTION * n_seq:
+        _log.warning(
+            "%.0f%% of comparison sequences (%d of %d) are cut at train.seq_len=%d; "
+            "train.seq_len=%d would fit them all",
+            100 * info["cut_sequences"] / n_seq,
+            info["cut_sequences"],
+            n_seq,
+            seq_len,
+            max(train_info["longest"], eval_info["longest"]),
+        )
+    info["cut_fraction"] = info["cut_sequences"] / max(n_seq, 1)
     return train_iter, eval_list, info

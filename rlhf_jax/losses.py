@@ -77,7 +77,10 @@ def _rm_metrics(scores, kmask, pairs, diff):
     mean = (scores * real).sum() / n_real
     var = (jnp.square(scores - mean) * real).sum() / n_real
     return {
+        # Strict wins; ties (equal scores, e.g. every pair of a fresh head) are counted apart, so
+        # an accuracy of 0 with tie_frac 1 reads as "no opinion yet", not "always wrong".
         "accuracy": ((diff > 0) * pairs).sum() / jnp.maximum(n_pairs, 1.0),
+        "tie_frac": ((diff == 0) * pairs).sum() / jnp.maximum(n_pairs, 1.0),
         "margin": (jnp.where(pairs > 0, diff, 0.0)).sum() / jnp.maximum(n_pairs, 1.0),
         "reward_mean": mean,
         "reward_std": jnp.sqrt(var),

@@ -70,7 +70,6 @@ KWAY = {"prompt": "p", "responses": ["a", "b", "c"]}
         ({**KWAY, "ranking": [0, -1, 2]}, "index -1 is out of range"),
         ({**KWAY, "ranking": [0, 1]}, r"does not mention response\(s\) \[2\]"),
         ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "needs at least 2"),
-        ({**KWAY, "ranking": [[0, 1, 2]]}, "ties all 3 responses, so there is no ranked pair"),
         ({**KWAY, "ranking": [0, "1", 2]}, "entry '1' is not a response index"),
         ({**KWAY, "ranking": [0, True, 2]}, "entry True is not a response index"),
         ({**KWAY, "ranking": [0, [], 1, 2]}, r"entry \[\] is not a response index"),
@@ -111,7 +110,7 @@ def test_encode_layout(tok):
     assert ex["tokens"].shape == ex["mask"].shape == (2, 4, 32)
     assert (ex["tokens"].dtype, ex["mask"].dtype) == (np.int32, np.bool_)
     assert (ex["ranks"].dtype, ex["kmask"].dtype) == (np.int32, np.float32)
-    assert info == {"sequences": 5, "cut_sequences": 0}
+    assert info == {"sequences": 5, "cut_sequences": 0, "longest": int(ex["mask"].sum(-1).max())}
     for i, c in enumerate(COMPS):
         prefix = data_demos.prompt_ids(tok, TEMPLATE, c["prompt"])
         k = len(c["responses"])
@@ -243,3 +242,61 @@ def test_eval_paths_and_unknown_batching(tmp_path, tok):
     assert len(evals) == 1 and evals[0]["kmask"].sum() == 2  # one real row, three padding rows
     with pytest.raises(ValueError, match="unknown rm.batching: 'pairs'; expected 'per_prompt'"):
         build(path, tok, "pairs")
+
+
+# --- rows without signal, K from the data, cut sequences -----------------------------------------
+
+
+def test_all_tie_rows_are_skipped_and_counted(tmp_path, caplog):
+    rows = [
+        {**KWAY, "ranking": [[0, 1, 2]]},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {**KWAY, "ranking": [[2, 0, 1]]},
+    ]
+    path = write_lines(tmp_path / "ties.jsonl", rows)
+    skipped = collections.Counter()
+    comps = data_prefs.read_comparisons(path, k_max=3, skipped=skipped)
+    assert [c["source"] for c in comps] == [f"{path}:2"]
+    assert skipped["all_tie"] == 2
+    assert "skipped 2 comparison(s) that tie every response" in caplog.text
+    assert "first at line 1" in caplog.text
+
+
+def test_pairwise_data_runs_with_two_slots_not_k_max(tmp_path, tok):
+    rng = random.Random(1)
+    rows = [{"prompt": f"p {i}", "chosen": sentence(rng), "rejected": sentence(rng)}
+            for i in range(40)]  # fmt: skip
+    rows.append({**KWAY, "ranking": [[0, 1, 2]]})  # skipped: does not widen K
+    path = write_lines(tmp_path / "pairs.jsonl", rows)
+    it, evals, info = build(path, tok, "per_prompt", k_max=9)
+    assert info["k"] == 2 and info["all_tie_skipped"] == 1
+    assert next(it)["tokens"].shape == (4, 2, 48)  # [b, K=2, L], not [b, 9, L]
+    assert all(b["tokens"].shape[1] == 2 for b in evals)
+
+
+def test_many_cut_sequences_warn_with_the_length_that_fits(tmp_path, tok, caplog):
+    rng = random.Random(2)
+    rows = [{"prompt": f"p {i}", "chosen": sentence(rng, 6, 10), "rejected": sentence(rng, 6, 10)}
+            for i in range(20)]  # fmt: skip
+    path = write_lines(tmp_path / "long.jsonl", rows)
+    lengths = [
+        len(data_demos.prompt_ids(tok, TEMPLATE, r["prompt"])) + len(tok.encode(resp)) + 1
+        for r in rows
+        for resp in (r["chosen"], r["rejected"])
+    ]
+    seq_len = sorted(lengths)[len(lengths) // 2]  # about half are cut
+    cut = sum(n > seq_len for n in lengths)
+    _, _, info = build(path, tok, "per_prompt", seq_len=seq_len)
+    assert info["cut_sequences"] == cut and info["cut_fraction"] == cut / len(lengths)
+    want = f"{round(100 * cut / len(lengths))}% of comparison sequences ({cut} of {len(lengths)})"
+    assert want in caplog.text
+    assert f"train.seq_len={max(lengths)} would fit them all" in caplog.text
+    caplog.clear()
+    build(path, tok, "per_prompt", seq_len=max(lengths))
+    assert "cut at train.seq_len" not in caplog.text
+
+
+def test_empty_comparisons_file_is_named(tmp_path, tok):
+    path = write_lines(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match=r"no training comparisons in .*empty\.jsonl"):
+        build(path, tok, "per_prompt")

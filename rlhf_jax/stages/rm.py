@@ -65,6 +65,7 @@ def eval_step(params, batch, *, graphdef, margin, mesh, rules):
             "loss_sum": loss * m["prompts"],
             "prompts": m["prompts"],
             "correct": m["accuracy"] * m["pairs"],
+            "ties": m["tie_frac"] * m["pairs"],
             "pairs": m["pairs"],
             "margin_sum": m["margin"] * m["pairs"],
             "score_sum": (scores * real).sum(),
@@ -75,12 +76,13 @@ def eval_step(params, batch, *, graphdef, margin, mesh, rules):
 
 
 def summarize(sums: list[dict]) -> dict:
-    total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+    total = jax.tree.map(lambda *x: float(np.sum(x)), *sharding.to_host(sums))
     n = max(total["responses"], 1.0)
     mean = total["score_sum"] / n
     out = {
         "eval/loss": total["loss_sum"] / max(total["prompts"], 1.0),
         "eval/accuracy": total["correct"] / max(total["pairs"], 1.0),
+        "eval/tie_frac": total["ties"] / max(total["pairs"], 1.0),
         "eval/margin": total["margin_sum"] / max(total["pairs"], 1.0),
         "eval/reward_mean": mean,
         "eval/reward_std": float(np.sqrt(max(total["score_sq"] / n - mean**2, 0.0))),
@@ -128,8 +130,14 @@ def run(config, mesh, workdir: str):
     rules = config.sharding.rules
     t = config.train
     setup.check_batch(config, mesh, rules)
+    if t.grad_accum != 1:
+        raise ValueError(
+            f"train.grad_accum={t.grad_accum}: the RM stage does not accumulate gradients; "
+            "set train.grad_accum=1 and use a smaller train.batch_size or a larger mesh"
+        )
     tok = setup.load_tokenizer(config, workdir)
     lm_cfg, init_meta = setup.resolve_model(config, tok)
+    norm_pairs(config, init_meta)  # fail now, not after training, if there is no reference
     model_cfg = dataclasses.replace(lm_cfg, head="scalar")
     pc, pi = jax.process_count(), jax.process_index()
     train_iter, eval_batches, info = data_prefs.build_rm_data(
@@ -149,7 +157,7 @@ def run(config, mesh, workdir: str):
     eval_batches = eval_batches[: t.eval_batches] if t.eval_batches > 0 else eval_batches
     optim_cfg = setup.optim_config_from(t, t.steps)
     tx = state_lib.make_optimizer(optim_cfg)
-    k = 2 if config.rm.batching == "per_pair" else config.rm.k_max
+    k = 2 if config.rm.batching == "per_pair" else info["k"]
     s = loop.Setup(
         config=config,
         mesh=mesh,
