@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_multiprocess import env_with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,16 +57,6 @@ PPO = [
     "--config.ppo.epochs=1", "--config.ppo.max_new_tokens=8", "--config.ppo.eval_every=2",
     "--config.ppo.eval_prompts=8", "--config.ppo.ptx_batch=8", "--config.ppo.sample_rows=3",
 ]  # fmt: skip
-
-
-def env_with(devices: int) -> dict:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    env.pop("RLHF_JAX_TRACEBACK", None)
-    return env
 
 
 def one_process(workdir, *flags):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_ppo
 from flax import nnx
 
 from experiments import common, ppo_ptx
@@ -73,31 +74,9 @@ def ppo_models():
 
 
 def ppo_cfg(**kw):
-    base = dict(
-        minibatch_rows=2,
-        epochs=1,
-        updates_per_epoch=2,
-        eos_id=3,
-        kl_kind="k1",
-        discount=1.0,
-        lam=0.95,
-        clip=0.2,
-        value_clip=0.2,
-        vf_coef=0.5,
-        ptx_coef=0.0,
-        whiten_advantages=True,
-        score_clip=0.0,
-        whiten_scores=False,
-        no_eos_penalty=0.0,
-        policy_lr=1e-2,
-        value_lr=1e-2,
-        warmup_updates=0,
-        weight_decay=0.0,
-        grad_clip=0.0,
-        min_lr_ratio=1.0,
-    )
-    base.update(kw)
-    return ppo.PPOConfig(**base)
+    """test_ppo's tiny PPO config, with two minibatches of two rows and a larger step."""
+    base = dict(minibatch_rows=2, updates_per_epoch=2, policy_lr=1e-2, value_lr=1e-2)
+    return test_ppo.cfg_with(**{**base, **kw})
 
 
 def test_ppo_scores_and_trains_under_the_sampling_temperature():
