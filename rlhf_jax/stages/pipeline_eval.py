@@ -104,22 +104,13 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
 
 
 def rm_mean_score(rm_dir, recs, mesh, rules) -> float:
-    from rlhf_jax import reward
+    """Mean RM score of sampled records, read as PPO reads it: at the EOS of a finished
+    response, at the last token of an unfinished one (best_of_k.load_scorer)."""
+    from rlhf_jax import best_of_k
 
-    graphdef, params, _, tok, meta = generate.load_model(rm_dir, mesh, rules)
-    cfg = meta.get("config", {})
-    scores = reward.score_texts(
-        graphdef,
-        params,
-        tok,
-        [(r["prompt"], r["response"]) for r in recs],
-        template=cfg["data"]["prompt_template"],
-        seq_len=cfg["train"]["seq_len"],
-        mesh=mesh,
-        rules=rules,
-        bias=float(meta.get("reward_bias", 0.0)),
-    )
-    return float(np.mean(scores))
+    score = best_of_k.load_scorer(rm_dir, mesh, rules)
+    pairs = [(r["prompt"], r["response"]) for r in recs]
+    return float(np.mean(score(pairs, [bool(r["finished"]) for r in recs])))
 
 
 def read_models(path: str) -> dict:
