@@ -355,13 +355,29 @@ def build_rm_data(
     if batching not in BATCHINGS:
         raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
     skipped = collections.Counter()
-    comps = read_comparisons(train_paths, k_max, skipped)
+
+    def read(paths, key):
+        ties = skipped["all_tie"]
+        comps = read_comparisons(paths, k_max, skipped)
+        if not comps:
+            why = (
+                f" ({skipped['all_tie'] - ties} all-tie rows skipped)"
+                if skipped["all_tie"] > ties
+                else ""
+            )
+            raise ValueError(f"{key}: no {key.split('.')[1]} comparisons in {paths!r}{why}")
+        return comps
+
+    comps = read(train_paths, "data.train")
     if eval_paths:
-        train_comps, eval_comps = comps, read_comparisons(eval_paths, k_max, skipped)
+        train_comps, eval_comps = comps, read(eval_paths, "data.eval")
     else:
         train_comps, eval_comps = split_by_prompt(comps, eval_fraction, seed)
     if not train_comps:
-        raise ValueError(f"no training comparisons in {train_paths!r}")
+        raise ValueError(
+            f"data.eval_fraction={eval_fraction} holds out every prompt of {train_paths!r}, "
+            "leaving no training comparisons"
+        )
     procs = dict(process_index=process_index, process_count=process_count)
     # K from the data, not k_max: pairwise data padded to 9 slots would run the model on 7 empty
     # responses per row (4.5x the work). One K per run, so the steps still compile once.

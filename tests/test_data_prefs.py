@@ -298,5 +298,14 @@ def test_many_cut_sequences_warn_with_the_length_that_fits(tmp_path, tok, caplog
 
 def test_empty_comparisons_file_is_named(tmp_path, tok):
     path = write_lines(tmp_path / "empty.jsonl", [])
-    with pytest.raises(ValueError, match=r"no training comparisons in .*empty\.jsonl"):
+    with pytest.raises(ValueError, match=r"^data.train: no train comparisons in .*empty\.jsonl"):
         build(path, tok, "per_prompt")
+    ties = write_lines(tmp_path / "ties.jsonl", [{**KWAY, "ranking": [[0, 1, 2]]}] * 3)
+    with pytest.raises(ValueError, match=r"ties\.jsonl' \(3 all-tie rows skipped\)$"):
+        build(ties, tok, "per_prompt")
+    # An empty held-out file is named too, not silently an evaluation of nothing.
+    good = write_lines(
+        tmp_path / "good.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 8
+    )
+    with pytest.raises(ValueError, match=r"^data.eval: no eval comparisons in .*empty\.jsonl"):
+        build(good, tok, "per_prompt", eval_paths=path)

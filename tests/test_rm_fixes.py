@@ -58,9 +58,77 @@ def test_missing_norm_data_stops_before_training(pretrained, tmp_path):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # nothing was trained
 
 
-def test_grad_accum_is_refused_in_one_line(tmp_path):
-    c = rm.get_config()
-    c.train.grad_accum = 2
-    mesh = mesh_lib.build_mesh(c.mesh, jax.devices()[:1])
-    with pytest.raises(ValueError, match=r"^train.grad_accum=2: the RM stage does not accumulate"):
-        rm_stage.run(c, mesh, str(tmp_path / "w"))
+def _rm_batch(rng, b, k, n, vocab):
+    mask = np.zeros((b, k, n), bool)
+    for i in range(b):
+        for j in range(k):
+            mask[i, j, : rng.integers(3, n + 1)] = True
+    ranks = np.stack([rng.permutation(k) for _ in range(b)]).astype(np.int32)
+    ranks[0] = [0, 0, 1]  # a tie: fewer pairs in one row, so microbatch weights differ
+    kmask = np.ones((b, k), np.float32)
+    kmask[1, 2], ranks[1, 2] = 0.0, -1  # an absent slot
+    return {
+        "tokens": np.where(mask, rng.integers(4, vocab, (b, k, n)), 0).astype(np.int32),
+        "mask": mask,
+        "ranks": ranks,
+        "kmask": kmask,
+    }
+
+
+@pytest.mark.parametrize("batching", ["per_prompt", "per_pair"])
+def test_grad_accum_equals_the_full_batch_gradient(batching):
+    import functools
+
+    import optax
+
+    from rlhf_jax import model as M
+    from rlhf_jax import sharding
+    from rlhf_jax import state as state_lib
+
+    cfg = M.preset("tiny", family="gpt2", dtype="float32", head="scalar")
+    mesh = mesh_lib.build_mesh(rm.get_config().mesh, jax.devices())
+    rules = sharding.DEFAULT_RULES
+    tx = optax.sgd(1.0)  # new params = params - grad: the step exposes the gradient exactly
+    graphdef, state, _ = state_lib.create_train_state(cfg, tx, mesh, rules, seed=0)
+    head = state["params"]["score_head"]
+    state["params"]["score_head"] = jax.device_put(
+        jax.random.normal(jax.random.key(1), head.shape), head.sharding
+    )
+    host = _rm_batch(np.random.default_rng(0), 16, 3, 12, cfg.vocab_size)
+    batch = sharding.put_batch(host, mesh, rules)
+    params0 = jax.tree.map(np.asarray, state["params"])
+
+    def step(accum):
+        fn = functools.partial(
+            rm_stage.train_step, graphdef=graphdef, tx=tx, batching=batching, margin=0.0,
+            mesh=mesh, rules=rules, grad_accum=accum,
+        )  # fmt: skip
+        new, m = jax.jit(fn)(jax.tree.map(jnp.copy, state), batch)
+        grads = jax.tree.map(lambda a, b: a - np.asarray(b), params0, new["params"])
+        return grads, jax.tree.map(float, m)
+
+    full_g, full_m = step(1)
+    # Naive reference: each microbatch's gradient by itself, weighted by the examples its loss
+    # averages over (prompts with a pair, or pairs), as one pass over the whole batch weighs them.
+    loss_fn = functools.partial(rm_stage.rm_loss, graphdef=graphdef, batching=batching, margin=0.0)
+    ref, total_w = None, 0.0
+    for half in (slice(0, 8), slice(8, 16)):
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            params0, {k: jnp.asarray(v[half]) for k, v in host.items()}
+        )
+        w = float(m["prompts"] if batching == "per_prompt" else m["pairs"])
+        g = jax.tree.map(lambda x, w=w: np.asarray(x) * w, g)
+        ref = g if ref is None else jax.tree.map(np.add, ref, g)
+        total_w += w
+    ref = jax.tree.map(lambda x: x / total_w, ref)
+    for accum in (2,):
+        g, m = step(accum)
+        for got, want, naive in zip(
+            jax.tree.leaves(g), jax.tree.leaves(full_g), jax.tree.leaves(ref), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)  # f32 sum order
+            np.testing.assert_allclose(got, naive, atol=1e-5, rtol=1e-4)
+        for key in ("rm/loss", "rm/accuracy", "rm/tie_frac", "rm/margin", "rm/reward_mean",
+                    "rm/reward_std", "rm/pairs", "rm/prompts", "rm/grad_norm"):  # fmt: skip
+            np.testing.assert_allclose(m[key], full_m[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert full_m["rm/grad_norm"] > 1e-3

@@ -8,7 +8,17 @@ Hand-off: `init_from` an SFT (or pretraining) workdir; the backbone is restored,
 dropped and a zero-initialised scalar head added. After the last step the normalisation bias that
 makes the reference responses (`rm.norm_data`, default: the SFT stage's demonstrations) score 0
 on average is computed and stored in the final checkpoint's meta (`reward_bias`) and in
-`<workdir>/reward_norm.json`; everything that scores with this RM adds it.
+`<workdir>/reward_norm.json`; everything that scores with this RM adds it. The reference is
+checked before training, so a run that has none stops at once, not after its last step.
+
+K (response slots per example) is the largest comparison in the data, not `rm.k_max` (which only
+bounds it): pairwise data runs with K = 2. `train.grad_accum` splits each step's batch into that
+many microbatches whose gradients combine exactly to the full-batch gradient.
+
+Accuracy (`rm/accuracy`, `eval/accuracy`, `eval/accuracy_k{K}`) counts strict wins only
+(r_w > r_l); pairs the RM scores equally are reported apart as `rm/tie_frac` / `eval/tie_frac`.
+So a fresh zero head at step 0 reads accuracy 0 with tie_frac 1 ("no opinion yet"), and
+accuracy + tie_frac / 2 is the accuracy that counts a tie as half right.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -39,11 +50,80 @@ def rm_loss(params, batch, *, graphdef, batching: str, margin: float):
     raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
 
 
-def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules):
-    """One optimizer step on a comparison batch {"tokens", "mask" [b, K, L], "ranks", "kmask"}."""
+def _accumulate(fn, params, batch, *, grad_accum: int, batching: str):
+    """(loss, metrics, grads) of `batch` from `grad_accum` microbatches, equal to one pass.
+
+    Each microbatch's loss is weighted by its own denominator (prompts with a pair in
+    "per_prompt", ranked pairs in "per_pair"), so the summed weighted gradients over the summed
+    weights are exactly the full-batch gradient, padding rows included. Pair metrics are pooled
+    over pairs and reward_mean/std over real responses, as one pass would compute them.
+    """
+
+    # [b, ...] -> [A, b/A, ...] keeping each device's rows local (row-major split, then swap).
+    def split(x):
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def weighted(p, mb):
+        loss, m = fn(p, mb)
+        w = m["prompts"] if batching == "per_prompt" else m["pairs"]
+        return loss * w, (m, w)
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def one(mb):
+        mb = jax.tree.map(
+            lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
+        )
+        (lw, (m, w)), g = grad_fn(params, mb)
+        n, pairs = (mb["kmask"] > 0).sum().astype(jnp.float32), m["pairs"]
+        return {
+            "loss_w": lw,
+            "w": w,
+            "grads": g,
+            "pairs": pairs,
+            "prompts": m["prompts"],
+            "responses": n,
+            "correct": m["accuracy"] * pairs,
+            "ties": m["tie_frac"] * pairs,
+            "margin_sum": m["margin"] * pairs,
+            "score_sum": m["reward_mean"] * n,
+            "score_sq": (m["reward_std"] ** 2 + m["reward_mean"] ** 2) * n,
+        }
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, first))
+    tot, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, one(mb)), None), zero, micro)
+    w, pairs, n = (jnp.maximum(tot[k], 1.0) for k in ("w", "pairs", "responses"))
+    mean = tot["score_sum"] / n
+    metrics = {
+        "accuracy": tot["correct"] / pairs,
+        "tie_frac": tot["ties"] / pairs,
+        "margin": tot["margin_sum"] / pairs,
+        "reward_mean": mean,
+        "reward_std": jnp.sqrt(jnp.maximum(tot["score_sq"] / n - mean**2, 0.0)),
+        "pairs": tot["pairs"],
+        "prompts": tot["prompts"],
+    }
+    return tot["loss_w"] / w, metrics, jax.tree.map(lambda g: g / w, tot["grads"])
+
+
+def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, grad_accum: int = 1):
+    """One optimizer step on a comparison batch {"tokens", "mask" [b, K, L], "ranks", "kmask"}.
+
+    With `grad_accum` > 1 the batch is run as that many microbatches of b / grad_accum rows and
+    their gradients combined exactly (see `_accumulate`): the step equals the one-pass step.
+    """
     with sharding.use_rules(mesh, rules):
         fn = functools.partial(rm_loss, graphdef=graphdef, batching=batching, margin=margin)
-        (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(state["params"], batch)
+        if grad_accum == 1:
+            (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(state["params"], batch)
+        else:
+            loss, m, grads = _accumulate(
+                fn, state["params"], batch, grad_accum=grad_accum, batching=batching
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = {
@@ -76,6 +156,8 @@ def eval_step(params, batch, *, graphdef, margin, mesh, rules):
 
 
 def summarize(sums: list[dict]) -> dict:
+    """Eval metrics from the per-batch sums of `eval_step`; accuracy is strict wins over ranked
+    pairs and `eval/tie_frac` the fraction of pairs scored equally (see the module docstring)."""
     total = jax.tree.map(lambda *x: float(np.sum(x)), *sharding.to_host(sums))
     n = max(total["responses"], 1.0)
     mean = total["score_sum"] / n
@@ -130,11 +212,6 @@ def run(config, mesh, workdir: str):
     rules = config.sharding.rules
     t = config.train
     setup.check_batch(config, mesh, rules)
-    if t.grad_accum != 1:
-        raise ValueError(
-            f"train.grad_accum={t.grad_accum}: the RM stage does not accumulate gradients; "
-            "set train.grad_accum=1 and use a smaller train.batch_size or a larger mesh"
-        )
     tok = setup.load_tokenizer(config, workdir)
     lm_cfg, init_meta = setup.resolve_model(config, tok)
     norm_pairs(config, init_meta)  # fail now, not after training, if there is no reference
@@ -193,6 +270,7 @@ def run(config, mesh, workdir: str):
             margin=config.rm.margin,
             mesh=mesh,
             rules=rules,
+            grad_accum=t.grad_accum,
         ),
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
