@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from rlhf_jax import sharding
+from rlhf_jax.data import sft_data
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import sharding
 
 # One prompt format for every stage after pretraining: the policy sees this text before it
 # responds, in SFT, in RM scoring, in PPO rollouts and in `generate`.
-PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
+PROMPT_TEMPLATE = sft_data.PROMPT_TEMPLATE
 # Model sizes whose experiment settings are the small CPU ones (tests, the bundled pipeline).
 CPU_SIZES = ("tiny", "mini")
 
@@ -43,7 +45,7 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 
 
 def model_config(size: str = "tiny") -> mlc.ConfigDict:
-    """`size` picks a preset from rlhf_jax/model.py; the other keys override it when set."""
+    """`size` picks a preset from rlhf_jax/models/transformer.py; the other keys override it when set."""
     return mlc.ConfigDict(
         dict(
             size=size,
@@ -137,12 +139,7 @@ def ppo_config() -> mlc.ConfigDict:
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
     """ICI (within a slice / node) and DCN (across slices / nodes) mesh shapes; -1 fills."""
-    return mlc.ConfigDict(
-        dict(
-            ici=dict(data=data, fsdp=fsdp, tensor=tensor),
-            dcn=dict(data=1, fsdp=1, tensor=1),
-        )
-    )
+    return mesh_lib.config(data, fsdp, tensor)
 
 
 def base_config() -> mlc.ConfigDict:
@@ -168,7 +165,7 @@ def base_config() -> mlc.ConfigDict:
             ptx="",  # PPO-ptx: pretraining text files for the gamma term
         )
     )
-    # Dialogue rows (`{"messages": [...]}`, rlhf_jax/chat.py): each turn is its role marker then
+    # Dialogue rows (`{"messages": [...]}`, rlhf_jax/data/chat.py): each turn is its role marker then
     # its content; an assistant turn ends with EOS. `prompt` rows keep data.prompt_template. The
     # markers are reserved pieces of a tokenizer the pretrain stage trains (reserve_tokens=False
     # trains the single-turn tokenizer of before, which cannot encode messages rows).

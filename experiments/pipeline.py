@@ -1,4 +1,4 @@
-"""The whole InstructGPT pipeline on the bundled task world (rlhf_jax/world.py), with a report.
+"""The whole InstructGPT pipeline on the bundled task world (rlhf_jax/task/world.py), with a report.
 
   python -m launch.run --config experiments/pipeline.py --workdir runs/pipeline
 

@@ -1,7 +1,7 @@
 """Chat SFT: supervised fine-tuning on conversations (the ChatGPT variant of InstructGPT step 1).
 
 The data mixes `{"messages": [...]}` dialogues with single-turn `{"prompt", "response"}` demos
-in one run (rlhf_jax/chat.py): the loss covers every assistant turn's content and its EOS, and
+in one run (rlhf_jax/data/chat.py): the loss covers every assistant turn's content and its EOS, and
 nothing else. The bundled `tiny_dialogues.jsonl` holds 1000 two-turn dialogues of the task world
 whose follow-up builds on the first answer ("what is 7 plus 5?" -> "7 plus 5 is 12." ->
 "and plus 3?" -> "12 plus 3 is 15."); it is `world.dialogue_demonstrations(1000, seed=0,
@@ -26,7 +26,7 @@ score 0.03); the run shows the mechanics, not a capable chat model.
 Then sample a follow-up (a `{"messages"}` prompt line, ending with a user turn):
   echo '{"messages": [{"role": "user", "content": "what is 4 plus 9?"}, {"role": "assistant",
       "content": "4 plus 9 is 13."}, {"role": "user", "content": "and plus 2?"}]}' > chat.jsonl
-  python -m rlhf_jax.generate --checkpoint runs/sft_chat_tiny --prompts chat.jsonl \
+  python -m rlhf_jax.tools.generate --checkpoint runs/sft_chat_tiny --prompts chat.jsonl \
       --out chat_out.jsonl --greedy
 
 Your own conversations, GPT-2 124M:

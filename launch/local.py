@@ -2,6 +2,11 @@
 
   python -m launch.local --processes 2 --devices_per_process 4 -- \\
       --config experiments/pretrain.py:size=tiny --workdir runs/mp
+  python -m launch.local --processes 2 --devices_per_process 4 --module rlhf_jax.tools.generate \\
+      -- --checkpoint runs/sft_tiny --prompts prompts.jsonl --out out.jsonl
+
+`--module` runs another entry point that takes the same three process flags (the command-line
+tools in rlhf_jax/tools/); the default is `launch.run`.
 
 Each process gets `--coordinator_address localhost:PORT --num_processes N --process_id i` and
 its own devices: on CPU, D fake host devices (XLA_FLAGS); with `--platform gpu`, D of the visible
@@ -34,6 +39,9 @@ def free_port() -> int:
 def process_env(base: dict, i: int, devices: int, platform: str) -> dict:
     """The environment of process i: its own D devices."""
     env = dict(base)
+    # The processes run in the caller's directory, so relative paths mean what the user typed;
+    # the checkout stays importable from anywhere.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, base.get("PYTHONPATH", "")) if p)
     if platform == "cpu":
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
@@ -43,10 +51,10 @@ def process_env(base: dict, i: int, devices: int, platform: str) -> dict:
     return env
 
 
-def commands(n: int, port: int, run_args: list[str]) -> list[list[str]]:
+def commands(n: int, port: int, run_args: list[str], module: str = "launch.run") -> list[list[str]]:
     coord = f"localhost:{port}"
     return [
-        [sys.executable, "-m", "launch.run", *run_args, f"--coordinator_address={coord}"]
+        [sys.executable, "-m", module, *run_args, f"--coordinator_address={coord}"]
         + [f"--num_processes={n}", f"--process_id={i}"]
         for i in range(n)
     ]
@@ -59,7 +67,7 @@ def _pump(stream, prefix: str, out):
 
 
 def run(args) -> int:
-    cmds = commands(args.processes, args.port or free_port(), args.run_args)
+    cmds = commands(args.processes, args.port or free_port(), args.run_args, args.module)
     if args.dry_run:
         for i, cmd in enumerate(cmds):
             env = process_env({}, i, args.devices_per_process, args.platform)
@@ -68,7 +76,6 @@ def run(args) -> int:
     procs = [
         subprocess.Popen(
             cmd,
-            cwd=ROOT,
             env=process_env(os.environ, i, args.devices_per_process, args.platform),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -108,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
         "--port", type=int, default=0, help="coordinator port (default: a free one)"
+    )
+    parser.add_argument(
+        "--module", default="launch.run", help="entry point to run (python -m MODULE)"
     )
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
     parser.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then launch.run's flags")

@@ -5,7 +5,7 @@
 Multi-process runs (TPU VM pod slices, SLURM, or explicit `--coordinator_address`,
 `--num_processes`, `--process_id`) initialise `jax.distributed` before anything touches a device.
 Every process checks at start-up that all processes loaded the same resolved config and the same
-code (hashes, rlhf_jax/provenance.py); each start appends the config hash, code version, command
+code (hashes, rlhf_jax/infra/provenance.py); each start appends the config hash, code version, command
 and device count to `WORKDIR/run_info.jsonl` beside the resolved `WORKDIR/config.json`.
 
 Bad input (unknown config key, wrong type, missing file, malformed data) ends the run with one
@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import cli, paths, preemption, provenance
+from rlhf_jax.infra import cli, distributed, paths, preemption, provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -36,31 +36,6 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "rsft", "pipeline")
-
-
-def _multi_process_env() -> bool:
-    env = os.environ
-    if int(env.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return True
-    return "JAX_COORDINATOR_ADDRESS" in env
-
-
-def init_distributed():
-    import jax
-
-    # The coordinator (process 0) listens only on the address it is given, not on every
-    # interface (DESIGN.md §5); with cluster auto-detection jax picks and binds the address.
-    if _COORD.value:
-        jax.distributed.initialize(
-            _COORD.value, _NPROC.value, _PID.value, coordinator_bind_address=_COORD.value
-        )
-    elif "JAX_COORDINATOR_ADDRESS" in os.environ:
-        addr = os.environ["JAX_COORDINATOR_ADDRESS"]
-        jax.distributed.initialize(coordinator_bind_address=addr)
-    elif _multi_process_env():
-        jax.distributed.initialize()  # cluster auto-detection: TPU VM, SLURM
 
 
 def dispatch(config, mesh, workdir):
@@ -121,7 +96,7 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/absl info and warnings are noise
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no libtpu chatter
-    init_distributed()
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     preemption.install()
     # Paths as users type them: resolved against the current directory once, here (paths.py).
     workdir = paths.absolute(_WORKDIR.value)
@@ -159,7 +134,7 @@ def start(config, workdir: str):
     """Builds the mesh, records the resolved config and runs the stage."""
     import jax
 
-    from launch import mesh as mesh_lib
+    from rlhf_jax.infra import mesh as mesh_lib
 
     paths.check_sources(config)
     config_hash = provenance.config_hash(config.to_dict())

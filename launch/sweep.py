@@ -263,7 +263,7 @@ def _last_line(path: str) -> str:
 
 def run_sweep(sweep: Sweep, workdir: str, parallel: int) -> int:
     """Runs every point that is not done, `parallel` at a time; returns the exit code."""
-    from rlhf_jax import provenance
+    from rlhf_jax.infra import provenance
 
     if parallel < 1:
         raise ValueError(f"--parallel must be at least 1, got {parallel}")
@@ -358,7 +358,7 @@ def emit(sweep: Sweep, workdir: str, kind: str, launcher_args: str, write: bool)
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # One line, as every other entry point reports bad input (rlhf_jax/cli.py).
+        # One line, as every other entry point reports bad input (rlhf_jax/infra/cli.py).
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -408,6 +408,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from rlhf_jax import cli
+    from rlhf_jax.infra import cli
 
     sys.exit(cli.run_or_exit(main, sys.argv[1:]))

@@ -25,7 +25,7 @@ import os
 import re
 
 from launch import sweep as sweep_lib
-from rlhf_jax.metrics import METRICS_FILE, read_metrics
+from rlhf_jax.infra.metrics import METRICS_FILE, read_metrics
 
 EVAL_FILE = "eval.json"
 # Checkpoint and TensorBoard trees can be large and never hold either file.

@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 
 from experiments import common, pretrain, rm, rsft, sft
-from launch import mesh as mesh_lib
-from rlhf_jax import (
-    best_of_k,
-    checkpoint,
-    data,
-    data_demos,
-    generate,
-    likelihood,
-    metrics,
-    reward,
-    sharding,
-)
-from rlhf_jax import state as state_lib
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import checkpoint, metrics, sharding
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.sampling import best_of_k, likelihood, load, reward
 from rlhf_jax.stages import lm
 from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.stages import rsft as rsft_stage
+from rlhf_jax.tools import best_of_k as best_of_k_tool
+from rlhf_jax.tools import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = os.path.join(HERE, "..", "experiments", "data", "tiny_prompts.jsonl")
@@ -47,7 +41,7 @@ def two_device_mesh():
 def dirs(tmp_path_factory):
     """A tiny SFT policy (trained from scratch on the demos) and an RM started from it."""
     root = tmp_path_factory.mktemp("bok")
-    docs = data.read_documents(pretrain.get_config().data.train)
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
     tok = tok_lib.train_tokenizer(docs, str(root / "tok.model"), 512)
     mesh = two_device_mesh()
     s = sft.get_config()
@@ -69,7 +63,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts_file(dirs):
     path = dirs["root"] / "prompts.jsonl"
-    rows = data.read_jsonl(PROMPTS, {"prompt": str})[:3]
+    rows = lm_data.read_jsonl(PROMPTS, {"prompt": str})[:3]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -83,7 +77,7 @@ def test_best_of_k_picks_the_rm_argmax_of_plain_samples(dirs, prompts_file, tmp_
     out = tmp_path / "best.jsonl"
     argv = ["--policy", dirs["sft"], "--reward", dirs["rm"], "--prompts", prompts_file]
     argv += ["--out", str(out), "--k", str(K), "--max-new-tokens", str(T), "--seed", str(SEED)]
-    best_of_k.main(argv)
+    best_of_k_tool.main(argv)
     recs = read(out)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
@@ -110,14 +104,14 @@ def test_best_of_k_picks_the_rm_argmax_of_plain_samples(dirs, prompts_file, tmp_
     # rollouts: at the EOS of a finished response, at the last token of an unfinished one
     # (no EOS appended to it); the chosen one is the argmax.
     mesh = local_mesh()
-    graphdef, params, _, tok, meta = generate.load_model(dirs["rm"], mesh)
+    graphdef, params, _, tok, meta = load.load_model(dirs["rm"], mesh)
     template = meta["config"]["data"]["prompt_template"]
     seq_len = meta["config"]["train"]["seq_len"]
     bias = rm_stage.load_bias(dirs["rm"])
     forward = jax.jit(lambda p, x: state_lib.merge(graphdef, p)(x)[0])
     scores = []
     for s in samples:  # one unpadded row at a time, read at its last token
-        ids = data_demos.prompt_ids(tok, template, s["prompt"]) + tok.encode(s["response"])
+        ids = sft_data.prompt_ids(tok, template, s["prompt"]) + tok.encode(s["response"])
         ids = (ids + ([tok.eos_id] if s["finished"] else []))[:seq_len]
         scores.append(float(forward(params, jnp.asarray([ids], jnp.int32))[0, -1]) + bias)
     scores = np.asarray(scores).reshape(3, K)
@@ -167,11 +161,11 @@ def test_bad_cli_input_is_one_line_error(dirs, prompts_file, tmp_path, capsys):
     missing = tmp_path / "nope"
     argv = ["--policy", dirs["sft"], "--reward", str(missing), "--prompts", prompts_file]
     with pytest.raises(SystemExit) as e:
-        best_of_k.main(argv + ["--out", str(tmp_path / "o.jsonl")])
+        best_of_k_tool.main(argv + ["--out", str(tmp_path / "o.jsonl")])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --reward {missing} does not exist"
     with pytest.raises(SystemExit):  # an LM where the RM belongs
-        best_of_k.main(
+        best_of_k_tool.main(
             [
                 "--policy",
                 dirs["sft"],
@@ -201,7 +195,7 @@ def naive_logprob(forward, params, prompt_ids, response_ids):
 
 def test_response_logprobs_match_a_naive_loop_and_self_kl_is_zero(dirs, prompts_file, tmp_path):
     mesh = local_mesh()
-    prompts, _ = generate.read_prompts(prompts_file)
+    prompts, _ = load.read_prompts(prompts_file)
     groups = best_of_k.sample_candidates(
         dirs["sft"], prompts, K, max_new_tokens=T, seed=SEED, mesh=mesh
     )
@@ -210,7 +204,7 @@ def test_response_logprobs_match_a_naive_loop_and_self_kl_is_zero(dirs, prompts_
     recs.append({**recs[0], "finished": not recs[0]["finished"]})
     got = likelihood.response_logprobs(dirs["sft"], recs, mesh=mesh, batch_size=4)
 
-    graphdef, params, _, tok, meta = generate.load_model(dirs["sft"], mesh)
+    graphdef, params, _, tok, meta = load.load_model(dirs["sft"], mesh)
     forward = jax.jit(lambda p, x: state_lib.merge(graphdef, p)(x)[0])
     template = meta["config"]["data"]["prompt_template"]
     p_ids, r_ids = likelihood.encode_responses(tok, recs, template)
@@ -276,7 +270,7 @@ def test_rsft_two_rounds_train_only_on_the_selection_and_resume(dirs, tmp_path, 
         tok = tok_lib.Tokenizer.load(str(rdir / "policy" / "tokenizer.model"))
         _, _, _, info = lm.build_data(child_cfg, tok, str(rdir / "policy"))
         assert info["train_demos"] == 12 and info["eval_demos"] == 0
-        ex, _ = data_demos.encode_demos(sel, tok, child_cfg.data.prompt_template, 64)
+        ex, _ = sft_data.encode_demos(sel, tok, child_cfg.data.prompt_template, 64)
         assert info["response_tokens"] == int(ex["mask"].sum())
     # New prompts each round (12 + 12 of 1000 distinct tiny prompts, no wrap-around).
     assert len(set(seen)) == len(seen)

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from experiments import common, pretrain, sft_chat
-from rlhf_jax import chat, data, data_demos, data_prefs, generate, losses, world
-from rlhf_jax import model as M
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import chat, lm_data, rm_data, sft_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.models import transformer as M
+from rlhf_jax.rl import losses
+from rlhf_jax.sampling import load
 from rlhf_jax.stages import setup
+from rlhf_jax.task import world
 
 TEMPLATE = common.PROMPT_TEMPLATE
 CONVO = [
@@ -25,7 +28,7 @@ CONVO = [
 
 @pytest.fixture(scope="module")
 def docs():
-    return data.read_documents(pretrain.get_config().data.train)
+    return lm_data.read_documents(pretrain.get_config().data.train)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def test_tokenizer_without_the_markers_is_a_clear_error(tmp_path, docs):
     with pytest.raises(ValueError, match=r"has no id for '<\|user\|>'.*chat tokens reserved"):
         chat.encode(m, plain)
     # A prompt row needs no marker, so single-turn data still works with it.
-    assert data_demos.prompt_ids(plain, TEMPLATE, "hi")[0] == plain.bos_id
+    assert sft_data.prompt_ids(plain, TEMPLATE, "hi")[0] == plain.bos_id
 
 
 def test_pretrain_stage_reserves_the_config_markers(tmp_path):
@@ -94,8 +97,8 @@ def test_pretrain_stage_reserves_the_config_markers(tmp_path):
 
 def test_mask_covers_exactly_the_assistant_turns(tmp_path, tok):
     rows = [{"messages": CONVO}, {"prompt": "a", "response": "b"}]  # a mixed file
-    demos = data_demos.read_demos(write_lines(tmp_path / "d.jsonl", rows))
-    ex, cut = data_demos.encode_demos(demos, tok, TEMPLATE, seq_len=64)
+    demos = sft_data.read_demos(write_lines(tmp_path / "d.jsonl", rows))
+    ex, cut = sft_data.encode_demos(demos, tok, TEMPLATE, seq_len=64)
     assert cut == 0
     m = ex["mask"][0].astype(bool)
     # Naive reference: every assistant turn's content then EOS, in order.
@@ -113,7 +116,7 @@ def test_mask_covers_exactly_the_assistant_turns(tmp_path, tok):
 
 def test_user_turn_targets_do_not_move_the_loss(tok):
     demos = [{"messages": chat.parse_messages(CONVO, ends_with="assistant")}]
-    ex, _ = data_demos.encode_demos(demos, tok, TEMPLATE, seq_len=64)
+    ex, _ = sft_data.encode_demos(demos, tok, TEMPLATE, seq_len=64)
     model = M.build(M.preset("tiny", dtype="float32"), seed=0)
     logits, _ = jax.jit(lambda x: model(x))(jnp.asarray(ex["inputs"]))
     mask = jnp.asarray(ex["mask"])
@@ -150,24 +153,24 @@ def test_messages_comparisons_take_the_prompt_forms_path(tmp_path, tok):
         },
         {"messages": context[1:2], "chosen": "7 plus 5 is 12.", "rejected": "13."},
     ]
-    comps = data_prefs.read_comparisons(write_lines(tmp_path / "c.jsonl", rows), k_max=3)
+    comps = rm_data.read_comparisons(write_lines(tmp_path / "c.jsonl", rows), k_max=3)
     msgs = chat.parse_messages(context, ends_with="user")
     assert comps[0]["prompt"] == msgs and comps[1]["prompt"] == "and plus 3?"
     assert comps[0]["ranks"] == comps[1]["ranks"] == [0, 2, 1]
-    ex, info = data_prefs.encode_comparisons(comps, tok, TEMPLATE, seq_len=64, k_max=3)
+    ex, info = rm_data.encode_comparisons(comps, tok, TEMPLATE, seq_len=64, k_max=3)
     assert info["cut_sequences"] == 0
     for row, prompt in ((0, msgs), (1, "and plus 3?")):
-        prefix = data_demos.prompt_ids(tok, TEMPLATE, prompt)
+        prefix = sft_data.prompt_ids(tok, TEMPLATE, prompt)
         for j, r in enumerate(rows[row]["responses"]):
             want = prefix + tok.encode(r) + [tok.eos_id]
             got = ex["tokens"][row, j][ex["mask"][row, j]]
             assert list(got) == want and got[-1] == tok.eos_id  # the RM reads at the EOS
     np.testing.assert_array_equal(ex["ranks"][0], ex["ranks"][1])
     np.testing.assert_array_equal(ex["kmask"][0], ex["kmask"][1])
-    pairs = data_prefs.pair_examples(ex)
+    pairs = rm_data.pair_examples(ex)
     np.testing.assert_array_equal(pairs["tokens"][:2, 0], ex["tokens"][0, [0, 0]])
     # Conversations are hashable prompts: the split by prompt keeps each one on one side.
-    train, held = data_prefs.split_by_prompt(comps * 3, 0.34, seed=0)
+    train, held = rm_data.split_by_prompt(comps * 3, 0.34, seed=0)
     assert {c["prompt"] for c in train}.isdisjoint({c["prompt"] for c in held})
 
 
@@ -176,18 +179,18 @@ def test_messages_prompts_end_with_the_assistant_marker(tmp_path, tok):
         tmp_path / "p.jsonl",
         [{"messages": CONVO[:4]}, "", {"prompt": "hi"}, {"messages": CONVO[1:2]}],
     )
-    prompts, lines = generate.read_prompts(path)
+    prompts, lines = load.read_prompts(path)
     assert lines == [1, 3, 4] and prompts[1] == "hi"
-    assert data_demos.read_prompts(path) == prompts
-    ex, cut = data_demos.encode_prompts(prompts, tok, TEMPLATE, prompt_len=48)
+    assert sft_data.read_prompts(path) == prompts
+    ex, cut = sft_data.encode_prompts(prompts, tok, TEMPLATE, prompt_len=48)
     assistant = tok.piece_id("<|assistant|>")
     assert cut == 0 and ex["tokens"][0, -1] == assistant and ex["tokens"][2, -1] == assistant
-    assert list(ex["tokens"][1][ex["mask"][1]]) == data_demos.prompt_ids(tok, TEMPLATE, "hi")
+    assert list(ex["tokens"][1][ex["mask"][1]]) == sft_data.prompt_ids(tok, TEMPLATE, "hi")
     # Generation prompts are exactly the prefix SFT trained the final answer to follow.
     full, _ = chat.encode(chat.parse_messages(CONVO, ends_with="assistant"), tok)
     p = list(ex["tokens"][0][ex["mask"][0]])
     assert full[: len(p)] == p and full[len(p) :] == tok.encode(CONVO[4]["content"]) + [3]
-    ids = generate.encode_prompts(prompts, lines, path, tok, TEMPLATE, room=None)
+    ids = load.encode_prompts(prompts, lines, path, tok, TEMPLATE, room=None)
     assert ids[0] == p
     assert chat.prompt_record(prompts[0]) == {"messages": CONVO[:4]}
     assert chat.prompt_record("hi") == {"prompt": "hi"}
@@ -211,7 +214,7 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
     good_demo = {"messages": CONVO}
     path = write_lines(tmp_path / "bad.jsonl", [good_demo, "  ", line])
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: .*" + message):
-        data_demos.read_demos(path)
+        sft_data.read_demos(path)
 
 
 @pytest.mark.parametrize(
@@ -241,9 +244,9 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
 def test_each_reader_checks_its_messages(tmp_path, reader, line, message):
     path = write_lines(tmp_path / "bad.jsonl", ["", "", line])
     read = {
-        "demos": data_demos.read_demos,
-        "prompts": data_demos.read_prompts,
-        "comparisons": data_prefs.read_comparisons,
+        "demos": sft_data.read_demos,
+        "prompts": sft_data.read_prompts,
+        "comparisons": rm_data.read_comparisons,
     }[reader]
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: .*" + message):
         read(path)
@@ -306,6 +309,6 @@ def test_gold_score_judges_the_follow_up():
 def test_sft_chat_config_reads_mixed_data():
     c = sft_chat.get_config()
     assert c.stage == "sft" and c.train.seq_len == 96
-    demos = data_demos.read_demos(c.data.train)
+    demos = sft_data.read_demos(c.data.train)
     n_chat = sum("messages" in d for d in demos)
     assert n_chat == 1000 and len(demos) > n_chat

@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.checkpoint: round trips, resharding, retention, atomicity, clear errors."""
+"""Tests for rlhf_jax.infra.checkpoint: round trips, resharding, retention, atomicity, clear errors."""
 
 import shutil
 
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import checkpoint
+from rlhf_jax.infra import checkpoint
 
 N_BLOCKS = 3
 

@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.data: readers, splitting, packing, tokenizing cache, grain iterators."""
+"""Tests for rlhf_jax.data.lm_data: readers, splitting, packing, tokenizing cache, grain iterators."""
 
 import json
 import random
@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from rlhf_jax import data
-from rlhf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from rlhf_jax.data import lm_data
+from rlhf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 
 def write_jsonl(path, records):
@@ -36,7 +36,7 @@ def test_pack_documents_matches_naive_windows(seq_len, add_bos):
     stream = []
     for doc in docs:
         stream += ([BOS_ID] if add_bos else []) + doc + [EOS_ID]
-    out = data.pack_documents(
+    out = lm_data.pack_documents(
         docs, seq_len, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, add_bos=add_bos
     )
     n = (len(stream) + seq_len - 1) // seq_len
@@ -59,7 +59,7 @@ def test_pack_documents_matches_naive_windows(seq_len, add_bos):
 
 def test_pack_exact_multiple_keeps_last_token():
     # Stream [2, 5, 6, 3] with L=4: one window, the final eos is an input with no target.
-    out = data.pack_documents([[5, 6]], 4, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+    out = lm_data.pack_documents([[5, 6]], 4, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
     assert out["inputs"].tolist() == [[2, 5, 6, 3]]
     assert out["targets"].tolist() == [[5, 6, 3, PAD_ID]]
     assert out["mask"].tolist() == [[1, 1, 1, 0]]
@@ -71,7 +71,7 @@ def test_pack_exact_multiple_keeps_last_token():
 def test_read_jsonl_valid_with_blank_lines(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"text": "a", "n": 1, "x": 2}\n\n   \n{"text": "b", "n": 2, "x": 0.5}\n')
-    records = data.read_jsonl(str(path), {"text": str, "n": int, "x": float})
+    records = lm_data.read_jsonl(str(path), {"text": str, "n": int, "x": float})
     assert records == [{"text": "a", "n": 1, "x": 2}, {"text": "b", "n": 2, "x": 0.5}]
 
 
@@ -91,34 +91,34 @@ def test_read_jsonl_malformed_line_names_file_line_field(tmp_path, bad_line, fie
     # Line 2 is blank: line numbers count every physical line.
     path.write_text(f"{good}\n\n{bad_line}\n{good}\n")
     with pytest.raises(ValueError, match=message):
-        data.read_jsonl(str(path), fields)
+        lm_data.read_jsonl(str(path), fields)
 
 
 def test_read_jsonl_invalid_utf8(tmp_path):
     path = tmp_path / "enc.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"enc\.jsonl:2: not valid UTF-8"):
-        data.read_jsonl(str(path), {"text": str})
+        lm_data.read_jsonl(str(path), {"text": str})
     txt = tmp_path / "enc.txt"
     txt.write_bytes(b"ok\n\n\xff")
     with pytest.raises(ValueError, match=r"enc\.txt: not valid UTF-8"):
-        data.read_documents(str(txt))
+        lm_data.read_documents(str(txt))
 
 
 def test_missing_file_and_empty_glob(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        data.read_jsonl(str(tmp_path / "missing.jsonl"), {"text": str})
+        lm_data.read_jsonl(str(tmp_path / "missing.jsonl"), {"text": str})
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        data.read_documents(str(tmp_path / "missing.txt"))
+        lm_data.read_documents(str(tmp_path / "missing.txt"))
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.jsonl"):
-        data.read_documents(str(tmp_path / "nothing-*.jsonl"))
+        lm_data.read_documents(str(tmp_path / "nothing-*.jsonl"))
 
 
 def test_unknown_extension(tmp_path):
     path = tmp_path / "docs.csv"
     path.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"unknown text data extension: '\.csv'"):
-        data.read_documents(str(path))
+        lm_data.read_documents(str(path))
 
 
 def test_txt_documents_split_on_blank_lines(tmp_path):
@@ -126,7 +126,7 @@ def test_txt_documents_split_on_blank_lines(tmp_path):
     path.write_text(
         "\n\nfirst doc line 1\nfirst doc line 2\n\nsecond\n  \t \n\n\nthird  \r\n\r\nfourth\n\n"
     )
-    assert data.read_documents(str(path)) == [
+    assert lm_data.read_documents(str(path)) == [
         "first doc line 1\nfirst doc line 2",
         "second",
         "third",
@@ -138,10 +138,10 @@ def test_read_documents_globs_are_sorted_and_mixed(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"text": "b1"}, {"text": "b2"}])
     write_jsonl(tmp_path / "a.jsonl", [{"text": "a1"}])
     (tmp_path / "c.txt").write_text("c1\n\nc2")
-    assert data.read_documents(str(tmp_path / "*.jsonl")) == ["a1", "b1", "b2"]
+    assert lm_data.read_documents(str(tmp_path / "*.jsonl")) == ["a1", "b1", "b2"]
     both = f"{tmp_path / 'c.txt'},{tmp_path / '*.jsonl'}"
-    assert data.read_documents(both) == ["c1", "c2", "a1", "b1", "b2"]
-    assert data.read_documents([str(tmp_path / "c.txt"), str(tmp_path / "a.jsonl")]) == [
+    assert lm_data.read_documents(both) == ["c1", "c2", "a1", "b1", "b2"]
+    assert lm_data.read_documents([str(tmp_path / "c.txt"), str(tmp_path / "a.jsonl")]) == [
         "c1",
         "c2",
         "a1",
@@ -153,24 +153,24 @@ def test_read_documents_globs_are_sorted_and_mixed(tmp_path):
 
 def test_split_documents_deterministic_disjoint_complete():
     docs = [f"doc {i}" for i in range(50)]
-    train, evals = data.split_documents(docs, 0.2, seed=3)
-    assert (train, evals) == data.split_documents(docs, 0.2, seed=3)
+    train, evals = lm_data.split_documents(docs, 0.2, seed=3)
+    assert (train, evals) == lm_data.split_documents(docs, 0.2, seed=3)
     assert len(evals) == 10
     assert set(train).isdisjoint(evals) and sorted(train + evals) == sorted(docs)
     assert train == [d for d in docs if d in set(train)]  # original order kept
-    assert data.split_documents(docs, 0.2, seed=4)[1] != evals
+    assert lm_data.split_documents(docs, 0.2, seed=4)[1] != evals
     # Same partition for anything indexed like the documents (e.g. their token lists).
-    _, eval_idx = data.split_documents(list(range(50)), 0.2, seed=3)
+    _, eval_idx = lm_data.split_documents(list(range(50)), 0.2, seed=3)
     assert [docs[i] for i in eval_idx] == evals
 
 
 def test_split_documents_edge_cases():
-    assert data.split_documents(["a", "b", "c"], 0.01, seed=0)[1] != []  # at least one eval doc
-    assert len(data.split_documents(["a", "b"], 0.9, seed=0)[0]) == 1  # at least one train doc
-    assert data.split_documents(["a", "b", "c"], 0.0, seed=0) == (["a", "b", "c"], [])
-    assert data.split_documents(["a"], 0.5, seed=0) == (["a"], [])
+    assert lm_data.split_documents(["a", "b", "c"], 0.01, seed=0)[1] != []  # at least one eval doc
+    assert len(lm_data.split_documents(["a", "b"], 0.9, seed=0)[0]) == 1  # at least one train doc
+    assert lm_data.split_documents(["a", "b", "c"], 0.0, seed=0) == (["a", "b", "c"], [])
+    assert lm_data.split_documents(["a"], 0.5, seed=0) == (["a"], [])
     with pytest.raises(ValueError, match="eval_fraction"):
-        data.split_documents(["a"], 1.0, seed=0)
+        lm_data.split_documents(["a"], 1.0, seed=0)
 
 
 # --- tokenizing --------------------------------------------------------------------------------
@@ -189,18 +189,20 @@ def test_tokenize_documents_cache(tok, tmp_path, monkeypatch):
     docs = ["alpha beta", "", "gamma delta ünï", "zeta"]
     cache = str(tmp_path / "cache" / "tokens.npz")
     expected = [tok.encode(d) for d in docs]
-    assert data.tokenize_documents(docs, tok) == expected
-    assert data.tokenize_documents(docs, tok, cache_path=cache) == expected
+    assert lm_data.tokenize_documents(docs, tok) == expected
+    assert lm_data.tokenize_documents(docs, tok, cache_path=cache) == expected
 
     def fail(texts):
         raise AssertionError("re-tokenized although the cache is valid")
 
     monkeypatch.setattr(tok, "encode_batch", fail)
-    assert data.tokenize_documents(docs, tok, cache_path=cache) == expected
+    assert lm_data.tokenize_documents(docs, tok, cache_path=cache) == expected
     monkeypatch.undo()
     # Different documents (even only different boundaries) invalidate the cache.
     other = ["alpha", " beta", "gamma delta ünï", "zeta"]
-    assert data.tokenize_documents(other, tok, cache_path=cache) == [tok.encode(d) for d in other]
+    assert lm_data.tokenize_documents(other, tok, cache_path=cache) == [
+        tok.encode(d) for d in other
+    ]
 
 
 # --- train iterator ----------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def take(it, k):
 
 def test_train_iterator_seeded_epochs():
     n, b = 12, 4
-    batches = take(data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
+    batches = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
     for batch in batches:
         assert batch["inputs"].shape == (b, 3) and batch["inputs"].dtype == np.int32
         assert batch["mask"].dtype == np.float32
@@ -224,15 +226,15 @@ def test_train_iterator_seeded_epochs():
     assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
     assert epochs[0] != list(range(n))
 
-    again = take(data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
+    again = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
     assert [row_ids(x) for x in again] == [row_ids(x) for x in batches]
-    other = take(data.make_train_iterator(indexed_examples(n), batch_size=b, seed=8), 12)
+    other = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=8), 12)
     assert [row_ids(x) for x in other] != [row_ids(x) for x in batches]
 
 
 def test_train_iterator_drops_remainder_per_epoch():
     # 10 examples, batches of 4: two batches per epoch, 2 examples left out of each epoch.
-    batches = take(data.make_train_iterator(indexed_examples(10), batch_size=4, seed=0), 12)
+    batches = take(lm_data.make_train_iterator(indexed_examples(10), batch_size=4, seed=0), 12)
     epochs = [row_ids(batches[e]) + row_ids(batches[e + 1]) for e in range(0, 12, 2)]
     for epoch in epochs:
         assert len(set(epoch)) == 8
@@ -241,16 +243,16 @@ def test_train_iterator_drops_remainder_per_epoch():
 
 
 def test_train_iterator_without_shuffle_is_in_order():
-    it = data.make_train_iterator(indexed_examples(6), batch_size=3, seed=0, shuffle=False)
+    it = lm_data.make_train_iterator(indexed_examples(6), batch_size=3, seed=0, shuffle=False)
     assert [row_ids(x) for x in take(it, 3)] == [[0, 1, 2], [3, 4, 5], [0, 1, 2]]
 
 
 def test_train_iterator_process_shards_form_global_batch():
     n, b, procs = 20, 3, 2
-    single = take(data.make_train_iterator(indexed_examples(n), batch_size=b * procs, seed=1), 8)
+    single = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b * procs, seed=1), 8)
     shards = [
         take(
-            data.make_train_iterator(
+            lm_data.make_train_iterator(
                 indexed_examples(n), batch_size=b, seed=1, process_index=p, process_count=procs
             ),
             8,
@@ -268,12 +270,14 @@ def test_train_iterator_process_shards_form_global_batch():
 def test_train_iterator_state_resumes_bitwise(skip):
     examples = indexed_examples(10)
     examples["mask"] = np.random.default_rng(0).random((10, 3)).astype(np.float32)
-    it = data.make_train_iterator(examples, batch_size=4, seed=5, process_index=1, process_count=2)
+    it = lm_data.make_train_iterator(
+        examples, batch_size=4, seed=5, process_index=1, process_count=2
+    )
     take(it, skip)
     state = json.loads(json.dumps(it.get_state()))
     expected = take(it, 6)
 
-    resumed = data.make_train_iterator(
+    resumed = lm_data.make_train_iterator(
         examples, batch_size=4, seed=5, process_index=1, process_count=2
     )
     take(resumed, 2)  # a fresh iterator's position must not matter after set_state
@@ -287,24 +291,24 @@ def test_train_iterator_state_resumes_bitwise(skip):
 
 def test_train_iterator_too_few_examples():
     with pytest.raises(ValueError, match=r"only 5 training examples.*needs 6"):
-        data.make_train_iterator(indexed_examples(5), batch_size=3, seed=0, process_count=2)
+        lm_data.make_train_iterator(indexed_examples(5), batch_size=3, seed=0, process_count=2)
 
 
 # --- eval batches ------------------------------------------------------------------------------
 
 
 def test_eval_batches_drop_remainder_in_order():
-    batches = data.eval_batches(indexed_examples(10), batch_size=4)
+    batches = lm_data.eval_batches(indexed_examples(10), batch_size=4)
     assert [row_ids(x) for x in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    again = data.eval_batches(indexed_examples(10), batch_size=4)
+    again = lm_data.eval_batches(indexed_examples(10), batch_size=4)
     for x, y in zip(batches, again, strict=True):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
-    assert len(data.eval_batches(indexed_examples(10), batch_size=4, max_batches=1)) == 1
+    assert len(lm_data.eval_batches(indexed_examples(10), batch_size=4, max_batches=1)) == 1
 
 
 def test_eval_batches_shards_cover_global_batches():
     per_proc = [
-        data.eval_batches(indexed_examples(11), batch_size=2, process_index=p, process_count=2)
+        lm_data.eval_batches(indexed_examples(11), batch_size=2, process_index=p, process_count=2)
         for p in range(2)
     ]
     assert len(per_proc[0]) == len(per_proc[1]) == 2
@@ -317,7 +321,7 @@ def test_eval_batches_shards_cover_global_batches():
 def test_eval_batches_pad_tiny_sets_with_masked_rows():
     examples = indexed_examples(3)
     per_proc = [
-        data.eval_batches(examples, batch_size=2, process_index=p, process_count=2)
+        lm_data.eval_batches(examples, batch_size=2, process_index=p, process_count=2)
         for p in range(2)
     ]
     assert [len(x) for x in per_proc] == [1, 1]
@@ -326,7 +330,7 @@ def test_eval_batches_pad_tiny_sets_with_masked_rows():
         np.testing.assert_array_equal(rows[name][:3], examples[name])
     assert rows["inputs"][3].tolist() == [PAD_ID] * 3
     assert rows["mask"][3].tolist() == [0.0] * 3
-    assert data.eval_batches({k: v[:0] for k, v in examples.items()}, batch_size=2) == []
+    assert lm_data.eval_batches({k: v[:0] for k, v in examples.items()}, batch_size=2) == []
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -339,14 +343,14 @@ def test_build_text_data(tok, tmp_path):
     path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
     kwargs = dict(seq_len=16, batch_size=2, eval_fraction=0.25, seed=0, process_count=2)
 
-    train_it, evals, info = data.build_text_data(
+    train_it, evals, info = lm_data.build_text_data(
         path, tok, process_index=0, cache_dir=str(tmp_path / "cache"), **kwargs
     )
     n_tokens = sum(len(tok.encode(d)) for d in docs)
     assert info["documents"] == 40 and info["tokens"] == n_tokens
     assert (info["train_documents"], info["eval_documents"]) == (30, 10)
     # Documents are split before packing; each adds bos and eos to its split's stream.
-    train_docs, eval_docs = data.split_documents(docs, 0.25, seed=0)
+    train_docs, eval_docs = lm_data.split_documents(docs, 0.25, seed=0)
     for split, split_docs in [("train", train_docs), ("eval", eval_docs)]:
         stream_len = sum(len(tok.encode(d)) + 2 for d in split_docs)
         assert info[f"{split}_sequences"] == -(-stream_len // 16)
@@ -358,7 +362,7 @@ def test_build_text_data(tok, tmp_path):
     assert evals[0]["mask"].shape == (2, 16) and evals[0]["mask"].dtype == np.float32
 
     # Process 1 gets the other half of the same global batch.
-    train_it1, _, info1 = data.build_text_data(
+    train_it1, _, info1 = lm_data.build_text_data(
         path, tok, process_index=1, cache_dir=str(tmp_path / "cache"), **kwargs
     )
     assert info1 == info

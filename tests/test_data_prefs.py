@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from rlhf_jax import data_demos, data_prefs
-from rlhf_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from rlhf_jax.data import rm_data, sft_data
+from rlhf_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 TEMPLATE = "User: {prompt}\nAssistant: "
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "under", "a", "mat", "house", "tree"]
@@ -51,7 +51,7 @@ def test_read_normalises_ties_and_pairwise_lines(tmp_path):
             {"prompt": "p2", "responses": ["x", "y", "z"], "ranking": [[1], 2, 0]},
         ],
     )
-    comps = data_prefs.read_comparisons(path)
+    comps = rm_data.read_comparisons(path)
     assert [c["ranks"] for c in comps] == [[1, 2, 0, 1], [0, 1], [2, 0, 1]]
     assert comps[1]["responses"] == ["good", "bad"]
     assert [c["prompt"] for c in comps] == ["p0", "p1", "p2"]
@@ -90,7 +90,7 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
     good = {"prompt": "ok", "chosen": "a", "rejected": "b"}
     path = write_lines(tmp_path / "bad.jsonl", [good, "  ", line, good])
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: .*" + message):
-        data_prefs.read_comparisons(path, k_max=3)
+        rm_data.read_comparisons(path, k_max=3)
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -106,13 +106,13 @@ COMPS = [
 
 
 def test_encode_layout(tok):
-    ex, info = data_prefs.encode_comparisons(COMPS, tok, TEMPLATE, seq_len=32, k_max=4)
+    ex, info = rm_data.encode_comparisons(COMPS, tok, TEMPLATE, seq_len=32, k_max=4)
     assert ex["tokens"].shape == ex["mask"].shape == (2, 4, 32)
     assert (ex["tokens"].dtype, ex["mask"].dtype) == (np.int32, np.bool_)
     assert (ex["ranks"].dtype, ex["kmask"].dtype) == (np.int32, np.float32)
     assert info == {"sequences": 5, "cut_sequences": 0, "longest": int(ex["mask"].sum(-1).max())}
     for i, c in enumerate(COMPS):
-        prefix = data_demos.prompt_ids(tok, TEMPLATE, c["prompt"])
+        prefix = sft_data.prompt_ids(tok, TEMPLATE, c["prompt"])
         k = len(c["responses"])
         for j, response in enumerate(c["responses"]):
             want = prefix + tok.encode(response) + [EOS_ID]
@@ -129,23 +129,23 @@ def test_encode_layout(tok):
 
 def test_long_sequences_are_cut_and_counted(tok):
     comps = [{"prompt": "hi", "responses": ["a", "the cat sat on the mat " * 10], "ranks": [0, 1]}]
-    ex, info = data_prefs.encode_comparisons(comps, tok, TEMPLATE, seq_len=24, k_max=2)
+    ex, info = rm_data.encode_comparisons(comps, tok, TEMPLATE, seq_len=24, k_max=2)
     assert info["cut_sequences"] == 1
     assert ex["mask"][0, 1].all() and ex["tokens"][0, 1, -1] != EOS_ID
     assert ex["tokens"][0, 0][ex["mask"][0, 0]][-1] == EOS_ID  # the short one is intact
     long_prompt = [{"prompt": "the cat " * 30, "responses": ["a", "b"], "ranks": [0, 1]}]
     long_prompt[0]["source"] = "x.jsonl:7"
     with pytest.raises(ValueError, match=r"x\.jsonl:7: the prompt alone is \d+ tokens"):
-        data_prefs.encode_comparisons(long_prompt, tok, TEMPLATE, seq_len=24, k_max=2)
+        rm_data.encode_comparisons(long_prompt, tok, TEMPLATE, seq_len=24, k_max=2)
     with pytest.raises(ValueError, match="k_max=2"):
-        data_prefs.encode_comparisons(COMPS, tok, TEMPLATE, seq_len=32, k_max=2)
+        rm_data.encode_comparisons(COMPS, tok, TEMPLATE, seq_len=32, k_max=2)
 
 
 def test_pair_expansion_count_and_gathered_rows(tok):
     comps = COMPS + [
         {"prompt": "p", "responses": list("abcde"), "ranks": [0, 2, 1, 2, 3]},
     ]
-    pairs = data_prefs.expand_pairs(comps)
+    pairs = rm_data.expand_pairs(comps)
     assert len(pairs) == naive_pair_count(comps) == 2 + 1 + 9
     assert all(p["ranks"] == [0, 1] for p in pairs)
     # Winner first: "under a tree" (rank 0) beats both rank-1 responses of the first comparison.
@@ -153,9 +153,9 @@ def test_pair_expansion_count_and_gathered_rows(tok):
         ["under a tree", "on a mat"],
         ["under a tree", "then ran"],
     ]
-    kway, _ = data_prefs.encode_comparisons(comps, tok, TEMPLATE, seq_len=32, k_max=5)
-    gathered = data_prefs.pair_examples(kway)
-    direct, _ = data_prefs.encode_comparisons(pairs, tok, TEMPLATE, seq_len=32, k_max=2)
+    kway, _ = rm_data.encode_comparisons(comps, tok, TEMPLATE, seq_len=32, k_max=5)
+    gathered = rm_data.pair_examples(kway)
+    direct, _ = rm_data.encode_comparisons(pairs, tok, TEMPLATE, seq_len=32, k_max=2)
     for key in direct:
         np.testing.assert_array_equal(gathered[key], direct[key])
         assert gathered[key].dtype == direct[key].dtype
@@ -184,7 +184,7 @@ def make_files(tmp_path, n=40, seed=0):
 
 def build(path, tok, batching, **kw):
     kw = {"template": TEMPLATE, "seq_len": 48, "batch_size": 4, "seed": 3, "k_max": 6, **kw}
-    return data_prefs.build_rm_data(path, tok, batching=batching, eval_fraction=0.2, **kw)
+    return rm_data.build_rm_data(path, tok, batching=batching, eval_fraction=0.2, **kw)
 
 
 def test_modes_share_eval_and_expand_train(tmp_path, tok):
@@ -202,8 +202,8 @@ def test_modes_share_eval_and_expand_train(tmp_path, tok):
     assert (kmask.sum(1) > 0).sum() == info_prompt["eval_comparisons"]
     assert eval_prompt[0]["tokens"].shape == (4, 6, 48)
 
-    comps = data_prefs.read_comparisons(path, k_max=6)
-    train, evals = data_prefs.split_by_prompt(comps, 0.2, seed=3)
+    comps = rm_data.read_comparisons(path, k_max=6)
+    train, evals = rm_data.split_by_prompt(comps, 0.2, seed=3)
     assert info_prompt["train_comparisons"] == len(train) and len(evals) > 0
     assert not {c["prompt"] for c in train} & {c["prompt"] for c in evals}
     # The fraction is of distinct prompts (30 here), not of comparison lines (40).
@@ -223,7 +223,7 @@ def test_modes_share_eval_and_expand_train(tmp_path, tok):
 
 def test_train_iterator_is_deterministic(tmp_path, tok):
     path = make_files(tmp_path)
-    for batching in data_prefs.BATCHINGS:
+    for batching in rm_data.BATCHINGS:
         runs = [
             [next(it) for _ in range(8)] for it, _, _ in (build(path, tok, batching) for _ in "ab")
         ]
@@ -255,7 +255,7 @@ def test_all_tie_rows_are_skipped_and_counted(tmp_path, caplog):
     ]
     path = write_lines(tmp_path / "ties.jsonl", rows)
     skipped = collections.Counter()
-    comps = data_prefs.read_comparisons(path, k_max=3, skipped=skipped)
+    comps = rm_data.read_comparisons(path, k_max=3, skipped=skipped)
     assert [c["source"] for c in comps] == [f"{path}:2"]
     assert skipped["all_tie"] == 2
     assert "skipped 2 comparison(s) that tie every response" in caplog.text
@@ -280,7 +280,7 @@ def test_many_cut_sequences_warn_with_the_length_that_fits(tmp_path, tok, caplog
             for i in range(20)]  # fmt: skip
     path = write_lines(tmp_path / "long.jsonl", rows)
     lengths = [
-        len(data_demos.prompt_ids(tok, TEMPLATE, r["prompt"])) + len(tok.encode(resp)) + 1
+        len(sft_data.prompt_ids(tok, TEMPLATE, r["prompt"])) + len(tok.encode(resp)) + 1
         for r in rows
         for resp in (r["chosen"], r["rejected"])
     ]

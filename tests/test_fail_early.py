@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from experiments import ppo_ptx, sft
-from launch import mesh as mesh_lib
-from rlhf_jax import paths, sharding
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import paths, sharding
 from rlhf_jax.stages import lm, loop, ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,9 +10,9 @@ import jax
 import pytest
 
 from experiments import pretrain
-from launch import mesh as mesh_lib
-from rlhf_jax import generate
+from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.stages import lm
+from rlhf_jax.tools import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Once upon a time", "The cat sat on the", "Zoë asked: ¿qué?"]
@@ -46,7 +46,7 @@ def cli(*args, devices=2):
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     )
     env.pop("RLHF_JAX_TRACEBACK", None)
-    cmd = [sys.executable, "-m", "rlhf_jax.generate", *map(str, args)]
+    cmd = [sys.executable, "-m", "rlhf_jax.tools.generate", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -22,15 +22,12 @@ from jax.sharding import Mesh  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from rlhf_jax import (  # noqa: E402
-    checkpoint,
-    convert,
-    hf,
-    sampling,  # noqa: E402
-    sharding,
-)
-from rlhf_jax import model as model_lib  # noqa: E402
-from rlhf_jax import state as state_lib  # noqa: E402
+from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
+from rlhf_jax.infra import state as state_lib  # noqa: E402
+from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models import transformer as model_lib  # noqa: E402
+from rlhf_jax.sampling import sampler  # noqa: E402
+from rlhf_jax.tools import convert  # noqa: E402
 
 V, D, L, T = 128, 64, 2, 16
 RULES = sharding.DEFAULT_RULES
@@ -155,7 +152,7 @@ def test_greedy_generation_matches_transformers(hf_dirs, kind):
     cfg, params = hf.import_hf(path, _mesh(1), RULES)
     prompts = _tokens(seed=1, shape=(2, 6))
     graphdef = model_lib.abstract(cfg)[0]
-    sample = sampling.make_sampler(graphdef, max_new_tokens=20, eos_id=-1, pad_id=0)
+    sample = sampler.make_sampler(graphdef, max_new_tokens=20, eos_id=-1, pad_id=0)
     keys = jax.random.split(jax.random.key(0), 2)
     ours = sample(params, prompts, np.ones_like(prompts, bool), keys, greedy=True)["tokens"]
     with torch.no_grad():
@@ -445,12 +442,13 @@ def test_error_shape_mismatch_names_tensor_and_shapes(hf_dirs, tmp_path, capsys)
 def test_sft_starts_from_an_hf_directory(tmp_path):
     """`init_from=hf:DIR` through the real SFT stage (params from safetensors, our tokenizer)."""
     from experiments import pretrain, sft
-    from launch import mesh as mesh_lib
-    from rlhf_jax import data, metrics
-    from rlhf_jax import tokenizer as tok_lib
+    from rlhf_jax.data import lm_data
+    from rlhf_jax.data import tokenizer as tok_lib
+    from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.infra import metrics
     from rlhf_jax.stages import lm
 
-    docs = data.read_documents(pretrain.get_config().data.train)
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
     tok = tok_lib.train_tokenizer(docs, str(tmp_path / "tok.model"), 512)
     hf_model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(

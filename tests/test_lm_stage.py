@@ -10,16 +10,17 @@ import pytest
 from jax.sharding import Mesh
 
 from experiments import pretrain
-from launch import mesh as mesh_lib
-from rlhf_jax import checkpoint, data, metrics
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import lm_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import checkpoint, metrics
+from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.stages import lm
 
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
-    docs = data.read_documents(pretrain.get_config().data.train)
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
     return tok_lib.train_tokenizer(docs, path, 512)
 
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses
+from rlhf_jax.rl import losses
 
 
 def naive_xent(logits, targets, mask):

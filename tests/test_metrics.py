@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.metrics: JSONL content, resume truncation, TensorBoard, process 0 only."""
+"""Tests for rlhf_jax.infra.metrics: JSONL content, resume truncation, TensorBoard, process 0 only."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax.metrics import MetricsWriter, read_metrics
+from rlhf_jax.infra.metrics import MetricsWriter, read_metrics
 
 
 def _lines(workdir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax import model as M
+from rlhf_jax.models import transformer as M
 
 FAMILIES = [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)]
 

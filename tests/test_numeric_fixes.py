@@ -14,9 +14,11 @@ import test_ppo
 from flax import nnx
 
 from experiments import common, ppo_ptx
-from launch import mesh as mesh_lib
-from rlhf_jax import losses, sampling, sharding
-from rlhf_jax import model as M
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import sharding
+from rlhf_jax.models import transformer as M
+from rlhf_jax.rl import losses
+from rlhf_jax.sampling import sampler
 from rlhf_jax.stages import ppo, ppo_steps
 
 PAD, V = 0, 512
@@ -83,7 +85,7 @@ def test_ppo_scores_and_trains_under_the_sampling_temperature():
     temp = 0.7
     graphdefs, params, ref = ppo_models()
     tokens, mask = prompts()
-    sample = sampling.make_sampler(graphdefs["policy"], max_new_tokens=T, eos_id=-1, pad_id=PAD)
+    sample = sampler.make_sampler(graphdefs["policy"], max_new_tokens=T, eos_id=-1, pad_id=PAD)
     out = jax.device_get(sample(params["policy"], tokens, mask, row_keys(), temperature=temp))
     rollout = {"tokens": out["tokens"], "prompt_mask": mask, "response_mask": out["response_mask"]}
     full_mask = np.concatenate([mask, out["response_mask"]], 1)
@@ -132,7 +134,7 @@ def test_filtered_sampler_logprobs_are_renormalised():
     """top-k / top-p: the reported log-prob is that of the renormalised kept set."""
     graphdefs, params, _ = ppo_models()
     tokens, mask = prompts()
-    sample = sampling.make_sampler(graphdefs["policy"], max_new_tokens=T, eos_id=-1, pad_id=PAD)
+    sample = sampler.make_sampler(graphdefs["policy"], max_new_tokens=T, eos_id=-1, pad_id=PAD)
     temp, top_k, top_p = 0.8, 20, 0.9
     out = jax.device_get(
         sample(
@@ -217,7 +219,7 @@ def test_bf16_compute_takes_logprobs_from_a_float32_head():
     np.testing.assert_allclose(nll, -ref_next[real].sum(), rtol=1e-6)
 
     # Teacher-forced scoring (likelihood, best-of-K's KL) and PPO's response log-probs.
-    seq, ref = check(lambda p: sampling.sequence_logprobs(g, p, tokens, mask))
+    seq, ref = check(lambda p: sampler.sequence_logprobs(g, p, tokens, mask))
     np.testing.assert_allclose(seq[real], picked(ref[:, :-1], np.asarray(targets))[real], atol=1e-5)
     pol, ref = check(lambda p: ppo_steps.policy_forward(g, p, tokens, mask, P)[0])
     np.testing.assert_allclose(
@@ -226,8 +228,8 @@ def test_bf16_compute_takes_logprobs_from_a_float32_head():
 
     # The sampler's prefill and decode logits are float32 too.
     model = nnx.merge(g, params)
-    prefill_logits, cache, _ = sampling.prefill(model, tokens[:, :P], pmask, P + T)
-    step_logits, _ = sampling.decode_step(model, cache, tokens[:, P], jnp.asarray(LENGTHS))
+    prefill_logits, cache, _ = sampler.prefill(model, tokens[:, :P], pmask, P + T)
+    step_logits, _ = sampler.decode_step(model, cache, tokens[:, P], jnp.asarray(LENGTHS))
     assert prefill_logits.dtype == step_logits.dtype == jnp.float32
 
 
@@ -263,7 +265,7 @@ def test_ppo_forward_unembeds_only_the_response_positions():
     want = picked(np_log_softmax(old), np.asarray(tokens[:, P:]))
     np.testing.assert_allclose(np.asarray(logp), want, atol=1e-5)
     # No [B, P + T (- 1), V] logits are ever computed, only [B, T, V].
-    for fn in (fwd, functools.partial(sampling.sequence_logprobs, g, start=P - 1)):
+    for fn in (fwd, functools.partial(sampler.sequence_logprobs, g, start=P - 1)):
         shapes = shapes_in(jax.make_jaxpr(fn)(pp, tokens, mask).jaxpr)
         assert (b, T, V) in shapes
         assert not {(b, P + T, V), (b, P + T - 1, V)} & shapes

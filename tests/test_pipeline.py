@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rlhf_jax import checkpoint
+from rlhf_jax.infra import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from experiments import ppo_ptx, pretrain, sft
-from launch import mesh as mesh_lib
-from rlhf_jax import checkpoint, losses, metrics
-from rlhf_jax import model as M
+from rlhf_jax.infra import checkpoint, metrics
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.models import transformer as M
+from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm, ppo, ppo_steps
 
 

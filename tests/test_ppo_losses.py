@@ -1,4 +1,4 @@
-"""PPO math (rlhf_jax/ppo_math.py) against naive numpy loops over (b, t), all under jax.jit."""
+"""PPO math (rlhf_jax/rl/ppo_math.py) against naive numpy loops over (b, t), all under jax.jit."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ppo_math as pm
+from rlhf_jax.rl import ppo_math as pm
 
 B, T = 6, 9
 LENGTHS = (1, 9, 4, 7, 2, 5)  # variable response lengths, incl. 1 and the full row

@@ -32,9 +32,9 @@ SHORTEN = {
     "experiments/rsft.py": "--config.rsft.rounds=1 --config.rsft.prompts_per_round=4 "
     "--config.rsft.k=2 --config.rsft.max_new_tokens=8 --config.rsft.finished_only=False "
     "--config.train.batch_size=4",
-    "rlhf_jax.generate": "--max-new-tokens 8",
-    "rlhf_jax.score": "",
-    "rlhf_jax.best_of_k": "--max-new-tokens 8 --k 2",
+    "rlhf_jax.tools.generate": "--max-new-tokens 8",
+    "rlhf_jax.tools.score": "",
+    "rlhf_jax.sampling.best_of_k": "--max-new-tokens 8 --k 2",
 }
 
 

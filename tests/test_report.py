@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.report (and report_plots): tables hold the eval.json numbers in its order,
+"""Tests for rlhf_jax.task.report (and report_plots): tables hold the eval.json numbers in its order,
 plots are real PNGs, missing stages read "not run", iterated rounds and old-shape eval.json both
 report, malformed files name file:line, aggregate statistics, the CLI."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import report, report_plots
+from rlhf_jax.task import report, report_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,7 +400,7 @@ def test_cli_builds_reports_prints_aggregate_and_reports_errors(tmp_path):
 
     def cli(*args):
         return subprocess.run(
-            [sys.executable, "-m", "rlhf_jax.report", *args],
+            [sys.executable, "-m", "rlhf_jax.task.report", *args],
             capture_output=True,
             text=True,
             cwd=REPO,

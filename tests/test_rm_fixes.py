@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from experiments import pretrain, rm
-from launch import mesh as mesh_lib
-from rlhf_jax import losses
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm
 from rlhf_jax.stages import rm as rm_stage
 
@@ -81,9 +81,9 @@ def test_grad_accum_equals_the_full_batch_gradient(batching):
 
     import optax
 
-    from rlhf_jax import model as M
-    from rlhf_jax import sharding
-    from rlhf_jax import state as state_lib
+    from rlhf_jax.infra import sharding
+    from rlhf_jax.infra import state as state_lib
+    from rlhf_jax.models import transformer as M
 
     cfg = M.preset("tiny", family="gpt2", dtype="float32", head="scalar")
     mesh = mesh_lib.build_mesh(rm.get_config().mesh, jax.devices())

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses
+from rlhf_jax.rl import losses
 
 K_SLOTS = 9
 # Jitted once per shape: eager dispatch would compile every primitive separately (slow on CPU).

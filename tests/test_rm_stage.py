@@ -11,10 +11,12 @@ import pytest
 from flax import nnx
 
 from experiments import pretrain, rm
-from launch import mesh as mesh_lib
-from rlhf_jax import checkpoint, data, metrics, reward, sharding
-from rlhf_jax import model as M
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import lm_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import checkpoint, metrics, sharding
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.models import transformer as M
+from rlhf_jax.sampling import reward
 from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.stages import setup
 
@@ -22,7 +24,7 @@ from rlhf_jax.stages import setup
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
-    docs = data.read_documents(pretrain.get_config().data.train)
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
     return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(docs, path, 512))
 
 
@@ -148,7 +150,7 @@ def test_score_command_writes_scores_with_bias(tmp_path, tok):
     rm_stage.run(config, mesh_lib.build_mesh(config.mesh), str(tmp_path / "rm"))
     rows = [{"prompt": "say 1", "response": r} for r in ("apples bob", "bob went", "the park")]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from rlhf_jax import score
+    from rlhf_jax.tools import score
 
     args = ["--checkpoint", str(tmp_path / "rm"), "--data", str(tmp_path / "in.jsonl")]
     score.main([*args, "--out", str(tmp_path / "a.jsonl")])

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax import model as M
-from rlhf_jax import sampling, sharding
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as M
+from rlhf_jax.sampling import sampler
 
 # Two models cover both families, GQA, and scanned and unrolled layers.
 CONFIGS = {
@@ -32,9 +33,9 @@ def model(name):
 
 
 @functools.cache
-def sampler(name, eos_id=-1, t_new=T_NEW):
+def compiled(name, eos_id=-1, t_new=T_NEW):
     """Memoised so each (model, eos, shape, mode) compiles once per test session."""
-    return sampling.make_sampler(model(name)[1], max_new_tokens=t_new, eos_id=eos_id, pad_id=PAD)
+    return sampler.make_sampler(model(name)[1], max_new_tokens=t_new, eos_id=eos_id, pad_id=PAD)
 
 
 def left_pad(rows, width):
@@ -70,7 +71,7 @@ def teacher_forced_fn(name):
     def f(params, tokens, mask):
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         logits = nnx.merge(graphdef, params)(tokens, positions=positions, key_mask=mask)[0]
-        return logits, sampling.sequence_logprobs(graphdef, params, tokens, mask)
+        return logits, sampler.sequence_logprobs(graphdef, params, tokens, mask)
 
     return f
 
@@ -82,7 +83,7 @@ def full_logits(name, params, tokens, mask):
 @functools.cache
 def greedy_reference(name):
     params = model(name)[2]
-    return jax.device_get(sampler(name)(params, *batch(), greedy=True))
+    return jax.device_get(compiled(name)(params, *batch(), greedy=True))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -93,8 +94,8 @@ def test_prefill_and_decode_steps_match_full_forward(name):
     b, p = prompts.shape
     cont = np.random.default_rng(1).integers(4, V, (b, T_NEW)).astype(np.int32)
     merge = functools.partial(nnx.merge, graphdef)
-    prefill = jax.jit(lambda params, x, m: sampling.prefill(merge(params), x, m, p + T_NEW))
-    step = jax.jit(lambda params, c, x, pos: sampling.decode_step(merge(params), c, x, pos))
+    prefill = jax.jit(lambda params, x, m: sampler.prefill(merge(params), x, m, p + T_NEW))
+    step = jax.jit(lambda params, c, x, pos: sampler.decode_step(merge(params), c, x, pos))
     logits, cache, lengths = prefill(params, prompts, mask)
     outs = [logits]
     for t in range(T_NEW - 1):  # one compiled step, fed teacher-forced tokens
@@ -133,8 +134,8 @@ def test_completion_independent_of_padding_and_batch(name):
     alone = prompt_rows()[1][None]  # [1, 5], no padding
     alone_mask, alone_keys = np.ones_like(alone, bool), keys_for([1])
     for knobs in (dict(greedy=True), dict(temperature=1.0)):
-        among = sampler(name)(params, prompts, mask, keys, **knobs)
-        single = sampler(name)(params, alone, alone_mask, alone_keys, **knobs)
+        among = compiled(name)(params, prompts, mask, keys, **knobs)
+        single = compiled(name)(params, alone, alone_mask, alone_keys, **knobs)
         np.testing.assert_array_equal(single["response"][0], among["response"][1])
         np.testing.assert_allclose(single["logprobs"][0], among["logprobs"][1], atol=1e-5)
 
@@ -143,7 +144,7 @@ def test_completion_independent_of_padding_and_batch(name):
 def test_logprobs_equal_teacher_forced(name):
     params = model(name)[2]
     prompts, mask, keys = batch()
-    out = sampler(name)(params, prompts, mask, keys, temperature=1.0)
+    out = compiled(name)(params, prompts, mask, keys, temperature=1.0)
     full_mask = np.concatenate([mask, np.asarray(out["response_mask"])], 1)
     tf = np.asarray(teacher_forced_fn(name)(params, out["tokens"], full_mask)[1])
     p = prompts.shape[1]
@@ -155,7 +156,7 @@ def test_logprobs_equal_teacher_forced(name):
 @functools.partial(jax.jit, static_argnames=("n", "mode"))
 def _draws(logits, knobs, n, mode):
     keys = jax.random.split(jax.random.key(7), n)
-    draw = lambda k: sampling.sample_tokens(
+    draw = lambda k: sampler.sample_tokens(
         logits, jax.random.split(k, logits.shape[0]), knobs, mode
     )
     return jax.vmap(draw)(keys)
@@ -214,7 +215,7 @@ KP = [(0, 0.5), (5, 1.0), (5, 0.7), (1, 1.0), (0, 0.95), (40, 0.3), (3, 0.999)]
 
 def test_filter_logits_keeps_exactly_the_naive_set():
     z = np.random.default_rng(3).normal(0, 2, (6, 32)).astype(np.float32)
-    f = jax.jit(sampling.filter_logits)
+    f = jax.jit(sampler.filter_logits)
     for k, p in KP:
         out = np.asarray(f(jnp.asarray(z), jnp.int32(k), jnp.float32(p)))
         for row in range(len(z)):
@@ -237,7 +238,7 @@ def test_top_k_top_p_never_emit_excluded_tokens():
     # (teacher-forced) logits allow at that step.
     _, _, params = model("gpt2")
     prompts, mask, keys = batch()
-    out = sampler("gpt2")(params, prompts, mask, keys, temperature=0.7, top_k=5, top_p=0.8)
+    out = compiled("gpt2")(params, prompts, mask, keys, temperature=0.7, top_k=5, top_p=0.8)
     seq_mask = np.concatenate([mask, out["response_mask"]], 1)
     pos_logits = full_logits("gpt2", params, out["tokens"], seq_mask)
     p = prompts.shape[1]
@@ -253,7 +254,7 @@ def test_decoding_stops_at_eos():
     prompts, mask, keys = batch()
     ref = greedy_reference(name)
     eos = int(ref["response"][0, 2])  # row 0 emits it by step 2; other rows maybe, maybe not
-    out = jax.device_get(sampler(name, eos_id=eos)(params, prompts, mask, keys, greedy=True))
+    out = jax.device_get(compiled(name, eos_id=eos)(params, prompts, mask, keys, greedy=True))
     lengths = []
     for row in range(len(prompts)):
         hits = np.flatnonzero(ref["response"][row] == eos)
@@ -274,7 +275,7 @@ def test_decoding_stops_at_eos():
     const["final_norm"]["scale"][:] = 0.0
     const["final_norm"]["bias"][:] = 10.0 * const["embed"][eos]
     assert int(np.argmax(const["embed"] @ const["final_norm"]["bias"])) == eos
-    out = sampler(name, eos_id=eos)(const, prompts, mask, keys, greedy=True)
+    out = compiled(name, eos_id=eos)(const, prompts, mask, keys, greedy=True)
     assert int(out["steps"]) == 1 and (np.asarray(out["lengths"]) == 1).all()
     assert (np.asarray(out["response"][:, 0]) == eos).all()
     assert (np.asarray(out["response"][:, 1:]) == PAD).all()
@@ -290,7 +291,7 @@ def test_sharded_equals_unsharded(name):
     prompts, mask, keys = batch()
     dev = sharding.put_batch({"prompts": prompts, "mask": mask}, mesh, rules)
     keys = jax.device_put(keys, sharding.batch_sharding(mesh, rules, 1))
-    out = sampling.generate(
+    out = sampler.generate(
         graphdef,
         sharded_params,
         dev["prompts"],
@@ -311,11 +312,11 @@ def test_sharded_equals_unsharded(name):
 
 def test_bad_knobs_and_overlong_prompts_are_clear_errors():
     with pytest.raises(ValueError, match="top_p must be in"):
-        sampling.sampling_mode(1.0, 0, 0.0, False)
+        sampler.sampling_mode(1.0, 0, 0.0, False)
     with pytest.raises(ValueError, match="temperature must be"):
-        sampling.sampling_mode(-1.0, 0, 1.0, False)
-    assert sampling.sampling_mode(0.0, 5, 0.5, False) == "greedy"
+        sampler.sampling_mode(-1.0, 0, 1.0, False)
+    assert sampler.sampling_mode(0.0, 5, 0.5, False) == "greedy"
     _, _, params = model("gpt2")
     prompts, mask, keys = batch()
     with pytest.raises(ValueError, match="exceeds the model's learned positions"):
-        sampler("gpt2", t_new=250)(params, prompts, mask, keys, greedy=True)
+        compiled("gpt2", t_new=250)(params, prompts, mask, keys, greedy=True)

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from experiments import pretrain, sft
-from launch import mesh as mesh_lib
-from rlhf_jax import data, data_demos, losses, metrics
-from rlhf_jax import model as M
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import metrics
+from rlhf_jax.models import transformer as M
+from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm
 
 TEMPLATE = "User: {prompt}\nAssistant: "
@@ -18,7 +20,7 @@ TEMPLATE = "User: {prompt}\nAssistant: "
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
-    docs = data.read_documents(pretrain.get_config().data.train)
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
     return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(docs, path, 512))
 
 
@@ -29,7 +31,7 @@ DEMOS = [
 
 
 def test_mask_covers_exactly_the_response_and_eos(tok):
-    ex, cut = data_demos.encode_demos(DEMOS, tok, TEMPLATE, seq_len=48)
+    ex, cut = sft_data.encode_demos(DEMOS, tok, TEMPLATE, seq_len=48)
     assert cut == 0
     for i, d in enumerate(DEMOS):
         m = ex["mask"][i].astype(bool)
@@ -42,7 +44,7 @@ def test_mask_covers_exactly_the_response_and_eos(tok):
 
 
 def test_prompt_targets_do_not_move_the_loss(tok):
-    ex, _ = data_demos.encode_demos(DEMOS, tok, TEMPLATE, seq_len=48)
+    ex, _ = sft_data.encode_demos(DEMOS, tok, TEMPLATE, seq_len=48)
     model = M.build(M.preset("tiny", dtype="float32"), seed=0)
     logits, _ = jax.jit(lambda x: model(x))(jnp.asarray(ex["inputs"]))
     base = losses.masked_xent(logits, jnp.asarray(ex["targets"]), jnp.asarray(ex["mask"]))
@@ -59,17 +61,17 @@ def test_prompt_targets_do_not_move_the_loss(tok):
 
 def test_long_examples_are_cut_and_counted(tok):
     long = [{"prompt": "hi", "response": "one two three four " * 20}]
-    ex, cut = data_demos.encode_demos(long, tok, TEMPLATE, seq_len=48)
+    ex, cut = sft_data.encode_demos(long, tok, TEMPLATE, seq_len=48)
     assert cut == 1 and ex["mask"][0].sum() > 0
     with pytest.raises(ValueError, match="prompt alone"):
-        data_demos.encode_demos([{"prompt": "x " * 60, "response": "y"}], tok, TEMPLATE, 48)
+        sft_data.encode_demos([{"prompt": "x " * 60, "response": "y"}], tok, TEMPLATE, 48)
 
 
 def test_malformed_demo_line_names_file_and_line(tmp_path):
     f = tmp_path / "demos.jsonl"
     f.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"demos.jsonl:2.*'response'"):
-        data_demos.read_demos(str(f))
+        sft_data.read_demos(str(f))
 
 
 def test_sft_from_pretrained_lowers_heldout_loss(tmp_path, tok):

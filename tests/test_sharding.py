@@ -8,9 +8,9 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from rlhf_jax import model as M
-from rlhf_jax import sharding
-from rlhf_jax import state as S
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as S
+from rlhf_jax.models import transformer as M
 from rlhf_jax.stages import lm
 
 RULES = sharding.DEFAULT_RULES

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import state as S
+from rlhf_jax.infra import state as S
 
 
 def naive_lr(step, c):

@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.tokenizer: training, exact round trips, special ids, checks, CLI."""
+"""Tests for rlhf_jax.data.tokenizer: training, exact round trips, special ids, checks, CLI."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rlhf_jax.tokenizer import (
+from rlhf_jax.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -175,7 +175,7 @@ def test_cli_train_and_encode(tmp_path):
     txt.write_text("\n\n".join(corpus[200:]))
     out = tmp_path / "cli" / "tok.model"
     run = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.tokenizer", "train", "--input", str(jsonl), str(txt)]
+        [sys.executable, "-m", "rlhf_jax.data.tokenizer", "train", "--input", str(jsonl), str(txt)]
         + ["--vocab-size", str(VOCAB), "--out", str(out)],
         capture_output=True,
         text=True,
@@ -187,7 +187,15 @@ def test_cli_train_and_encode(tmp_path):
     assert tok.decode(tok.encode("The mat.")) == "The mat."
 
     run = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.tokenizer", "encode", "--model", str(out), "The mat."],
+        [
+            sys.executable,
+            "-m",
+            "rlhf_jax.data.tokenizer",
+            "encode",
+            "--model",
+            str(out),
+            "The mat.",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -198,7 +206,14 @@ def test_cli_train_and_encode(tmp_path):
 
 def test_cli_missing_input_is_one_line_error(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.tokenizer", "train", "--input", str(tmp_path / "x.txt")]
+        [
+            sys.executable,
+            "-m",
+            "rlhf_jax.data.tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "x.txt"),
+        ]
         + ["--vocab-size", "300", "--out", str(tmp_path / "t.model")],
         capture_output=True,
         text=True,

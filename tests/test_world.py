@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_jax import world
+from rlhf_jax.task import world
 
 # (prompt, ideal, right number in another form, wrong answer) for every task.
 CASES = [

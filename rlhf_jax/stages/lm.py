@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import data, data_demos, losses, sharding
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.rl import losses
 from rlhf_jax.stages import loop, setup
 
 
@@ -114,7 +116,7 @@ def build_data(config, tok, workdir: str):
     pc, pi = jax.process_count(), jax.process_index()
     if config.stage == "pretrain":
         cache = os.path.join(workdir, "cache") if config.data.cache else None
-        it, evals, info = data.build_text_data(
+        it, evals, info = lm_data.build_text_data(
             config.data.train,
             tok,
             seq_len=t.seq_len,
@@ -127,7 +129,7 @@ def build_data(config, tok, workdir: str):
         )
         return it, evals, [], info
     if config.stage == "sft":
-        return data_demos.build_sft_data(
+        return sft_data.build_sft_data(
             config.data.train,
             tok,
             template=config.data.prompt_template,

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, metrics, preemption, sharding
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import checkpoint, metrics, preemption, sharding
+from rlhf_jax.infra import state as state_lib
 from rlhf_jax.stages import setup as setup_lib
 
 

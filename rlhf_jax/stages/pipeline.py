@@ -35,9 +35,11 @@ import time
 
 import jax
 
-from rlhf_jax import data, preemption, sharding, world
+from rlhf_jax.data import lm_data
+from rlhf_jax.infra import preemption, sharding
 from rlhf_jax.stages import lm, ppo, rm, rsft
 from rlhf_jax.stages import pipeline_eval as ev
+from rlhf_jax.task import world
 
 STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "evaluate")
 # What `config.reuse` takes from a finished run: step -> the files and directories it produced.
@@ -110,7 +112,7 @@ def run(config, mesh, workdir: str):
         fn()
         timings[name] = round(time.time() - t0, 1)
         if jax.process_index() == 0:
-            data.write_json(timings_path, timings)
+            lm_data.write_json(timings_path, timings)
 
     w = config.world
     paths = world.write_world(
@@ -201,7 +203,7 @@ def run(config, mesh, workdir: str):
         timings.pop("evaluate", None)
     step("evaluate", evaluate)
     if jax.process_index() == 0:
-        from rlhf_jax import report
+        from rlhf_jax.task import report
 
         path = report.build_report(workdir)
         total = sum(timings.values())
@@ -210,7 +212,7 @@ def run(config, mesh, workdir: str):
 
 def round_meta(workdir: str, r: dict) -> dict:
     """A round's RM held-out accuracy (its last eval) and number of new comparisons."""
-    from rlhf_jax import metrics
+    from rlhf_jax.infra import metrics
 
     acc, n = None, None
     path = os.path.join(workdir, r["rm_dir"], "metrics.jsonl")

@@ -14,8 +14,12 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import data, data_demos, generate, sharding, world
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.infra import sharding
+from rlhf_jax.sampling import load
 from rlhf_jax.stages import lm
+from rlhf_jax.task import world
+from rlhf_jax.tools import generate
 
 
 def sample(
@@ -29,7 +33,7 @@ def sample(
     seed: int,
     greedy: bool = False,
 ) -> list[dict]:
-    """Samples `n` completions per prompt with `python -m rlhf_jax.generate` (skipped if `out`
+    """Samples `n` completions per prompt with `python -m rlhf_jax.tools.generate` (skipped if `out`
     already exists) and returns its records."""
     if not os.path.exists(out):
         args = argparse.Namespace(
@@ -79,23 +83,23 @@ def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str
         for g in groups
     ]
     labeler = world.Labeler(noise=c.labeler_noise, seed=seed, ties=c.labeler_ties)
-    data.write_jsonl(out, world.label_comparisons(samples, labeler))
+    lm_data.write_jsonl(out, world.label_comparisons(samples, labeler))
     return out
 
 
 def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> float:
     """Mean next-token loss of a stage's model on held-out pretraining text."""
-    graphdef, params, _, tok, _ = generate.load_model(workdir, mesh, rules)
-    docs = data.read_documents(text_path)
-    ex = data.pack_documents(
-        data.tokenize_documents(docs, tok),
+    graphdef, params, _, tok, _ = load.load_model(workdir, mesh, rules)
+    docs = lm_data.read_documents(text_path)
+    ex = lm_data.pack_documents(
+        lm_data.tokenize_documents(docs, tok),
         seq_len,
         bos_id=tok.bos_id,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
     )
     dp = sharding.data_parallel_size(mesh, rules)
-    batches = data.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
+    batches = lm_data.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
     fn = jax.jit(lambda p, b: lm.eval_step(p, b, graphdef=graphdef, mesh=mesh, rules=rules))
     # Every process holds every batch: placed as global batches, the scalar sums read back.
     sums = sharding.to_host([fn(params, sharding.put_global(b, mesh, rules)) for b in batches])
@@ -106,7 +110,7 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
 def rm_mean_score(rm_dir, recs, mesh, rules) -> float:
     """Mean RM score of sampled records, read as PPO reads it: at the EOS of a finished
     response, at the last token of an unfinished one (best_of_k.load_scorer)."""
-    from rlhf_jax import best_of_k
+    from rlhf_jax.sampling import best_of_k
 
     score = best_of_k.load_scorer(rm_dir, mesh, rules)
     pairs = [(r["prompt"], r["response"]) for r in recs]
@@ -150,7 +154,7 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
         whose workdir has no checkpoint is left out. The "sft" entry is the KL reference.
       extra_meta: merged into eval.json's meta (timings, rounds).
     """
-    from rlhf_jax import likelihood
+    from rlhf_jax.sampling import likelihood
 
     out = os.path.join(run_dir, "eval.json")
     old = read_models(out)  # models evaluated before (e.g. before more rounds ran) are kept
@@ -196,7 +200,7 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
         **extra_meta,
     }
     meta["elapsed_seconds"] = sum(meta.get("timings", {}).values())
-    data.write_json(out, {"models": results, "meta": meta})
+    lm_data.write_json(out, {"models": results, "meta": meta})
     return out
 
 
@@ -206,7 +210,7 @@ def best_of_k_entry(config, run_dir, paths, sft_entry, mesh, rules) -> dict:
     Its KL from SFT is the analytic bound log K - (K-1)/K (Stiennon et al. 2020); its held-out
     pretraining loss is SFT's (the same weights).
     """
-    from rlhf_jax import best_of_k
+    from rlhf_jax.sampling import best_of_k
 
     c, k = config.evaluate, config.evaluate.best_of_k
     out = os.path.join(run_dir, "eval_best_of_k.jsonl")
@@ -214,7 +218,7 @@ def best_of_k_entry(config, run_dir, paths, sft_entry, mesh, rules) -> dict:
         recs = best_of_k.best_of_k(
             os.path.join(run_dir, "sft"),
             os.path.join(run_dir, "rm"),
-            data_demos.read_prompts(paths["eval_prompts"]),
+            sft_data.read_prompts(paths["eval_prompts"]),
             k,
             temperature=c.temperature,
             max_new_tokens=c.max_new_tokens,
@@ -222,7 +226,7 @@ def best_of_k_entry(config, run_dir, paths, sft_entry, mesh, rules) -> dict:
             mesh=mesh,
             rules=rules,
         )
-        data.write_jsonl(out, recs)
+        lm_data.write_jsonl(out, recs)
     with open(out) as f:
         recs = [json.loads(line) for line in f]
     entry = {"label": f"Best-of-{k} sampling (SFT + RM)", "method": "best_of_k", "round": 1}

@@ -26,9 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, data, data_demos, metrics, ppo_math, preemption, sampling, sharding
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.infra import checkpoint, metrics, preemption, sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.rl import ppo_math
+from rlhf_jax.sampling import sampler
 from rlhf_jax.stages import ppo_steps, setup
 from rlhf_jax.stages import rm as rm_stage
 
@@ -145,14 +148,14 @@ def train_state_shardings(cfgs, tx, mesh, rules):
 
 def prompt_data(config, tok):
     c, t = config.ppo, config.data
-    prompts = data_demos.read_prompts(t.train)
+    prompts = sft_data.read_prompts(t.train)
     if t.eval:
-        train_p, eval_p = prompts, data_demos.read_prompts(t.eval)
+        train_p, eval_p = prompts, sft_data.read_prompts(t.eval)
     else:
-        train_p, eval_p = data.split_documents(prompts, t.eval_fraction, config.seed)
-    ex, cut = data_demos.encode_prompts(train_p, tok, t.prompt_template, c.prompt_len)
+        train_p, eval_p = lm_data.split_documents(prompts, t.eval_fraction, config.seed)
+    ex, cut = sft_data.encode_prompts(train_p, tok, t.prompt_template, c.prompt_len)
     pc, pi = jax.process_count(), jax.process_index()
-    it = data.make_train_iterator(
+    it = lm_data.make_train_iterator(
         ex, batch_size=c.rollout_batch // pc, seed=config.seed, process_index=pi, process_count=pc
     )
     return (
@@ -169,7 +172,7 @@ def ptx_data(config, tok, n_batches: int, workdir: str):
             raise ValueError("ppo.ptx_coef > 0 needs config.data.ptx (pretraining text files)")
         return None
     pc, pi = jax.process_count(), jax.process_index()
-    it, _, _ = data.build_text_data(
+    it, _, _ = lm_data.build_text_data(
         config.data.ptx,
         tok,
         seq_len=c.ptx_seq_len,
@@ -200,7 +203,7 @@ class Iteration:
                 f"ppo.prompt_len + ppo.max_new_tokens = {p + c.max_new_tokens} "
                 f"exceeds model.max_len={cfgs['policy'].max_len}"
             )
-        self.sample = sampling.make_sampler(
+        self.sample = sampler.make_sampler(
             graphdefs["policy"],
             max_new_tokens=c.max_new_tokens,
             eos_id=tok.eos_id,
@@ -277,7 +280,7 @@ def _eval_batches(prompts, tok, config):
     c = config.ppo
     if not prompts:
         return []
-    ex, _ = data_demos.encode_prompts(prompts, tok, config.data.prompt_template, c.prompt_len)
+    ex, _ = sft_data.encode_prompts(prompts, tok, config.data.prompt_template, c.prompt_len)
     n, big = len(prompts), c.rollout_batch
     b = big // jax.process_count()
     idx = np.arange(-(-n // big) * big) % n

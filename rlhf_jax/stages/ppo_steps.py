@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses, ppo_math, reward, sharding
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.rl import losses, ppo_math
+from rlhf_jax.sampling import reward
 
 
 def full_mask(batch):

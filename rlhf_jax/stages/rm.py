@@ -33,9 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, data_demos, data_prefs, losses, reward, sharding
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
+from rlhf_jax.data import rm_data, sft_data
+from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.rl import losses
+from rlhf_jax.sampling import reward
 from rlhf_jax.stages import loop, setup
 
 K_VALUES = tuple(range(2, 10))
@@ -203,7 +206,7 @@ def norm_pairs(config, init_meta) -> tuple[str, list[tuple[str, str]]]:
             "set config.rm.norm_data (reference {prompt, response} JSONL): "
             "init_from is not an SFT workdir whose demonstrations could be used"
         )
-    demos = data_demos.read_demos(path)[: config.rm.norm_max]
+    demos = sft_data.read_demos(path)[: config.rm.norm_max]
     return path, [(d["prompt"], d["response"]) for d in demos]
 
 
@@ -217,7 +220,7 @@ def run(config, mesh, workdir: str):
     norm_pairs(config, init_meta)  # fail now, not after training, if there is no reference
     model_cfg = dataclasses.replace(lm_cfg, head="scalar")
     pc, pi = jax.process_count(), jax.process_index()
-    train_iter, eval_batches, info = data_prefs.build_rm_data(
+    train_iter, eval_batches, info = rm_data.build_rm_data(
         config.data.train,
         tok,
         template=config.data.prompt_template,

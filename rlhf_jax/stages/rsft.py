@@ -33,7 +33,9 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import best_of_k, checkpoint, data, data_demos, metrics, preemption
+from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.infra import checkpoint, metrics, preemption
+from rlhf_jax.sampling import best_of_k
 from rlhf_jax.stages import lm
 
 ROUNDS_FILE = "rounds.json"
@@ -126,7 +128,7 @@ def sample_round(config, rdir: str, policy: str, prompts: list[str], r: int, mes
     """Best-of-K records of round r: read from `candidates.jsonl`, else sampled and written."""
     path = os.path.join(rdir, "candidates.jsonl")
     if os.path.exists(path):
-        return data.read_jsonl(path, {"prompt": str, "candidates": list})
+        return lm_data.read_jsonl(path, {"prompt": str, "candidates": list})
     rc = config.rsft
     batch, start = round_prompts(prompts, r, rc.prompts_per_round, config.seed)
     recs = best_of_k.best_of_k(
@@ -143,7 +145,7 @@ def sample_round(config, rdir: str, policy: str, prompts: list[str], r: int, mes
         template=config.data.prompt_template,
         index_offset=start,  # each stream position (not each prompt text) has its own PRNG
     )
-    data.write_jsonl(path, recs)
+    lm_data.write_jsonl(path, recs)
     return recs
 
 
@@ -156,7 +158,7 @@ def select_round(config, rdir: str, recs: list[dict]) -> list[dict]:
     """
     path = os.path.join(rdir, "selected.jsonl")
     if os.path.exists(path) and has_checkpoint(os.path.join(rdir, "policy")):
-        return data.read_jsonl(path, data_demos.DEMO_FIELDS)
+        return lm_data.read_jsonl(path, sft_data.DEMO_FIELDS)
     rc = config.rsft
     rows = []
     for rec in recs:
@@ -178,7 +180,7 @@ def select_round(config, rdir: str, recs: list[dict]) -> list[dict]:
                     "tokens": c["tokens"],
                 }
             )
-    data.write_jsonl(path, rows)
+    lm_data.write_jsonl(path, rows)
     return rows
 
 
@@ -210,7 +212,7 @@ def run(config, mesh, workdir: str) -> str:
     """Runs (or resumes) every round into `workdir`; returns the final policy's workdir."""
     _check(config)
     rc = config.rsft
-    prompts = data_demos.read_prompts(config.data.train)
+    prompts = sft_data.read_prompts(config.data.train)
     if not prompts:
         raise ValueError(f"data.train={config.data.train!r} holds no prompts")
     os.makedirs(workdir, exist_ok=True)
@@ -244,7 +246,7 @@ def run(config, mesh, workdir: str) -> str:
             policy = sub
             stats["sft_final_loss"] = _last_loss(sub)
             done.append({"round": r, "policy": os.path.relpath(sub, workdir), **stats})
-            data.write_json(rounds_path, done)
+            lm_data.write_json(rounds_path, done)
             writer.write(r, {f"rsft/{k}": v for k, v in stats.items() if v is not None})
     finally:
         writer.close()

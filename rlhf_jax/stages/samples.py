@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import jax
 
-from rlhf_jax import data_demos, generate, sampling, sharding
+from rlhf_jax.data import sft_data
+from rlhf_jax.infra import sharding
+from rlhf_jax.sampling import load, sampler
 
 
 class EvalSampler:
@@ -21,14 +23,14 @@ class EvalSampler:
         sc = config.sft
         self.knobs = dict(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
         template = config.data.prompt_template
-        ids = [data_demos.prompt_ids(tok, template, d["prompt"]) for d in demos]
+        ids = [sft_data.prompt_ids(tok, template, d["prompt"]) for d in demos]
         dp = sharding.data_parallel_size(mesh, self.rules)
         # Rows rounded up to the data-parallel size with copies whose outputs are never read.
         ids = ids + [ids[-1]] * (-len(ids) % dp)
-        self.tokens, self.mask = generate.left_pad(ids, max(map(len, ids)), tok.pad_id)
+        self.tokens, self.mask = load.left_pad(ids, max(map(len, ids)), tok.pad_id)
         room = model_cfg.max_len - self.tokens.shape[1] if model_cfg.family == "gpt2" else None
         new = sc.max_new_tokens if room is None else max(1, min(sc.max_new_tokens, room))
-        self.sample = sampling.make_sampler(
+        self.sample = sampler.make_sampler(
             graphdef,
             max_new_tokens=new,
             eos_id=tok.eos_id,

@@ -16,10 +16,11 @@ import shutil
 
 import jax
 
-from rlhf_jax import chat, checkpoint, data, sharding
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import chat, lm_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -70,7 +71,7 @@ def _sync(name: str):
 
 def read_init_meta(path: str) -> dict | None:
     """Meta of an `init_from` source: a stage workdir, or a Hugging Face dir as `hf:DIR`."""
-    from rlhf_jax import convert
+    from rlhf_jax.tools import convert
 
     if convert.is_hf_path(path):
         return convert.init_meta(path)
@@ -79,7 +80,7 @@ def read_init_meta(path: str) -> dict | None:
 
 def restore_init_params(path: str, abstract_params):
     """Params of an `init_from` source, straight into the shardings `abstract_params` asks."""
-    from rlhf_jax import convert
+    from rlhf_jax.tools import convert
 
     if convert.is_hf_path(path):
         return convert.restore_params(path, abstract_params)
@@ -87,7 +88,7 @@ def restore_init_params(path: str, abstract_params):
 
 
 def _init_tokenizer(path: str) -> str:
-    from rlhf_jax import convert
+    from rlhf_jax.tools import convert
 
     if convert.is_hf_path(path):
         src = convert.tokenizer_path(path)
@@ -127,7 +128,7 @@ def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
             shutil.copyfile(src, dest + ".tmp")
             os.replace(dest + ".tmp", dest)
         else:
-            docs = data.read_documents(config.data.train)
+            docs = lm_data.read_documents(config.data.train)
             tok_lib.train_tokenizer(
                 docs,
                 dest,

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax import model as model_lib
-from rlhf_jax import sharding
+from rlhf_jax.infra import sharding
+from rlhf_jax.models import transformer as model_lib
 
 MODES = ("greedy", "sample", "filter")
 

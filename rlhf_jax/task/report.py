@@ -15,7 +15,7 @@ missing stage, model or key is reported as "not run" (or "n/a"), never a crash; 
 is an error naming it (and the line, for JSONL). `aggregate` summarises several seeds' eval.json
 for the README. The figures are report_plots.py's. Command line::
 
-    python -m rlhf_jax.report RUN_DIR [RUN_DIR ...]
+    python -m rlhf_jax.task.report RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax import report_plots as plots
-from rlhf_jax.report_plots import is_number
+from rlhf_jax.task import report_plots as plots
+from rlhf_jax.task.report_plots import is_number
 
 # The metrics.jsonl name and line contract are metrics.py's; it is not imported because it pulls
 # in jax and TensorBoard (seconds of start-up) for a command that only reads JSON.
@@ -491,7 +491,7 @@ def _model_samples(models: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Rebuilds each DIR/report.md; with several DIRs also prints the aggregate table."""
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.report",
+        prog="python -m rlhf_jax.task.report",
         description="Write DIR/report.md from a run's metrics and eval.json; with several DIRs "
         "(seeds) also print a mean [min, max] table of gold score, held-out loss and KL from SFT.",
     )

@@ -1,10 +1,10 @@
 """Score `{"prompt", "response"}` JSONL with a reward-model checkpoint, to see what it rewards.
 
-  python -m rlhf_jax.score --checkpoint runs/rm_tiny --data samples.jsonl --out scored.jsonl
+  python -m rlhf_jax.tools.score --checkpoint runs/rm_tiny --data samples.jsonl --out scored.jsonl
 
 Each line of the output is the input object plus `"score"`: the RM's read-out at the last token
 of [bos] + template(prompt) + response + [eos] (the template stored with the RM's config), plus
-the RM's normalisation bias unless `--no-bias`. The output of `python -m rlhf_jax.generate` can
+the RM's normalisation bias unless `--no-bias`. The output of `python -m rlhf_jax.tools.generate` can
 be scored directly. The output file is written atomically.
 """
 
@@ -19,18 +19,20 @@ import time
 import numpy as np
 import tqdm
 
-from rlhf_jax import cli
+from rlhf_jax.infra import cli, distributed
 
 
 def run(args) -> dict:
     import jax
 
-    from experiments import common
-    from launch import mesh as mesh_lib
-    from rlhf_jax import data, data_demos, reward, sharding
-    from rlhf_jax.generate import load_model
+    from rlhf_jax.data import lm_data, sft_data
+    from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.infra import sharding
+    from rlhf_jax.sampling import reward
+    from rlhf_jax.sampling.load import load_model
 
-    mesh = mesh_lib.build_mesh(common.mesh_config())
+    distributed.initialize_from(args)
+    mesh = mesh_lib.build_mesh(mesh_lib.config(), jax.devices())
     rules = sharding.DEFAULT_RULES
     graphdef, params, model_cfg, tok, meta = load_model(args.checkpoint, mesh, rules)
     if model_cfg.head != "scalar":
@@ -39,10 +41,10 @@ def run(args) -> dict:
             f"head={model_cfg.head!r})"
         )
     cfg = meta.get("config") or {}
-    template = (cfg.get("data") or {}).get("prompt_template", common.PROMPT_TEMPLATE)
+    template = (cfg.get("data") or {}).get("prompt_template", sft_data.PROMPT_TEMPLATE)
     seq_len = args.seq_len or (cfg.get("train") or {}).get("seq_len", model_cfg.max_len)
     bias = 0.0 if args.no_bias else float(meta.get("reward_bias", 0.0))
-    rows = data.read_jsonl(args.data, data_demos.DEMO_FIELDS)
+    rows = lm_data.read_jsonl(args.data, sft_data.DEMO_FIELDS)
     t0 = time.time()
     with tqdm.tqdm(total=len(rows), desc="score", unit="seq", disable=jax.process_index()) as bar:
         scores = reward.score_texts(
@@ -73,13 +75,14 @@ def run(args) -> dict:
         "bias": bias,
         "seconds": round(time.time() - t0, 2),
     }
-    print(json.dumps(summary), flush=True)
+    if jax.process_index() == 0:
+        print(json.dumps(summary), flush=True)
     return summary
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.score",
+        prog="python -m rlhf_jax.tools.score",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -89,6 +92,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=0, help="0: the RM's training seq_len")
     p.add_argument("--no-bias", action="store_true", help="raw scores, without normalisation")
+    distributed.add_flags(p)
     return cli.run_or_exit(run, p.parse_args(argv))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rlhf_jax import paths
+from rlhf_jax.infra import paths
 
 PyTree = Any
 

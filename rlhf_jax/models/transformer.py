@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax import sharding
+from rlhf_jax.infra import sharding
 
 FAMILIES = ("gpt2", "llama")
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rlhf_jax import model as model_lib
-from rlhf_jax import sharding
+from rlhf_jax.infra import sharding
+from rlhf_jax.models import transformer as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

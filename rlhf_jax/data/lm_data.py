@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer
 
 TEXT_EXTENSIONS = (".jsonl", ".txt")
 _TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}

@@ -33,7 +33,7 @@ right answer, a missing final period), which SFT imitates and the RM and RL can 
 Prompt sets are split by a stable hash of the prompt text into disjoint sft/rm/ppo/eval regions.
 The pipeline's PPO uses the learned RM; `reward_fn` (the gold utility) is for ablations only.
 
-Dialogues (the multi-turn variant, `messages` rows of rlhf_jax/chat.py): a first question whose
+Dialogues (the multi-turn variant, `messages` rows of rlhf_jax/data/chat.py): a first question whose
 answer is one number (add, compare, count), its ideal answer, then a follow-up that adds to that
 answer, which the model must read from the conversation::
 
@@ -56,7 +56,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax import chat, data
+from rlhf_jax.data import chat, lm_data
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
 TASK_MIX = {"add": 0.3, "compare": 0.25, "count": 0.2, "sort": 0.25}
@@ -241,7 +241,7 @@ def _decoded_prompt(text: str):
 
 
 def reward_fn(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """Gold utility as a rule-based PPO reward (`ppo.reward_fn="rlhf_jax.world:reward_fn"`).
+    """Gold utility as a rule-based PPO reward (`ppo.reward_fn="rlhf_jax.task.world:reward_fn"`).
 
     For ablations only: the pipeline's PPO optimises the learned RM. A response counts as finished
     when it ends with "." (the hook does not see whether EOS was emitted). Prompts may be the
@@ -588,7 +588,8 @@ def write_world(
         "eval_prompts": eval_prompts(n["eval_prompts"], seed),
     }
     paths = {
-        k: data.write_jsonl(os.path.join(directory, f"{k}.jsonl"), v) for k, v in datasets.items()
+        k: lm_data.write_jsonl(os.path.join(directory, f"{k}.jsonl"), v)
+        for k, v in datasets.items()
     }
     examples = [parse_prompt(p) for p in EXAMPLE_PROMPTS]
     meta = {
@@ -600,9 +601,9 @@ def write_world(
         "splits": SPLITS,
         "utility": UTILITY,
         "prompt_template": PROMPT_TEMPLATE,
-        "gold_score": "rlhf_jax.world:gold_score",
+        "gold_score": "rlhf_jax.task.world:gold_score",
     }
-    paths["world"] = data.write_atomic(
+    paths["world"] = lm_data.write_atomic(
         os.path.join(directory, "world.json"), json.dumps(meta, indent=2) + "\n"
     )
     return paths

@@ -1,7 +1,7 @@
 """Benchmarks of the RLHF steps: reward-model training and one PPO-ptx iteration.
 
-  python -m rlhf_jax.bench rm --size small --batch 32 --k 4 --seq-len 512
-  python -m rlhf_jax.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
+  python -m rlhf_jax.tools.bench rm --size small --batch 32 --k 4 --seq-len 512
+  python -m rlhf_jax.tools.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
 
 Random-init models and random tokens (no checkpoints, no tokenizer), the real jitted steps.
 `ppo` times rollout / score / update of full iterations (policy, reference, value and reward
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import statistics
 import sys
 import time
@@ -21,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import model as model_lib
-from rlhf_jax import sharding
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
 
 
 def _cfg(args, size, **kw):
@@ -85,7 +86,7 @@ def bench_rm(args, environment, make_mesh) -> dict:
         "tokens_per_sec": round(b * k * n / med),
         "compile_s": round(compile_s, 1),
         **environment(),
-        "command": "python -m rlhf_jax.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:]),
     }
 
 
@@ -106,8 +107,23 @@ def _time(fn, state, steps, warmup):
     return times, compile_s
 
 
+def _experiment_config(spec: str, size: str):
+    """`FILE[:ARG]` -> that experiment file's `get_config(ARG or "size=SIZE")`.
+
+    Read by path, as `launch.run` does, so the library never imports `experiments/`.
+    """
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("bench_experiment", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or f"size={size}")
+
+
 def bench_ppo(args, environment, make_mesh) -> dict:
-    from experiments import ppo_ptx
     from rlhf_jax.stages import ppo, ppo_steps
 
     policy_cfg = _cfg(args, args.size)
@@ -115,7 +131,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
     cfgs = {"policy": policy_cfg, "ref": policy_cfg, "value": value_cfg, "reward": value_cfg}
     mesh = make_mesh(args.fsdp, args.tensor)
     rules = sharding.normalize_rules(sharding.DEFAULT_RULES)
-    config = ppo_ptx.get_config(f"size={args.size}")
+    config = _experiment_config(args.config, args.size)
     config.ppo.update(
         rollout_batch=args.batch,
         minibatch=args.minibatch,
@@ -203,7 +219,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
         "samples_per_sec": round(b / total, 2),
         "first_iteration_s": round(compile_s, 1),
         **environment(),
-        "command": "python -m rlhf_jax.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:]),
     }
 
 
@@ -224,6 +240,11 @@ def add_parsers(sub, sizes):
     r.add_argument("--k", type=int, default=4, help="responses per prompt")
     r.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--value-size", default="", choices=["", *sizes])
+    p.add_argument(
+        "--config",
+        default="experiments/ppo_ptx.py",
+        help="experiment file[:arg] whose ppo settings the benchmark starts from",
+    )
     p.add_argument("--batch", type=int, default=64, help="prompts per iteration")
     p.add_argument("--minibatch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=4)

@@ -5,7 +5,7 @@ Two line formats (DESIGN.md section 4), which may be mixed within a file:
     indices best first, and an entry that is a list of indices marks a tie, e.g. `[2, [0, 3], 1]`.
   * pairwise: `{"prompt", "chosen", "rejected"}`, read as K = 2 with `chosen` ranked first.
 Either may give a conversation instead of a prompt: `{"messages": [... ending with a user turn],
-...}` (rlhf_jax/chat.py); its responses are the final assistant turn, and its "prompt" is then the
+...}` (rlhf_jax/data/chat.py); its responses are the final assistant turn, and its "prompt" is then the
 hashable `chat.Messages`, so splitting, pairing and encoding treat both forms alike.
 Every comparison is normalised to `{"prompt", "responses", "ranks", "source"}` where `ranks[j]` is
 the dense rank of response j (0 = best, tied responses share a rank) and `source` is "file:line".
@@ -39,9 +39,9 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from rlhf_jax import data
-from rlhf_jax.data_demos import prompt_ids, read_records, row_prompt
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.data import lm_data
+from rlhf_jax.data.sft_data import prompt_ids, read_records, row_prompt
+from rlhf_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 # More than this fraction of sequences cut at seq_len is worth a warning: the RM then reads its
@@ -135,7 +135,7 @@ def read_comparisons(
     skipped and counted in `skipped["all_tie"]`, with one warning per file, never silently.
 
     Args:
-      paths: files or globs, as accepted by `data.expand_paths`.
+      paths: files or globs, as accepted by `lm_data.expand_paths`.
       k_max: the most responses a comparison may have (the K axis of the examples).
       skipped: a Counter that receives the skip counts (optional).
 
@@ -154,7 +154,7 @@ def read_comparisons(
         raise ValueError(f"k_max must be at least 2, got {k_max}")
     skipped = collections.Counter() if skipped is None else skipped
     comps = []
-    for path in data.expand_paths(paths):
+    for path in lm_data.expand_paths(paths):
         ties = []
         for lineno, record in read_records(path):
             try:
@@ -289,7 +289,7 @@ def split_by_prompt(
       (train_comps, eval_comps), each in the original order.
     """
     prompts = list(dict.fromkeys(c["prompt"] for c in comps))  # first-appearance order
-    _, eval_prompts = data.split_documents(prompts, eval_fraction, seed)
+    _, eval_prompts = lm_data.split_documents(prompts, eval_fraction, seed)
     held = set(eval_prompts)
     return [c for c in comps if c["prompt"] not in held], [c for c in comps if c["prompt"] in held]
 
@@ -387,7 +387,7 @@ def build_rm_data(
     train_pairs = num_pairs(train_ex["ranks"], train_ex["kmask"])
     if batching == "per_pair":
         train_ex = pair_examples(train_ex)
-    train_iter = data.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
+    train_iter = lm_data.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
 
     eval_list, eval_info, eval_pairs = [], {"cut_sequences": 0, "sequences": 0, "longest": 0}, 0
     if eval_comps:
@@ -395,7 +395,7 @@ def build_rm_data(
         eval_pairs = num_pairs(eval_ex["ranks"], eval_ex["kmask"])
         eval_b = eval_batch_size or batch_size
         eval_ex = _pad_rows(eval_ex, eval_b * process_count)
-        eval_list = data.eval_batches(eval_ex, batch_size=eval_b, **procs)
+        eval_list = lm_data.eval_batches(eval_ex, batch_size=eval_b, **procs)
 
     all_comps = [*train_comps, *eval_comps]
     info = {

@@ -1,7 +1,7 @@
 """Demonstrations for SFT: `{"prompt", "response"}` JSONL -> LM batches with a response-only mask.
 
 Prompts here are either strings (`{"prompt"}` rows) or conversations (`{"messages"}` rows, see
-rlhf_jax/chat.py); a file may mix both. A single-turn example is tokenized as
+rlhf_jax/data/chat.py); a file may mix both. A single-turn example is tokenized as
     [bos] + encode(template.format(prompt=prompt)) + encode(response) + [eos]
 and laid out unpacked, one example per row, right-padded to `seq_len`, in the LM batch format of
 `data.py` ({"inputs", "targets", "mask"} [N, L]). `mask` is 1 exactly on the targets that are
@@ -21,16 +21,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax import chat, data
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.data import chat, lm_data
+from rlhf_jax.data.tokenizer import Tokenizer
 
 DEMO_FIELDS = {"prompt": str, "response": str}
 PROMPT_FIELDS = {"prompt": str}
 
+# How a prompt is shown to the model when a config or checkpoint names no template.
+PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
+
 
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a JSONL file, for per-row checks."""
-    records = data.read_jsonl(path, {})
+    records = lm_data.read_jsonl(path, {})
     with open(path, "rb") as f:  # read_jsonl skips blank lines; errors must name real lines
         lines = [i for i, raw in enumerate(f, start=1) if raw.decode("utf-8").strip()]
     return list(zip(lines, records, strict=True))
@@ -77,7 +80,7 @@ def read_demos(paths: str | Sequence[str]) -> list[dict]:
       ValueError: `"{path}:{lineno}: ..."` naming the field or turn that is wrong.
     """
     out = []
-    for path in data.expand_paths(paths):
+    for path in lm_data.expand_paths(paths):
         for lineno, record in read_records(path):
             try:
                 out.append(_demo(record))
@@ -194,9 +197,9 @@ def build_sft_data(
     if eval_paths:
         train_demos, eval_demos = demos, read_demos(eval_paths)
     else:
-        train_demos, eval_demos = data.split_documents(demos, eval_fraction, seed)
+        train_demos, eval_demos = lm_data.split_documents(demos, eval_fraction, seed)
     train_ex, train_cut = encode_demos(train_demos, tokenizer, template, seq_len)
-    it = data.make_train_iterator(
+    it = lm_data.make_train_iterator(
         train_ex,
         batch_size=batch_size,
         seed=seed,
@@ -206,7 +209,7 @@ def build_sft_data(
     evals, eval_cut = [], 0
     if eval_demos:
         eval_ex, eval_cut = encode_demos(eval_demos, tokenizer, template, seq_len)
-        evals = data.eval_batches(
+        evals = lm_data.eval_batches(
             eval_ex,
             batch_size=batch_size,
             process_index=process_index,
@@ -237,7 +240,7 @@ def read_prompts(paths: str | Sequence[str]) -> list[str | chat.Messages]:
     """Prompts of `{"prompt": str}` or `{"messages": [... user turn]}` JSONL files (errors name
     file:line:field)."""
     out = []
-    for path in data.expand_paths(paths):
+    for path in lm_data.expand_paths(paths):
         out.extend(read_prompt_lines(path)[0])
     return out
 

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import data_demos, generate, sampling, sharding
+from rlhf_jax.data import sft_data
+from rlhf_jax.infra import sharding
+from rlhf_jax.sampling import load, sampler
 
 
 @functools.lru_cache(maxsize=8)
@@ -39,7 +41,7 @@ def _jitted_logprob_sums(graphdef, mesh, rules):
 
     def fn(params, tokens, mask, target_mask):
         with sharding.use_rules(mesh, rules):
-            logp = sampling.sequence_logprobs(graphdef, params, tokens, mask)  # [B, S-1]
+            logp = sampler.sequence_logprobs(graphdef, params, tokens, mask)  # [B, S-1]
             return jnp.sum(jnp.where(target_mask, logp, 0.0), axis=-1)
 
     # None: params keep the sharding they were restored with.
@@ -113,7 +115,7 @@ def sequence_logprob_sums(
 def encode_responses(tok, records: Sequence[dict], template: str):
     """(prompt ids, response ids) of records {"prompt", "response", "finished"}: the response
     text re-encoded, plus EOS when it finished (a missing "finished" counts as finished)."""
-    prompts = [data_demos.prompt_ids(tok, template, r["prompt"]) for r in records]
+    prompts = [sft_data.prompt_ids(tok, template, r["prompt"]) for r in records]
     eos = lambda r: [tok.eos_id] if r.get("finished", True) else []
     responses = [tok.encode(r["response"]) + eos(r) for r in records]
     return prompts, responses
@@ -148,7 +150,7 @@ def response_logprobs(
       float64 [N].
     """
     rules = rules if rules is not None else sharding.DEFAULT_RULES
-    graphdef, params, cfg, tok, meta = generate.load_model(model_dir, mesh, rules)
+    graphdef, params, cfg, tok, meta = load.load_model(model_dir, mesh, rules)
     if cfg.head != "lm":
         raise ValueError(f"{model_dir} has a {cfg.head!r} head; log-likelihoods need an LM head")
     prompts, responses = encode_responses(tok, records, _template(template, meta))

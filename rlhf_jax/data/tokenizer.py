@@ -11,14 +11,14 @@ training still encode (as UTF-8 byte pieces) instead of becoming <unk>. Because 
 prefix, `decode(encode(a) + encode(b)) == a + b`, which later stages rely on when they join a
 prompt and a response.
 
-Reserved pieces (`reserved`, e.g. the chat role markers of rlhf_jax/chat.py) are trained as
+Reserved pieces (`reserved`, e.g. the chat role markers of rlhf_jax/data/chat.py) are trained as
 user-defined symbols: each is one id (right after the special ids), is never split, and is
 matched wherever its text occurs.
 
 CLI:
-    python -m rlhf_jax.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model \
+    python -m rlhf_jax.data.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model \
         [--reserve '<|system|>' '<|user|>' '<|assistant|>']
-    python -m rlhf_jax.tokenizer encode --model tok.model "some text"
+    python -m rlhf_jax.data.tokenizer encode --model tok.model "some text"
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class Tokenizer:
     Attributes:
       path: the `.model` file this tokenizer was loaded from.
       chat_template: how `messages` rows are rendered with this tokenizer (a
-        `rlhf_jax.chat.ChatTemplate`; None means chat.DEFAULT). Stages bind it from config.chat,
+        `rlhf_jax.data.chat.ChatTemplate`; None means chat.DEFAULT). Stages bind it from config.chat,
         as a Hugging Face tokenizer carries its chat template, so every encoder sees one format.
     """
 
@@ -297,7 +297,8 @@ class Tokenizer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.tokenizer", description="Train or try a SentencePiece tokenizer."
+        prog="python -m rlhf_jax.data.tokenizer",
+        description="Train or try a SentencePiece tokenizer.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a tokenizer on .jsonl / .txt documents")
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "train":
         # Imported here: data.py imports this module for the special ids.
-        from rlhf_jax.data import read_documents
+        from rlhf_jax.data.lm_data import read_documents
 
         start = time.time()
         docs = read_documents(args.input)

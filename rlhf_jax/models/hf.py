@@ -40,8 +40,8 @@ import tqdm
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Hugging Face model directories <-> rlhf_jax workdirs, and the `init_from="hf:DIR"` hand-off.
 
-  python -m rlhf_jax.convert import --hf /models/Llama-3.2-1B --out runs/llama1b
-  python -m rlhf_jax.convert export --checkpoint runs/sft --out hf/sft
+  python -m rlhf_jax.tools.convert import --hf /models/Llama-3.2-1B --out runs/llama1b
+  python -m rlhf_jax.tools.convert export --checkpoint runs/sft --out hf/sft
 
 `import` writes a normal checkpoint workdir (step 0, params only) whose meta holds the model
 config, plus the `tokenizer.model` found beside the weights, so `init_from=runs/llama1b` works like
@@ -23,8 +23,9 @@ import shutil
 
 import jax
 
-from rlhf_jax import cli, hf
-from rlhf_jax import model as model_lib
+from rlhf_jax.infra import cli
+from rlhf_jax.models import hf
+from rlhf_jax.models import transformer as model_lib
 
 TOKENIZER_FILE = "tokenizer.model"
 HF_PREFIX = "hf:"
@@ -92,7 +93,7 @@ def restore_params(path: str, abstract_params):
 
 def _check_tokenizer(file: str, vocab_size: int) -> str | None:
     """Why the stages cannot use this tokenizer yet, or None when they can."""
-    from rlhf_jax import tokenizer as tok_lib
+    from rlhf_jax.data import tokenizer as tok_lib
 
     try:
         tok_lib.Tokenizer.load(file).check_model_vocab(vocab_size)
@@ -116,7 +117,7 @@ def import_to_workdir(
     `dtype` is the compute dtype recorded for tools that read the workdir alone (generate,
     score); stages take theirs from their own config.
     """
-    from rlhf_jax import checkpoint
+    from rlhf_jax.infra import checkpoint
 
     directory = hf_dir(hf_path)
     cfg, params = hf.import_hf(
@@ -153,8 +154,8 @@ def export_workdir(
     workdir: str, out_dir: str, mesh, rules, *, step=None, dtype=None, max_shard_bytes=5 * 2**30
 ) -> list[str]:
     """Exports a workdir's params (its latest checkpoint, or `step`) to a HF directory."""
-    from rlhf_jax import checkpoint
-    from rlhf_jax import state as state_lib
+    from rlhf_jax.infra import checkpoint
+    from rlhf_jax.infra import state as state_lib
 
     meta = checkpoint.read_meta(workdir, step)
     if not meta or "model" not in meta:
@@ -165,7 +166,7 @@ def export_workdir(
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
     tok = os.path.join(workdir, TOKENIZER_FILE)
     if not ids and os.path.isfile(tok) and _check_tokenizer(tok, cfg.vocab_size) is None:
-        from rlhf_jax import tokenizer as tok_lib
+        from rlhf_jax.data import tokenizer as tok_lib
 
         t = tok_lib.Tokenizer.load(tok)
         ids = {"bos_token_id": t.bos_id, "eos_token_id": t.eos_id, "pad_token_id": t.pad_id}
@@ -202,12 +203,11 @@ def _size(text: str) -> int:
 
 
 def run(args) -> list[str] | dict:
-    from experiments import common
-    from launch import mesh as mesh_lib
-    from rlhf_jax import sharding
+    from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.infra import sharding
 
     # Params spread over every device (fsdp), so a model larger than one device still fits.
-    mesh = mesh_lib.build_mesh(common.mesh_config(data=1, fsdp=-1))
+    mesh = mesh_lib.build_mesh(mesh_lib.config(data=1, fsdp=-1))
     rules = sharding.DEFAULT_RULES
     if args.command == "import":
         meta = import_to_workdir(
@@ -242,7 +242,7 @@ def run(args) -> list[str] | dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.convert",
+        prog="python -m rlhf_jax.tools.convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

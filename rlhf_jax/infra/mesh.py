@@ -1,8 +1,9 @@
 """Device mesh construction: ICI x DCN shapes for TPU slices, GPU nodes and CPU.
 
 `config.mesh.ici` is the mesh within one slice (TPU) or node (GPU); `config.mesh.dcn` is the mesh
-across slices / nodes. One `-1` per shape fills the remaining devices. Library code never builds a
-mesh; it receives the one built here.
+across slices / nodes. One `-1` per shape fills the remaining devices. Only entry points build a
+mesh (`launch.run` for the stages, the command-line tools in `rlhf_jax/tools/` for theirs); library
+code receives it as an argument.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 import math
 
 import jax
+import ml_collections as mlc
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    """`config.mesh`: ICI (within a slice / node) and DCN (across slices / nodes) shapes; -1 fills."""
+    return mlc.ConfigDict(
+        dict(ici=dict(data=data, fsdp=fsdp, tensor=tensor), dcn=dict(data=1, fsdp=1, tensor=1))
+    )
 
 
 def _fill(shape: dict, total: int, where: str) -> tuple[int, ...]:

@@ -1,40 +1,28 @@
 """Best-of-K: sample K responses per prompt from a policy, keep the one the reward model likes best.
 
-  python -m rlhf_jax.best_of_k --policy SFT_WORKDIR --reward RM_WORKDIR --prompts prompts.jsonl \
-      --k 8 --out best.jsonl [--temperature 1.0] [--max-new-tokens 128] [--seed 0]
-
-The usual inference-time baseline for RLHF (and the sampling half of rejection-sampling
-fine-tuning, stages/rsft.py). Sampling is `generate`'s: the same prompt formatting, padding and
-per-row PRNG streams, row (prompt i, sample s) drawing from fold_in(fold_in(key(seed), i), s),
-so candidate s of prompt i is exactly what `python -m rlhf_jax.generate --num-samples K
---seed S` writes for that row. Scores are the RM's, with its stored normalisation bias, read at
-the last token of what the policy produced, as PPO scores its rollouts: [bos] + the RM's prompt
-template + response, + [eos] only when the candidate finished (a response cut at the length
-limit is scored where it was cut, never given an EOS it did not emit). The chosen response is
-the argmax of the K scores; a tie goes to the lowest sample index.
-
-One JSON line per prompt, written to a temp file and renamed at the end:
-
-  {"prompt", "response", "score", "tokens", "finished",
-   "candidates": [{"response", "score", "finished", "tokens", "logprob"}, ...]}
-
-"tokens" counts response tokens including EOS, "logprob" is the sampled tokens' summed
-log-probability under the distribution that drew them (temperature, top-k, top-p applied).
-Bad input is one `error: ...` line, exit code 2. Single process (as generate).
+The usual inference-time baseline for RLHF, the sampling half of rejection-sampling fine-tuning
+(stages/rsft.py) and the `best_of_k` tool (rlhf_jax/tools/best_of_k.py). Sampling is generate's:
+the same prompt formatting, padding and per-row PRNG streams (rlhf_jax/sampling/load.py), so
+candidate s of prompt i is exactly what `python -m rlhf_jax.tools.generate --num-samples K --seed S`
+writes for that row. Scores are the RM's, with its stored normalisation bias, read at the last
+token of what the policy produced, as PPO scores its rollouts: [bos] + the RM's prompt template +
+response, + [eos] only when the candidate finished (a response cut at the length limit is scored
+where it was cut, never given an EOS it did not emit). The chosen response is the argmax of the K
+scores; a tie goes to the lowest sample index. Every process gets every record: outputs are
+gathered on purpose (sharding.to_host), never fetched from a process-spanning array.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, cli, data, data_demos, generate, reward, sampling, sharding
+from rlhf_jax.data import sft_data
+from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.sampling import load, reward, sampler
 
 
 def sample_candidates(
@@ -59,7 +47,7 @@ def sample_candidates(
       policy_dir: a stage workdir with an LM head.
       prompts: raw prompt texts.
       k: completions per prompt.
-      temperature, top_k, top_p: sampling knobs (see `sampling.sampling_mode`).
+      temperature, top_k, top_p: sampling knobs (see `sampler.sampling_mode`).
       max_new_tokens: T, the response length limit.
       seed: the root of the per-row PRNG streams.
       mesh, rules: where the policy is placed; rows are sharded over `act_batch`.
@@ -86,8 +74,8 @@ def sample_candidates(
         )
     rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    sampling.sampling_mode(greedy=False, **knobs)  # bad knobs fail before the model loads
-    graphdef, params, cfg, tok, meta = generate.load_model(policy_dir, mesh, rules)
+    sampler.sampling_mode(greedy=False, **knobs)  # bad knobs fail before the model loads
+    graphdef, params, cfg, tok, meta = load.load_model(policy_dir, mesh, rules)
     if cfg.head != "lm":
         raise ValueError(f"policy {policy_dir} has a {cfg.head!r} head; sampling needs an LM")
     if template is None:
@@ -100,7 +88,7 @@ def sample_candidates(
                 f"max_new_tokens={max_new_tokens} leaves no room in max_len={cfg.max_len}"
             )
     lines = list(range(1, len(prompts) + 1))
-    ids = generate.encode_prompts(list(prompts), lines, "prompts", tok, template, room)
+    ids = load.encode_prompts(list(prompts), lines, "prompts", tok, template, room)
 
     # The prompt width and batch shape generate.run picks, so the rows come out the same.
     width = 8 * math.ceil(max(map(len, ids)) / 8)
@@ -132,15 +120,15 @@ def sample_candidates(
         chunk = rows[lo : lo + batch]
         # Dummy rows (a lone bos) fill the last batch; their outputs are dropped.
         batch_ids = [ids[i] for i, _ in chunk] + [[tok.bos_id]] * (batch - len(chunk))
-        tokens, mask = generate.left_pad(batch_ids, width, tok.pad_id)
+        tokens, mask = load.left_pad(batch_ids, width, tok.pad_id)
         idx = np.array([index_offset + i for i, _ in chunk] + [0] * (batch - len(chunk)))
         smp = np.array([s for _, s in chunk] + [0] * (batch - len(chunk)))
         # Every process holds the whole batch: placed globally (multi-process safe).
         dev = sharding.put_global(
-            {"tokens": tokens, "mask": mask, "keys": generate.row_keys(seed, idx, smp)}, mesh, rules
+            {"tokens": tokens, "mask": mask, "keys": load.row_keys(seed, idx, smp)}, mesh, rules
         )
         keys = dev["keys"]
-        out = sampling.generate(
+        out = sampler.generate(
             graphdef,
             params,
             dev["tokens"],
@@ -168,7 +156,7 @@ def encode_scored(
     tokens = np.full((len(pairs), seq_len), tok.pad_id, np.int32)
     mask = np.zeros((len(pairs), seq_len), bool)
     for i, ((prompt, response), done) in enumerate(zip(pairs, finished, strict=True)):
-        ids = data_demos.prompt_ids(tok, template, prompt) + tok.encode(response)
+        ids = sft_data.prompt_ids(tok, template, prompt) + tok.encode(response)
         ids = (ids + ([tok.eos_id] if done else []))[:seq_len]
         tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
     return tokens, mask
@@ -180,7 +168,7 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
     seq_len) at the last token of the response, its EOS when `finished[i]` (None: all
     finished, i.e. `reward.score_texts`)."""
     rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
-    graphdef, params, cfg, tok, meta = generate.load_model(rm_dir, mesh, rules)
+    graphdef, params, cfg, tok, meta = load.load_model(rm_dir, mesh, rules)
     if cfg.head != "scalar":
         raise ValueError(f"reward model {rm_dir} has a {cfg.head!r} head; expected a scalar head")
     config = meta.get("config", {})
@@ -309,86 +297,3 @@ def best_of_k(
     cands = [c for g in groups for c in g]
     flat = score([(c["prompt"], c["response"]) for c in cands], [c["finished"] for c in cands])
     return select(groups, flat.reshape(len(groups), k))
-
-
-def _check_args(args):
-    for name in ("prompts", "policy", "reward"):
-        path = getattr(args, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--{name} {path} does not exist")
-    if args.k < 1:
-        raise ValueError("--k must be at least 1")
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
-
-
-def run(args) -> dict:
-    """Runs the command as `args` say; returns the summary numbers."""
-    from experiments import common
-    from launch import mesh as mesh_lib
-
-    _check_args(args)
-    prompts, _ = generate.read_prompts(args.prompts)  # bad lines fail before the model loads
-    mesh = mesh_lib.build_mesh(common.mesh_config(), jax.local_devices())
-    start = time.time()
-    recs = best_of_k(
-        args.policy,
-        args.reward,
-        prompts,
-        args.k,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        mesh=mesh,
-        template=args.template,
-        batch_size=args.batch_size,
-    )
-    data.write_jsonl(args.out, recs)
-    best = np.array([r["score"] for r in recs])
-    every = np.array([c["score"] for r in recs for c in r["candidates"]])
-    summary = {
-        "prompts": len(recs),
-        "k": args.k,
-        "best_score": float(best.mean()),
-        "candidate_score": float(every.mean()),
-        "seconds": time.time() - start,
-    }
-    print(
-        f"wrote best-of-{args.k} for {len(recs)} prompts to {args.out}: mean RM score "
-        f"{summary['best_score']:.3f} chosen vs {summary['candidate_score']:.3f} over all "
-        f"candidates ({summary['seconds']:.1f}s incl. compile)",
-        flush=True,
-    )
-    return summary
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.best_of_k",
-        description="Best-of-K sampling: K samples per prompt, the reward model picks one.",
-    )
-    p.add_argument("--policy", required=True, help="policy stage workdir (LM head)")
-    p.add_argument("--reward", required=True, help="reward-model stage workdir")
-    p.add_argument("--prompts", required=True, help='JSONL file, {"prompt": "..."} per line')
-    p.add_argument("--out", required=True, help="output JSONL file")
-    p.add_argument("--k", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 disables nucleus sampling")
-    p.add_argument("--batch-size", type=int, default=64, help="rows (prompt x sample) per batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--template", default=None, help="format string with {prompt} (default: the policy's)"
-    )
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    return cli.run_or_exit(run, parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import data_demos, sharding
-from rlhf_jax import state as state_lib
+from rlhf_jax.data import sft_data
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
 
 
 def last_index(mask):
@@ -86,7 +87,7 @@ def score_texts(
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        tokens, mask = data_demos.encode_sequences(chunk, tokenizer, template, seq_len)
+        tokens, mask = sft_data.encode_sequences(chunk, tokenizer, template, seq_len)
         pad = (-len(chunk)) % batch_size  # fill the last batch with 1-token dummy rows
         if pad:
             tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])

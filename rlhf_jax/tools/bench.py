@@ -1,9 +1,9 @@
 """Throughput benchmarks, run with the project's own step functions.
 
-  python -m rlhf_jax.bench train --size small --batch 12 --seq-len 1024 [--scan-layers]
-  python -m rlhf_jax.bench decode --size small --batch 64 --prompt-len 64 --new-tokens 256
-  python -m rlhf_jax.bench rm --size small --batch 32 --k 4 --seq-len 512
-  python -m rlhf_jax.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
+  python -m rlhf_jax.tools.bench train --size small --batch 12 --seq-len 1024 [--scan-layers]
+  python -m rlhf_jax.tools.bench decode --size small --batch 64 --prompt-len 64 --new-tokens 256
+  python -m rlhf_jax.tools.bench rm --size small --batch 32 --k 4 --seq-len 512
+  python -m rlhf_jax.tools.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
 
 `train` times the real jitted `train_step` of the LM stage on random tokens over all local devices
 (data parallel unless --fsdp/--tensor say otherwise) and prints one JSON line: median step time,
@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import bench_rlhf, sharding
-from rlhf_jax import model as model_lib
-from rlhf_jax import state as state_lib
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import lm, setup
+from rlhf_jax.tools import bench_rlhf
 
 
 def environment() -> dict:
@@ -66,10 +67,9 @@ def peak_memory_gb() -> float | None:
 
 
 def make_mesh(fsdp: int, tensor: int):
-    from experiments import common
-    from launch import mesh as mesh_lib
+    from rlhf_jax.infra import mesh as mesh_lib
 
-    return mesh_lib.build_mesh(common.mesh_config(fsdp=fsdp, tensor=tensor))
+    return mesh_lib.build_mesh(mesh_lib.config(fsdp=fsdp, tensor=tensor))
 
 
 def bench_train(args) -> dict:
@@ -139,7 +139,7 @@ def bench_train(args) -> dict:
         "peak_mem_gb": peak_memory_gb(),
         "final_loss": float(m["train/loss"]),
         **environment(),
-        "command": "python -m rlhf_jax.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:]),
     }
 
 
@@ -165,7 +165,7 @@ def peak_hbm_bw(device) -> float | None:
 
 
 def bench_decode(args) -> dict:
-    """Times `sampling.make_sampler`'s prefill + while-loop decode on a random-init model.
+    """Times `sampler.make_sampler`'s prefill + while-loop decode on a random-init model.
 
     EOS is disabled (eos_id=-1 never matches), so every row decodes all --new-tokens. Rows are
     data parallel over all local devices. Prefill is timed alone with the same cache size; the
@@ -174,7 +174,7 @@ def bench_decode(args) -> dict:
     the compute dtype, plus its share of the KV cache at its average filled length P + T/2) over
     the step time, as a fraction of the chip's peak HBM bandwidth (None when unknown, e.g. CPU).
     """
-    from rlhf_jax import sampling
+    from rlhf_jax.sampling import sampler
 
     p_len, t_new = args.prompt_len, args.new_tokens
     cfg = model_lib.preset(
@@ -198,14 +198,14 @@ def bench_decode(args) -> dict:
     keys = jax.device_put(
         jax.random.split(jax.random.key(0), args.batch), sharding.batch_sharding(mesh, rules, 1)
     )
-    generate = sampling.make_sampler(
+    generate = sampler.make_sampler(
         graphdef, max_new_tokens=t_new, eos_id=-1, pad_id=0, mesh=mesh, rules=rules
     )
 
     def prefill(params, prompts, mask):
         with sharding.use_rules(mesh, rules):
             model = state_lib.merge(graphdef, params)
-            return sampling.prefill(model, prompts, mask, p_len + t_new)[:2]
+            return sampler.prefill(model, prompts, mask, p_len + t_new)[:2]
 
     prefill = jax.jit(prefill)
     knobs = {"greedy": True} if args.greedy else {"temperature": 1.0}
@@ -255,13 +255,13 @@ def bench_decode(args) -> dict:
         else round(bytes_per_step / step_s / peak_bw, 4),
         "peak_mem_gb": peak_memory_gb(),
         **environment(),
-        "command": "python -m rlhf_jax.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:]),
     }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m rlhf_jax.bench",
+        prog="python -m rlhf_jax.tools.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,0 +1,1 @@
+"""Files to batches: text, demonstrations, comparisons, conversations and the tokenizers."""

@@ -1,0 +1,1 @@
+"""What every stage stands on: mesh, processes, sharding, state, checkpoints, metrics, preemption, provenance."""

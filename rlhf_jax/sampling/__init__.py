@@ -1,0 +1,1 @@
+"""On-device sampling, teacher-forced likelihoods, reward read-outs and best-of-K."""

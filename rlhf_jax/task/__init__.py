@@ -1,0 +1,1 @@
+"""The embedded task world, its evaluation and the pipeline's run report."""
