@@ -8,7 +8,7 @@ Tiny models, CPU, after experiments/{pretrain,sft,rm}.py (a few minutes on 2 cor
 
 Keep only responses the RM scores at least 0.5: `--config.rsft.use_threshold=true
 --config.rsft.threshold=0.5`. Best-of-K at inference, without training, is
-`python -m rlhf_jax.sampling.best_of_k`.
+`python -m rlhf_jax.tools.best_of_k`.
 
 Outputs: `round_{r}/selected.jsonl` (each round's SFT data), `round_{r}/candidates.jsonl`,
 `round_{r}/policy` (each round's model), `rounds.json` and `metrics.jsonl` (rsft/selected_score

@@ -108,10 +108,10 @@ def test_scan_layers_equals_unrolled(family):
     scanned = M.build(tiny(family, scan=True), seed=3)
     _, p_unrolled = nnx.split(unrolled, nnx.Param)
     g_scanned, p_scanned = nnx.split(scanned, nnx.Param)
-    p = p_unrolled.to_pure_dict()
+    p = nnx.to_pure_dict(p_unrolled)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p["blocks"][i] for i in range(2)])
     q = {**{k: v for k, v in p.items() if k != "blocks"}, "layers": stacked}
-    assert jax.tree.structure(q) == jax.tree.structure(p_scanned.to_pure_dict())
+    assert jax.tree.structure(q) == jax.tree.structure(nnx.to_pure_dict(p_scanned))
     toks = jax.random.randint(jax.random.key(3), (2, 10), 0, 512)
     a, _ = jitted(unrolled)(toks)
     b, _ = jitted(nnx.merge(g_scanned, q))(toks)

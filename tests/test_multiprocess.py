@@ -195,9 +195,26 @@ def test_local_runner_dry_run_prints_one_command_per_process():
     assert len(lines) == 3
     for i, line in enumerate(lines):
         assert line.startswith(
-            "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+            f"JAX_PLATFORMS=cpu PYTHONPATH={ROOT} XLA_FLAGS=--xla_force_host_platform_device_count=2 "
         )
         assert line.endswith(
             "-m launch.run --config c.py --workdir w --coordinator_address=localhost:1234 "
             f"--num_processes=3 --process_id={i}"
         )
+    tool = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=2", "--port=1234", "--dry-run"]
+        + ["--module", "rlhf_jax.tools.generate", "--", "--checkpoint", "w"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tool.returncode == 0, tool.stderr
+    assert (
+        tool.stdout.strip()
+        .splitlines()[1]
+        .endswith(
+            "-m rlhf_jax.tools.generate --checkpoint w --coordinator_address=localhost:1234 "
+            "--num_processes=2 --process_id=1"
+        )
+    )

@@ -1,12 +1,14 @@
-"""SFT, RM and PPO(-ptx) as 2 processes x 4 CPU devices through the real entry, equal to 1 x 8.
+"""Every stage and tool as 2 processes x 4 CPU devices through the real entry, equal to 1 x 8.
 
 Pod slices are always several processes, and a stage that fetches an array spanning processes
 (a samples table, a reward function's inputs, an eval) crashes only there. Each stage here runs
 with everything that fetches turned on (SFT eval samples, the RM's final normalisation, PPO's
 samples table, held-out eval, a reward function and a checkpoint), once through
 `launch.local --processes 2 --devices_per_process 4` and once as one process with 8 devices;
-every logged number and sampled text must agree. Tolerance: rtol 2e-4 on losses and scores (a
-different reduction order across processes), exact equality on sampled texts.
+every logged number and sampled text must agree. Best-of-K fine-tuning (rsft) and the generate,
+score and best_of_k tools (`launch.local --module rlhf_jax.tools.NAME`) are compared the same way
+on their output files. Tolerance: rtol 2e-4 on losses, scores and log-probs (a different
+reduction order across processes), exact equality on sampled texts.
 """
 
 import json
@@ -59,17 +61,54 @@ PPO = [
 ]  # fmt: skip
 
 
-def one_process(workdir, *flags):
-    cmd = [sys.executable, "-m", "launch.run", *flags, "--workdir", str(workdir)]
+RSFT = [
+    "--config", "experiments/rsft.py", "--config.rsft.rounds=1",
+    "--config.rsft.prompts_per_round=8", "--config.rsft.k=2", "--config.rsft.max_new_tokens=8",
+    "--config.rsft.finished_only=False",
+    "--config.train.batch_size=8", "--config.train.epochs=1.0",
+]  # fmt: skip
+
+
+def one_process(workdir, *flags, module="launch.run"):
+    cmd = [sys.executable, "-m", module, *flags]
+    cmd += ["--workdir", str(workdir)] if workdir is not None else []
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with(8), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def two_processes(workdir, *flags):
+def two_processes(workdir, *flags, module="launch.run"):
     cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices_per_process", "4"]
-    cmd += ["--", *flags, "--workdir", str(workdir)]
+    cmd += ["--module", module, "--", *flags]
+    cmd += ["--workdir", str(workdir)] if workdir is not None else []
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with(4), capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_records(one: list[dict], two: list[dict]):
+    """Texts, flags and counts exactly equal; floats (scores, log-probs) within rtol 2e-4."""
+    assert len(one) == len(two) > 0
+
+    def walk(a, b, where):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                walk(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif isinstance(a, float):
+            np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, err_msg=where)
+        else:
+            assert a == b, where
+
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
+        walk(a, b, f"line {i + 1}")
 
 
 def metrics(workdir) -> dict:
@@ -97,22 +136,23 @@ def assert_same_run(one, two):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
+    """pretrain -> sft1 -> rm1 as one process: the inputs of every later stage and tool."""
     root = tmp_path_factory.mktemp("mp")
     one_process(root / "pretrain", *PRETRAIN)
+    one_process(root / "sft1", *SFT, "--config.init_from", str(root / "pretrain"))
+    one_process(root / "rm1", *RM, "--config.init_from", str(root / "sft1"))
     return root
 
 
 def test_sft_rm_ppo_two_processes_match_one(chain):
     r = chain
     sft = ["--config.init_from", str(r / "pretrain")]
-    one_process(r / "sft1", *SFT, *sft)
     two_processes(r / "sft2", *SFT, *sft)
     assert_same_run(r / "sft1", r / "sft2")
     texts = [v for (_, k), v in metrics(r / "sft2").items() if k == "eval/samples"]
     assert texts and all("prompt:" in t for t in texts)  # the eval samples were logged
 
     rm = ["--config.init_from", str(r / "sft1")]
-    one_process(r / "rm1", *RM, *rm)
     two_processes(r / "rm2", *RM, *rm)
     assert_same_run(r / "rm1", r / "rm2")
     norm = [json.loads((r / d / "reward_norm.json").read_text()) for d in ("rm1", "rm2")]
@@ -131,3 +171,35 @@ def test_sft_rm_ppo_two_processes_match_one(chain):
     m = metrics(r / "ppo2")
     assert (2, "ppo/samples") in m and (2, "eval/score") in m
     assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == ["1", "2"]
+
+
+def test_rsft_and_tools_two_processes_match_one(chain):
+    r = chain
+    rsft = ["--config.init_from", str(r / "sft1"), "--config.rsft.reward_from", str(r / "rm1")]
+    one_process(r / "rsft1", *RSFT, *rsft)
+    two_processes(r / "rsft2", *RSFT, *rsft)
+    assert_same_run(r / "rsft1", r / "rsft2")
+    for name in ("candidates", "selected"):
+        assert_same_records(
+            read_jsonl(r / "rsft1" / "round_1" / f"{name}.jsonl"),
+            read_jsonl(r / "rsft2" / "round_1" / f"{name}.jsonl"),
+        )
+
+    prompts = r / "prompts.jsonl"  # 5 prompts x 2 samples: the last batch is padded
+    prompts.write_text("".join(json.dumps({"prompt": f"apple {i}"}) + "\n" for i in range(5)))
+    tools = {
+        "generate": ["--checkpoint", str(r / "sft1"), "--prompts", str(prompts)]
+        + ["--max-new-tokens", "8", "--num-samples", "2", "--temperature", "0.8"],
+        "score": ["--checkpoint", str(r / "rm1"), "--data", str(r / "generate1.jsonl")],
+        "best_of_k": ["--policy", str(r / "sft1"), "--reward", str(r / "rm1")]
+        + ["--prompts", str(prompts), "--k", "2", "--max-new-tokens", "8"],
+    }
+    for name, flags in tools.items():
+        module = f"rlhf_jax.tools.{name}"
+        one_process(None, *flags, "--out", str(r / f"{name}1.jsonl"), module=module)
+        two_processes(None, *flags, "--out", str(r / f"{name}2.jsonl"), module=module)
+        one, two = read_jsonl(r / f"{name}1.jsonl"), read_jsonl(r / f"{name}2.jsonl")
+        assert_same_records(one, two)
+    assert (
+        len(read_jsonl(r / "generate2.jsonl")) == 10 and len(read_jsonl(r / "score2.jsonl")) == 10
+    )

@@ -116,8 +116,8 @@ def tiny_loss_setup():
     from flax import nnx
 
     params = {
-        "policy": nnx.split(M.build(pcfg, 0), nnx.Param)[1].to_pure_dict(),
-        "value": nnx.split(M.build(vcfg, 1), nnx.Param)[1].to_pure_dict(),
+        "policy": nnx.to_pure_dict(nnx.split(M.build(pcfg, 0), nnx.Param)[1]),
+        "value": nnx.to_pure_dict(nnx.split(M.build(vcfg, 1), nnx.Param)[1]),
     }
     params["value"]["score_head"] = jnp.ones((64,)) * 0.1
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ SHORTEN = {
     "--config.train.batch_size=4",
     "rlhf_jax.tools.generate": "--max-new-tokens 8",
     "rlhf_jax.tools.score": "",
-    "rlhf_jax.sampling.best_of_k": "--max-new-tokens 8 --k 2",
+    "rlhf_jax.tools.best_of_k": "--max-new-tokens 8 --k 2",
 }
 
 

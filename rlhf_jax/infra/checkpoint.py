@@ -343,7 +343,27 @@ def read_meta(workdir_or_dir: str, step: int | None = None) -> dict | None:
     Raises:
         FileNotFoundError: no checkpoint at that path.
     """
-    with Checkpointer(_resolve_dir(workdir_or_dir), read_only=True) as ckpt:
+    # A plain file read, not a CheckpointManager: opening a manager is a collective on several
+    # processes, and hand-off checks run where processes may take different paths (a stage
+    # asking whether another's checkpoint exists yet). orbax's JsonSave writes `meta/metadata`.
+    directory = epath.Path(_resolve_dir(workdir_or_dir))
+    steps = sorted(
+        int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / _COMMIT_FILE).exists()
+    )
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {directory}")
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no committed step {step}; it holds steps {steps}"
+        )
+    meta_dir = directory / str(step) / "meta"
+    if not meta_dir.exists():
+        return None
+    if (meta_dir / "metadata").exists():
+        return json.loads((meta_dir / "metadata").read_text())
+    with Checkpointer(str(directory), read_only=True) as ckpt:  # another orbax file layout
         return ckpt.read_meta(step)
 
 

@@ -79,7 +79,7 @@ def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         out = {
             "train/loss": loss_sum / n_safe,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/tokens": n,
         }
         return new_state, out

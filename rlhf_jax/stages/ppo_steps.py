@@ -232,8 +232,8 @@ def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rul
                 px = None if ptx is None else jax.tree.map(lambda x: x[:, epoch * n_mb + i], ptx)
                 (_, m), grads = grad_fn(params, mb, px)
                 params, opt_state = apply_tx(tx, grads, opt_state, params)
-                m["ppo/grad_norm_policy"] = optax.global_norm(grads["policy"])
-                m["ppo/grad_norm_value"] = optax.global_norm(grads["value"])
+                m["ppo/grad_norm_policy"] = optax.tree.norm(grads["policy"])
+                m["ppo/grad_norm_value"] = optax.tree.norm(grads["value"])
                 return (params, opt_state), m
 
             return jax.lax.scan(one_mb, (params, opt_state), jnp.arange(n_mb))

@@ -131,7 +131,7 @@ def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, gra
         params = optax.apply_updates(state["params"], updates)
         out = {
             "rm/loss": loss,
-            "rm/grad_norm": optax.global_norm(grads),
+            "rm/grad_norm": optax.tree.norm(grads),
             **{f"rm/{k}": v for k, v in m.items()},
         }
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out

@@ -22,7 +22,8 @@ Layout of the workdir:
 
 Resuming: a round listed in rounds.json is done and skipped. Otherwise its candidates and
 selection are reused when on disk (both written atomically) and the SFT stage resumes from its
-own checkpoints. Sampling runs on one process (as `generate`).
+own checkpoints. Several processes run it like any stage: every process holds every record (the
+sampler's outputs are gathered on purpose) and writes the same files atomically.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 
 from rlhf_jax.data import lm_data, sft_data
@@ -102,8 +102,6 @@ def sft_config(config, train_path: str, init_from: str):
 
 def _check(config):
     rc = config.rsft
-    if jax.process_count() > 1:
-        raise ValueError("rsft samples on one process; run it single-process")
     if not config.init_from:
         raise ValueError("rsft needs config.init_from (the policy to start from, e.g. SFT)")
     if not rc.reward_from:
@@ -157,7 +155,9 @@ def select_round(config, rdir: str, recs: list[dict]) -> list[dict]:
     keeping too few responses picks up a changed threshold.
     """
     path = os.path.join(rdir, "selected.jsonl")
-    if os.path.exists(path) and has_checkpoint(os.path.join(rdir, "policy")):
+    # The checkpoint first: it exists only after the round's (collective) SFT, so every process
+    # takes the same branch, while process 0 may already have written this file.
+    if has_checkpoint(os.path.join(rdir, "policy")) and os.path.exists(path):
         return lm_data.read_jsonl(path, sft_data.DEMO_FIELDS)
     rc = config.rsft
     rows = []
