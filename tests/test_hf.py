@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.infra import state as state_lib  # noqa: E402
-from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models import hf, hf_map  # noqa: E402
 from rlhf_jax.models import transformer as model_lib  # noqa: E402
 from rlhf_jax.sampling import sampler  # noqa: E402
 from rlhf_jax.tools import convert  # noqa: E402
@@ -372,9 +372,9 @@ GPT2_124M = dict(
     ids=["gpt2-124m", "mistral-7b", "llama3.1-8b", "qwen2-0.5b"],
 )
 def test_published_configs_map_and_round_trip(hf_cfg, want):
-    cfg = hf.config_from_hf(hf_cfg)
+    cfg = hf_map.config_from_hf(hf_cfg)
     assert {k: getattr(cfg, k) for k in want} == want
-    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg  # export writes what import reads
+    assert hf_map.config_from_hf(hf_map.config_to_hf(cfg)) == cfg  # export writes what import reads
 
 
 def test_gpt2_base_model_without_prefix_and_with_buffers(hf_dirs, tmp_path):

@@ -7,8 +7,9 @@
 config, plus the `tokenizer.model` found beside the weights, so `init_from=runs/llama1b` works like
 any stage's workdir. `export` restores a workdir's params with its stored model config and writes
 a directory `transformers` loads; a reward or value model (scalar head) becomes
-`*ForSequenceClassification` with one label (see hf.py), with the RM's normalisation bias kept as
-config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf.py.
+`*ForSequenceClassification` with one label (see hf_map.py), with the RM's normalisation bias kept
+as config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf_map.py, reading and
+writing safetensors directories in hf.py.
 
 `init_from="hf:DIR"` reads the HF directory directly (no conversion on disk): `init_meta`,
 `restore_params` and `tokenizer_path` stand in for the checkpoint's meta, params and tokenizer.
@@ -24,7 +25,7 @@ import shutil
 import jax
 
 from rlhf_jax.infra import cli
-from rlhf_jax.models import hf
+from rlhf_jax.models import hf, hf_map
 from rlhf_jax.models import transformer as model_lib
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,12 +54,12 @@ def init_meta(path: str, *, scan_layers: bool = False) -> dict:
     """A checkpoint-style meta for `hf:DIR`: {"model", "tokenizer", "stage", "hf", "config"}."""
     directory = hf_dir(path)
     hf_cfg = hf.read_config(directory)
-    cfg = hf.config_from_hf(hf_cfg, scan_layers=scan_layers)
+    cfg = hf_map.config_from_hf(hf_cfg, scan_layers=scan_layers)
     return {
         "model": dataclasses.asdict(cfg),
         "tokenizer": TOKENIZER_FILE if tokenizer_path(directory) else None,
         "stage": "hf",
-        "hf": {"model_type": hf_cfg.get("model_type"), **hf.token_ids(hf_cfg)},
+        "hf": {"model_type": hf_cfg.get("model_type"), **hf_map.token_ids(hf_cfg)},
         "config": {"hf": directory},
     }
 
@@ -75,7 +76,7 @@ def restore_params(path: str, abstract_params):
     """
     directory = hf_dir(path)
     hf_cfg = hf.read_config(directory)
-    cfg = hf.config_from_hf(hf_cfg, scan_layers="layers" in abstract_params)
+    cfg = hf_map.config_from_hf(hf_cfg, scan_layers="layers" in abstract_params)
     flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
     want = {jax.tree_util.keystr(p): x.shape for p, x in flat(model_lib.abstract(cfg)[1])}
     have = {jax.tree_util.keystr(p): x.shape for p, x in flat(abstract_params)}
