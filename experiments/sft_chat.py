@@ -4,10 +4,10 @@ The data mixes `{"messages": [...]}` dialogues with single-turn `{"prompt", "res
 in one run (rlhf_jax/data/chat.py): the loss covers every assistant turn's content and its EOS, and
 nothing else. The bundled `tiny_dialogues.jsonl` holds 1000 two-turn dialogues of the task world
 whose follow-up builds on the first answer ("what is 7 plus 5?" -> "7 plus 5 is 12." ->
-"and plus 3?" -> "12 plus 3 is 15."); it is `world.dialogue_demonstrations(1000, seed=0,
+"and plus 3?" -> "12 plus 3 is 15."); it is `world_data.dialogue_demonstrations(1000, seed=0,
 quality=1.0)`, regenerated with
-  python -c "from rlhf_jax import data, world; data.write_jsonl(
-      'experiments/data/tiny_dialogues.jsonl', world.dialogue_demonstrations(1000, 0, 1.0))"
+  python -c "import rlhf_jax.data.lm_data as d, rlhf_jax.task.world_data as w; d.write_jsonl(
+      'experiments/data/tiny_dialogues.jsonl', w.dialogue_demonstrations(1000, 0, 1.0))"
 
 The chat role markers are reserved pieces of the tokenizer, so `init_from` must be a workdir
 whose tokenizer was trained with them: every pretrain run that trains its own tokenizer does

@@ -14,7 +14,7 @@ from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import load
 from rlhf_jax.stages import setup
-from rlhf_jax.task import world
+from rlhf_jax.task import world, world_data
 
 TEMPLATE = common.PROMPT_TEMPLATE
 CONVO = [
@@ -256,23 +256,23 @@ def test_each_reader_checks_its_messages(tmp_path, reader, line, message):
 
 
 def test_world_dialogues_are_deterministic_and_split():
-    a = world.dialogue_demonstrations(40, seed=3, quality=0.5)
-    assert a == world.dialogue_demonstrations(40, seed=3, quality=0.5)
-    assert a != world.dialogue_demonstrations(40, seed=4, quality=0.5)
+    a = world_data.dialogue_demonstrations(40, seed=3, quality=0.5)
+    assert a == world_data.dialogue_demonstrations(40, seed=3, quality=0.5)
+    assert a != world_data.dialogue_demonstrations(40, seed=4, quality=0.5)
     for row in a:
         m = chat.parse_messages(row["messages"], ends_with="assistant")  # valid rows
         assert world.split_of(m[0][1]) == "sft" and len(m) == 4
     # With quality 1 every final answer is ideal, so it scores 1 as the final turn.
-    for row in world.dialogue_demonstrations(20, seed=0, quality=1.0):
+    for row in world_data.dialogue_demonstrations(20, seed=0, quality=1.0):
         *ctx, last = row["messages"]
         assert world.gold_score_messages(ctx, last["content"]) == 1.0
-    evals = world.dialogue_prompts(50, seed=0, split="eval")
-    assert evals == world.dialogue_prompts(50, seed=0, split="eval")
+    evals = world_data.dialogue_prompts(50, seed=0, split="eval")
+    assert evals == world_data.dialogue_prompts(50, seed=0, split="eval")
     keys = [json.dumps(r["messages"]) for r in evals]
     assert len(set(keys)) == 50
     assert all(r["messages"][-1]["role"] == "user" for r in evals)
     with pytest.raises(ValueError, match="unknown split"):
-        world.dialogue_prompts(3, split="test")
+        world_data.dialogue_prompts(3, split="test")
 
 
 def test_gold_score_judges_the_follow_up():
@@ -295,7 +295,7 @@ def test_gold_score_judges_the_follow_up():
     assert world.gold_score(msgs, "12 plus 3 is 15.") == 1.0
     assert world.gold_score(msgs[:1], "7 plus 5 is 12.") == 1.0  # one user turn: the first task
     sample = {"messages": msgs, "responses": ["15.", "12 plus 3 is 15."], "finished": [True, True]}
-    (row,) = world.label_comparisons([sample], world.Labeler(noise=0.0))
+    (row,) = world_data.label_comparisons([sample], world_data.Labeler(noise=0.0))
     assert row == {"messages": ctx, "responses": sample["responses"], "ranking": [1, 0]}
     # The PPO reward hook reads decoded prompts: rendered conversations and templated questions.
     rendered = (

@@ -39,7 +39,7 @@ from rlhf_jax.data import lm_data
 from rlhf_jax.infra import preemption, sharding
 from rlhf_jax.stages import lm, ppo, rm, rsft
 from rlhf_jax.stages import pipeline_eval as ev
-from rlhf_jax.task import world
+from rlhf_jax.task import world_data
 
 STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "evaluate")
 # What `config.reuse` takes from a finished run: step -> the files and directories it produced.
@@ -115,7 +115,7 @@ def run(config, mesh, workdir: str):
             lm_data.write_json(timings_path, timings)
 
     w = config.world
-    paths = world.write_world(
+    paths = world_data.write_world(
         os.path.join(workdir, "world"), dict(w.sizes), config.seed, quality=w.quality
     )
     s = config.stages

@@ -18,7 +18,7 @@ from rlhf_jax.data import lm_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.sampling import load
 from rlhf_jax.stages import lm
-from rlhf_jax.task import world
+from rlhf_jax.task import world, world_data
 from rlhf_jax.tools import generate
 
 
@@ -82,8 +82,8 @@ def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str
         }
         for g in groups
     ]
-    labeler = world.Labeler(noise=c.labeler_noise, seed=seed, ties=c.labeler_ties)
-    lm_data.write_jsonl(out, world.label_comparisons(samples, labeler))
+    labeler = world_data.Labeler(noise=c.labeler_noise, seed=seed, ties=c.labeler_ties)
+    lm_data.write_jsonl(out, world_data.label_comparisons(samples, labeler))
     return out
 
 
