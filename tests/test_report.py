@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax.task import report, report_plots
+from rlhf_jax.task import report, report_plots, report_read
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def _ppo_rows(offset, ptx):
     return rows
 
 
-def _fake_run(run, stages=report.STAGES[:5], models=report.MODELS):
+def _fake_run(run, stages=report_read.STAGES[:5], models=report_read.MODELS):
     """A run of the first pipeline (no rsft, no rounds) with an old-shape eval.json."""
     os.makedirs(run, exist_ok=True)
     if "pretrain" in stages:
@@ -134,7 +134,7 @@ def _fake_run(run, stages=report.STAGES[:5], models=report.MODELS):
 
 def _iterated_run(run):
     """A run with best-of-K, rsft and a second round (round_2/{rm,ppo,ppo_ptx})."""
-    _fake_run(run, stages=report.STAGES)
+    _fake_run(run, stages=report_read.STAGES)
     rm = [{"step": s, "eval/accuracy": 0.5 + s / 40} for s in (0, 5)]
     _jsonl(os.path.join(run, "round_2", "rm", "metrics.jsonl"), rm)
     for name in ("ppo", "ppo_ptx"):
@@ -239,7 +239,7 @@ def test_malformed_files_name_file_and_line(tmp_path):
     _jsonl(path, [{"step": 1, "eval/accuracy": 0.5}])
     with open(path, "a") as f:
         f.write('{"step": 2, "eval/acc')
-    assert [r["step"] for r in report.read_stage(path)] == [1]
+    assert [r["step"] for r in report_read.read_stage(path)] == [1]
     report.build_report(run)
 
     _jsonl(path, [{"step": 1}])

@@ -1,19 +1,11 @@
 """Run report: `<run>/report.md` with a results table, training curves and samples.
 
-Reads what a pipeline run leaves in its run directory and writes `report.md` with `report_*.png`
-beside it (linked relatively, so the directory can be moved or published as is)::
-
-    <run>/{pretrain,sft,rm,ppo,ppo_ptx,rsft}/metrics.jsonl   round 1's stages (see metrics.py)
-    <run>/round_{r}/{rm,ppo,ppo_ptx}/metrics.jsonl          round r >= 2 of iterated RLHF
-    <run>/eval.json      {"models": {key: {"gold_score": ..., "kl_from_sft": ..., "label": ...,
-                          "method": ..., "round": ...}}, "meta": {..., "rounds": [...]}}
-    <run>/timings.json   {"stage": seconds} of the pipeline's steps (else meta["timings"])
-
-eval.json's models are reported in its order. Files from before `label`/`method`/`round`/
-`kl_from_sft` existed still read: the label falls back to MODELS, the method to the key. A
-missing stage, model or key is reported as "not run" (or "n/a"), never a crash; a malformed file
-is an error naming it (and the line, for JSONL). `aggregate` summarises several seeds' eval.json
-for the README. The figures are report_plots.py's. Command line::
+Writes `report.md` with `report_*.png` beside it (linked relatively, so the directory can be moved
+or published as is) from what a pipeline run leaves in its run directory; reading those files
+(their layout, eval.json's contract and its defaults for older files) is report_read.py's, the
+figures are report_plots.py's. eval.json's models are reported in its order. A missing stage,
+model or key is reported as "not run" (or "n/a"), never a crash; a malformed file is an error
+naming it. `aggregate` summarises several seeds' eval.json for the README. Command line::
 
     python -m rlhf_jax.task.report RUN_DIR [RUN_DIR ...]
 """
@@ -21,9 +13,7 @@ for the README. The figures are report_plots.py's. Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
-import json
 import math
 import os
 import re
@@ -34,22 +24,23 @@ import numpy as np
 
 from rlhf_jax.task import report_plots as plots
 from rlhf_jax.task.report_plots import is_number
+from rlhf_jax.task.report_read import (
+    METHODS,
+    METRICS_FILE,
+    MODELS,
+    RLHF_METHODS,
+    ROUND_STAGES,
+    STAGES,
+    read_eval,
+    read_json,
+    read_stage,
+    round_dirs,
+    split_stage,
+)
 
-# The metrics.jsonl name and line contract are metrics.py's; it is not imported because it pulls
-# in jax and TensorBoard (seconds of start-up) for a command that only reads JSON.
-METRICS_FILE = "metrics.jsonl"
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft")  # round 1, in <run>/<stage>
-ROUND_STAGES = ("rm", "ppo", "ppo_ptx")  # round r >= 2, in <run>/round_{r}/<stage>
-# The models every pipeline run evaluates: rows say "not run" when eval.json lacks one.
-MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
-# Display names of methods (table columns, legends), and of models whose entry has no label.
-METHODS = {**MODELS, "rsft": "Best-of-K fine-tuning", "best_of_k": "Best-of-K sampling"}
-RLHF_METHODS = ("ppo", "ppo_ptx", "rsft", "best_of_k")  # an alignment tax is reported for these
 PLOTS, GOLD_KL_PLOT, ROUNDS_PLOT = plots.TRAINING_PLOTS, plots.GOLD_KL, plots.ROUNDS
 SAMPLES_PER_MODEL = 3
 MAX_CELL_CHARS = 300
-_NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
-_NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
 _META_FIELDS = ("seed", "device", "command")
 # The last logged values of these keys summarise each stage in the training table.
 _SUMMARY_KEYS = {
@@ -98,7 +89,8 @@ def build_report(run_dir: str) -> str:
         fig = plots.plot_rounds(*rounds, METHODS)
         md += _section(run_dir, ROUNDS_PLOT, fig, "one round: no per-round plot")
     md += ["## Training", ""] + _stage_table(stages) + [""]
-    ran = {_split(n): st for n, st in stages.items() if st is not None}  # (round, stage) -> rows
+    # (round, stage) -> rows
+    ran = {split_stage(n): st for n, st in stages.items() if st is not None}
     rms = {r: st for (r, s), st in ran.items() if s == "rm"}
     ppo = {(s, r): st for (r, s), st in ran.items() if s in ("ppo", "ppo_ptx")}
     figs = (
@@ -169,128 +161,6 @@ def aggregate(run_dirs: list[str]) -> str:
     return "\n".join(md)
 
 
-def round_dirs(run_dir: str) -> list[int]:
-    """The rounds r >= 2 that have a `<run_dir>/round_{r}` directory, ascending."""
-    found = (re.fullmatch(r"round_(\d+)", n) for n in os.listdir(run_dir))
-    rounds = (int(m[1]) for m in found if m and os.path.isdir(os.path.join(run_dir, m[0])))
-    return sorted(r for r in rounds if r >= 2)
-
-
-def read_stage(path: str) -> list[dict[str, Any]] | None:
-    """A stage's metrics.jsonl rows (non-finite values as None), or None if the file is missing.
-
-    Raises:
-        ValueError: a line is not a JSON object with an integer `step` (names file:line).
-    """
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        *whole, tail = f.read().split("\n")
-    rows = [_parse_line(path, i, line) for i, line in enumerate(whole, 1) if line.strip()]
-    # The writer appends whole lines, so an unterminated last line is a write in progress (a live
-    # run) or one cut short by a kill: not data, as metrics.py also treats it on resume.
-    with contextlib.suppress(ValueError):
-        if tail.strip():
-            rows.append(_parse_line(path, len(whole) + 1, tail))
-    return rows
-
-
-def read_eval(path: str) -> tuple[dict | None, dict]:
-    """(models, meta) of an eval.json; (None, {}) if it is missing.
-
-    Every model entry comes back with each of `_NUMBERS` as a float or None, its samples, and
-    `label`, `method`, `round`, `kl_is_bound` (defaults for files from before they existed: the
-    MODELS/METHODS name or key, the key, 1 for RLHF methods and 0 otherwise, False). meta.rounds
-    comes back as a list of {"round", "rm_accuracy", "comparisons", ...} ([] if absent).
-
-    Raises:
-        ValueError: the file is not JSON, or an entry has the wrong type (names file and key).
-    """
-    if (ev := _read_json(path)) is None:
-        return None, {}
-    models, meta = ev.get("models", {}), ev.get("meta", {})
-    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
-        raise ValueError(f"{path}: 'models' must map model names to objects")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: 'meta' must be an object")
-    out = {}
-    for name, m in models.items():
-        where = f"{path}: models.{name}"
-        out[name] = {k: _num(m, k, where) for k in _NUMBERS}
-        method = _typed(m, "method", str, name, where)
-        out[name]["method"] = method
-        out[name]["label"] = _typed(m, "label", str, METHODS.get(name, name), where)
-        out[name]["round"] = _typed(m, "round", int, int(method in RLHF_METHODS), where)
-        out[name]["kl_is_bound"] = _typed(m, "kl_is_bound", bool, False, where)
-        samples = m.get("samples") or []
-        if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
-            raise ValueError(f"{path}: models.{name}.samples must be a list of objects")
-        for s in samples:
-            s["gold"] = _num(s, "gold", f"{path}: models.{name}.samples")
-        out[name]["samples"] = samples
-    _num(meta, "elapsed_seconds", f"{path}: meta")
-    if not isinstance(meta.get("timings", {}), dict):
-        raise ValueError(f"{path}: meta.timings must map stage names to seconds")
-    rounds = meta.get("rounds") or []
-    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
-        raise ValueError(f"{path}: meta.rounds must be a list of objects")
-    for i, r in enumerate(rounds):
-        where = f"{path}: meta.rounds[{i}]"
-        if not isinstance(r.get("round"), int) or isinstance(r["round"], bool):
-            raise ValueError(f"{where}: round is {r.get('round')!r}; expected an integer")
-        r.update({k: _num(r, k, where) for k in ("rm_accuracy", "comparisons")})
-    meta["rounds"] = rounds
-    return out, meta
-
-
-def _read_json(path: str) -> dict | None:
-    """A JSON object file, or None if it is missing."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _parse_line(path: str, lineno: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed metrics line: {e.msg}") from None
-    step = row.get("step") if isinstance(row, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise ValueError(f"{path}:{lineno}: metrics line is not an object with an integer step")
-    return row
-
-
-def _num(entry: dict, key: str, where: str) -> float | None:
-    v = entry.get(key)
-    if v is not None and not is_number(v):
-        raise ValueError(f"{where}: {key} is {v!r}; expected a number")
-    return None if v is None else float(v)
-
-
-def _typed(entry: dict, key: str, kind: type, default: Any, where: str) -> Any:
-    """entry[key] if it is a `kind` (bool is no int here), `default` if absent or null."""
-    v = entry.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise ValueError(f"{where}: {key} is {v!r}; expected {kind.__name__}")
-    return v
-
-
-def _split(stage: str) -> tuple[int, str]:
-    """(round, stage) of a stage directory name: "ppo" -> (1, "ppo"), "round_2/rm" -> (2, "rm")."""
-    head, _, base = stage.rpartition("/")
-    return (int(head.removeprefix("round_")) if head else 1), base
-
-
 def _last(rows: list[dict] | None, key: str) -> float | None:
     """The last finite number logged under `key`, or None."""
     vals = [r[key] for r in rows or () if is_number(r.get(key)) and math.isfinite(r[key])]
@@ -341,7 +211,7 @@ def _header(meta: dict, run_dir: str) -> list[str]:
         shown["command"] = "`" + str(meta["command"]).replace("|", "\\|") + "`"
     # The pipeline rewrites timings.json after every step, so it also times the steps that ended
     # after eval.json was written (evaluation itself); meta["timings"] is the fallback.
-    timings = _read_json(os.path.join(run_dir, "timings.json"))
+    timings = read_json(os.path.join(run_dir, "timings.json"))
     timings = meta.get("timings") if timings is None else timings
     timings = {k: float(v) for k, v in timings.items() if is_number(v)} if timings else {}
     total = max(meta.get("elapsed_seconds") or 0.0, sum(timings.values())) or None
@@ -446,7 +316,7 @@ def _stage_table(stages: dict) -> list[str]:
         if not st:
             md.append(f"| {name} | {'not run' if st is None else 'nothing logged'} | | |")
             continue
-        keys, last = _SUMMARY_KEYS[_split(name)[1]], {}
+        keys, last = _SUMMARY_KEYS[split_stage(name)[1]], {}
         for r in st:  # later rows overwrite: the last finite value of each key
             last.update({k: r[k] for k in keys if is_number(r.get(k))})
         shown = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
@@ -457,8 +327,8 @@ def _stage_table(stages: dict) -> list[str]:
 def _text_samples(stages: dict) -> list[str]:
     md = ["## Samples logged during training", ""]
     logged = [("sft", "eval/samples", "SFT eval samples")]
-    for name in (n for n in stages if _split(n)[1] in ("ppo", "ppo_ptx")):
-        r, method = _split(name)
+    for name in (n for n in stages if split_stage(n)[1] in ("ppo", "ppo_ptx")):
+        r, method = split_stage(name)
         label = METHODS[method] + (f", round {r}" if r > 1 else "")
         title = f"{label} rollout samples ([score] prompt -> response)"
         logged.append((name, "ppo/samples", title))
