@@ -45,7 +45,7 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 
 
 def model_config(size: str = "tiny") -> mlc.ConfigDict:
-    """`size` picks a preset from rlhf_jax/models/transformer.py; the other keys override it when set."""
+    """`size` picks a preset from rlhf_jax/models/config.py; the other keys override it when set."""
     return mlc.ConfigDict(
         dict(
             size=size,

@@ -10,6 +10,7 @@ import pytest
 from experiments import common, pretrain, sft_chat
 from rlhf_jax.data import chat, lm_data, rm_data, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import load
@@ -117,7 +118,7 @@ def test_mask_covers_exactly_the_assistant_turns(tmp_path, tok):
 def test_user_turn_targets_do_not_move_the_loss(tok):
     demos = [{"messages": chat.parse_messages(CONVO, ends_with="assistant")}]
     ex, _ = sft_data.encode_demos(demos, tok, TEMPLATE, seq_len=64)
-    model = M.build(M.preset("tiny", dtype="float32"), seed=0)
+    model = M.build(model_config.preset("tiny", dtype="float32"), seed=0)
     logits, _ = jax.jit(lambda x: model(x))(jnp.asarray(ex["inputs"]))
     mask = jnp.asarray(ex["mask"])
 

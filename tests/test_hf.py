@@ -24,6 +24,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.infra import state as state_lib  # noqa: E402
+from rlhf_jax.models import config as model_config  # noqa: E402
 from rlhf_jax.models import hf, hf_map  # noqa: E402
 from rlhf_jax.models import transformer as model_lib  # noqa: E402
 from rlhf_jax.sampling import sampler  # noqa: E402
@@ -31,7 +32,7 @@ from rlhf_jax.tools import convert  # noqa: E402
 
 V, D, L, T = 128, 64, 2, 16
 RULES = sharding.DEFAULT_RULES
-_FIELDS = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+_FIELDS = {f.name for f in dataclasses.fields(model_config.ModelConfig)}
 
 
 def _needs(field, what):
@@ -262,7 +263,7 @@ def test_cli_import_then_export_round_trips(hf_dirs, tmp_path, capsys):
     assert "cannot use this tokenizer" in capsys.readouterr().out
     meta = checkpoint.read_meta(work)
     assert meta["stage"] == "import" and meta["tokenizer"] == "tokenizer.model"
-    cfg = model_lib.ModelConfig(**meta["model"])  # what init_from=WORKDIR builds
+    cfg = model_config.ModelConfig(**meta["model"])  # what init_from=WORKDIR builds
     assert (cfg.family, cfg.n_kv_heads, cfg.d_ff, cfg.rope_theta) == ("llama", 2, 96, 500000.0)
     convert.main(["export", "--checkpoint", work, "--out", out])
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -273,7 +274,7 @@ def test_cli_import_then_export_round_trips(hf_dirs, tmp_path, capsys):
 def test_init_from_hf_path_restores_into_given_shardings(hf_dirs):
     path, _ = hf_dirs("gpt2")
     meta = convert.init_meta("hf:" + path)
-    cfg = model_lib.ModelConfig(**{**meta["model"], "dtype": "float32"})
+    cfg = model_config.ModelConfig(**{**meta["model"], "dtype": "float32"})
     abstract = state_lib.abstract_params(cfg, _mesh(8), RULES)
     params = convert.restore_params("hf:" + path, abstract)
     assert jax.tree.map(lambda x: x.sharding, params) == jax.tree.map(

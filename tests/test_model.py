@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 
 FAMILIES = [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)]
@@ -24,7 +25,9 @@ def jitted(m):
 
 def tiny(family, scan=False, **kw):
     kv = 2 if family == "llama" else None
-    return M.preset("tiny", family=family, scan_layers=scan, dtype="float32", n_kv_heads=kv, **kw)
+    return model_config.preset(
+        "tiny", family=family, scan_layers=scan, dtype="float32", n_kv_heads=kv, **kw
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,13 +41,13 @@ def tiny(family, scan=False, **kw):
     ],
 )
 def test_gpt2_param_counts_match_published(size, expected):
-    _, params, _ = M.abstract(M.preset(size, vocab_size=50257))
+    _, params, _ = M.abstract(model_config.preset(size, vocab_size=50257))
     assert M.param_count(params) == expected
 
 
 @pytest.mark.parametrize("size,billions", [("1.3b", 1.3), ("6b", 6.7), ("175b", 175.0)])
 def test_instructgpt_sizes_match_gpt3_table(size, billions):
-    _, params, _ = M.abstract(M.preset(size, scan_layers=True))  # scan: fast to trace
+    _, params, _ = M.abstract(model_config.preset(size, scan_layers=True))  # scan: fast to trace
     assert abs(M.param_count(params) / 1e9 - billions) / billions < 0.03
 
 
@@ -133,7 +136,7 @@ def test_remat_gives_same_gradients(remat):
 
 
 def test_bf16_compute_keeps_fp32_params_and_head():
-    cfg = M.preset("tiny")
+    cfg = model_config.preset("tiny")
     m = M.build(cfg)
     logits, _ = jitted(m)(jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32  # the head runs in float32 (test_numeric_fixes.py)
@@ -142,6 +145,6 @@ def test_bf16_compute_keeps_fp32_params_and_head():
 
 def test_bad_config_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown model.size: 'huge'"):
-        M.preset("huge")
+        model_config.preset("huge")
     with pytest.raises(ValueError, match="not a multiple of model.n_kv_heads"):
-        M.preset("tiny", family="llama", n_kv_heads=3)
+        model_config.preset("tiny", family="llama", n_kv_heads=3)

@@ -16,6 +16,7 @@ from flax import nnx
 from experiments import common, ppo_ptx
 from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.infra import sharding
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import sampler
@@ -68,7 +69,7 @@ def naive_response_logprobs(logits, tokens, temperature):
 
 @functools.cache
 def ppo_models():
-    pcfg = M.preset("tiny", dtype="float32", family="llama")
+    pcfg = model_config.preset("tiny", dtype="float32", family="llama")
     pg, policy = pure(pcfg, 0)
     _, ref = pure(pcfg, 1)  # a different reference, so the KL is not 0
     vg, value = pure(dataclasses.replace(pcfg, head="scalar"), 2)
@@ -172,7 +173,7 @@ def test_ppo_refuses_top_k_and_top_p_in_one_sentence():
 
 def bf16_model():
     """A bf16-compute model whose logits are O(10), where bf16 rounding costs ~1e-2 nats."""
-    cfg = M.preset("tiny", dtype="bfloat16", family="llama")
+    cfg = model_config.preset("tiny", dtype="bfloat16", family="llama")
     g, params = pure(cfg, 3)
     params["lm_head"] = params["lm_head"] * 40.0
     return cfg, g, params

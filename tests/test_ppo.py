@@ -12,6 +12,7 @@ import pytest
 from experiments import ppo_ptx, pretrain, sft
 from rlhf_jax.infra import checkpoint, metrics
 from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm, ppo, ppo_steps
@@ -109,7 +110,7 @@ def test_kill_and_resume_reproduces_the_run(tmp_path, sft_dir, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_loss_setup():
     """Two tiny models and a synthetic minibatch for checking the one-loss properties."""
-    pcfg = M.preset("tiny", dtype="float32")
+    pcfg = model_config.preset("tiny", dtype="float32")
     vcfg = dataclasses.replace(pcfg, head="scalar")
     pg, pp, _ = M.abstract(pcfg)
     vg, _, _ = M.abstract(vcfg)

@@ -83,9 +83,9 @@ def test_grad_accum_equals_the_full_batch_gradient(batching):
 
     from rlhf_jax.infra import sharding
     from rlhf_jax.infra import state as state_lib
-    from rlhf_jax.models import transformer as M
+    from rlhf_jax.models import config as model_config
 
-    cfg = M.preset("tiny", family="gpt2", dtype="float32", head="scalar")
+    cfg = model_config.preset("tiny", family="gpt2", dtype="float32", head="scalar")
     mesh = mesh_lib.build_mesh(rm.get_config().mesh, jax.devices())
     rules = sharding.DEFAULT_RULES
     tx = optax.sgd(1.0)  # new params = params - grad: the step exposes the gradient exactly

@@ -15,6 +15,7 @@ from rlhf_jax.data import lm_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import checkpoint, metrics, sharding
 from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.sampling import reward
 from rlhf_jax.stages import rm as rm_stage
@@ -30,7 +31,7 @@ def tok(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_score_ignores_padding_side_and_amount(family):
-    cfg = M.preset("tiny", family=family, dtype="float32", head="scalar")
+    cfg = model_config.preset("tiny", family=family, dtype="float32", head="scalar")
     model = M.build(cfg, seed=0)
     graphdef, params = nnx.split(model)
     # A non-zero head so scores differ between positions.
@@ -117,7 +118,9 @@ def test_tiny_rm_learns_synthetic_preference_and_bias_centres(tmp_path, tok):
     bias = rm_stage.load_bias(str(tmp_path / "rm"))
     assert bias == checkpoint.read_meta(str(tmp_path / "rm"))["reward_bias"]
     model_cfg, _ = setup.resolve_model(config, tok)
-    graphdef, _, _ = M.abstract(M.ModelConfig(**{**model_cfg.__dict__, "head": "scalar"}))
+    graphdef, _, _ = M.abstract(
+        model_config.ModelConfig(**{**model_cfg.__dict__, "head": "scalar"})
+    )
     with open(config.rm.norm_data) as f:
         demos = [json.loads(line) for line in f][:64]
     scores = reward.score_texts(

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.sampling import sampler
 
@@ -27,7 +28,7 @@ LENGTHS = (8, 5, 3, 6)  # real prompt tokens per row; P = 8
 
 @functools.cache
 def model(name):
-    cfg = M.preset("tiny", dtype="float32", **CONFIGS[name])
+    cfg = model_config.preset("tiny", dtype="float32", **CONFIGS[name])
     graphdef, params = nnx.split(M.build(cfg, seed=0), nnx.Param)
     return cfg, graphdef, nnx.to_pure_dict(params)
 

@@ -10,6 +10,7 @@ from rlhf_jax.data import lm_data, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.infra import metrics
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm
@@ -45,7 +46,7 @@ def test_mask_covers_exactly_the_response_and_eos(tok):
 
 def test_prompt_targets_do_not_move_the_loss(tok):
     ex, _ = sft_data.encode_demos(DEMOS, tok, TEMPLATE, seq_len=48)
-    model = M.build(M.preset("tiny", dtype="float32"), seed=0)
+    model = M.build(model_config.preset("tiny", dtype="float32"), seed=0)
     logits, _ = jax.jit(lambda x: model(x))(jnp.asarray(ex["inputs"]))
     base = losses.masked_xent(logits, jnp.asarray(ex["targets"]), jnp.asarray(ex["mask"]))
     rng = np.random.default_rng(0)

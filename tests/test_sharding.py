@@ -10,7 +10,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as S
-from rlhf_jax.models import transformer as M
+from rlhf_jax.models import config as model_config
 from rlhf_jax.stages import lm
 
 RULES = sharding.DEFAULT_RULES
@@ -41,7 +41,7 @@ def test_logical_to_spec_maps_drops_and_replicates():
 
 def test_params_are_born_sharded_by_rules():
     mesh = mesh_of((2, 2, 2))
-    cfg = M.preset("tiny", family="llama", n_kv_heads=2)
+    cfg = model_config.preset("tiny", family="llama", n_kv_heads=2)
     _, abstract, shardings = S.param_shardings(cfg, mesh, RULES)
     params = S.init_params(cfg, 0, shardings)
     q = params["blocks"][0]["attn"]["q"]  # [D, N, H] = (embed, heads, head_dim)
@@ -54,7 +54,7 @@ def test_params_are_born_sharded_by_rules():
 def test_175b_shardings_divide_memory_across_devices():
     """Shape/sharding check for the largest InstructGPT size without allocating it."""
     mesh = mesh_of((1, 4, 2))
-    cfg = M.preset("175b", scan_layers=True)
+    cfg = model_config.preset("175b", scan_layers=True)
     _, abstract, shardings = S.param_shardings(cfg, mesh, RULES)
     total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
     per_device = sum(
@@ -66,7 +66,7 @@ def test_175b_shardings_divide_memory_across_devices():
 
 def one_step(mesh_shape, batch_np, accum=1):
     mesh = mesh_of(mesh_shape)
-    cfg = M.preset("tiny", family="llama", n_kv_heads=2, dtype="float32")
+    cfg = model_config.preset("tiny", family="llama", n_kv_heads=2, dtype="float32")
     # Plain SGD with lr 1 so new params - old params is exactly -grad (Adam's first step,
     # ~lr * sign(g), would amplify rounding in tiny gradients).
     tx = optax.sgd(1.0)

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax.infra import sharding
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 
 
@@ -64,7 +65,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def param_shardings(model_cfg: model_lib.ModelConfig, mesh, rules):
+def param_shardings(model_cfg: model_config.ModelConfig, mesh, rules):
     """(graphdef, abstract params, their NamedShardings)."""
     graphdef, abstract_params, axes = model_lib.abstract(model_cfg)
     shardings = sharding.tree_shardings(axes, abstract_params, mesh, rules)

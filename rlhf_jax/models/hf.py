@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf_map
-from rlhf_jax.models import transformer as model_lib
 
 INDEX_FILE = "model.safetensors.index.json"
 SCORE_BIAS_FIELD = "rlhf_jax_score_bias"
@@ -143,7 +143,7 @@ def _check(reader: Reader, cfg) -> None:
         raise ValueError(f"tensor {extra[0]!r}{more} has no place in the imported model")
 
 
-def load_params(path: str, hf: dict, cfg: model_lib.ModelConfig, abstract):
+def load_params(path: str, hf: dict, cfg: model_config.ModelConfig, abstract):
     """Reads, converts and places every param, one HF tensor at a time.
 
     Args:
@@ -236,7 +236,7 @@ def _host(params, path: tuple) -> np.ndarray:
 
 def export_hf(
     params,
-    cfg: model_lib.ModelConfig,
+    cfg: model_config.ModelConfig,
     out_dir: str,
     *,
     dtype: str | None = None,

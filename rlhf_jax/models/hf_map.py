@@ -27,14 +27,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.models import config as model_config
 
 log = logging.getLogger(__name__)
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 MODEL_TYPES = ("gpt2",) + LLAMA_TYPES
 ROPE_SCALINGS = ("default", "linear", "llama3")  # rope types whose math we reproduce
-_CFG_FIELDS = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+_CFG_FIELDS = {f.name for f in dataclasses.fields(model_config.ModelConfig)}
 
 
 # ----------------------------------------------------------------------------- config mapping
@@ -139,7 +139,7 @@ def _check_supported(kind: str, hf: dict) -> None:
         )
 
 
-def config_from_hf(hf: dict, **overrides) -> model_lib.ModelConfig:
+def config_from_hf(hf: dict, **overrides) -> model_config.ModelConfig:
     """Maps a parsed HF `config.json` to a ModelConfig; `overrides` set numerics (dtype, ...)."""
     kind = hf.get("model_type")
     _check_supported(kind, hf)
@@ -155,10 +155,10 @@ def config_from_hf(hf: dict, **overrides) -> model_lib.ModelConfig:
     if kind == "qwen2":
         _need("qkv_bias", "qwen2's q/k/v projection biases")
         fields["qkv_bias"] = True
-    return model_lib.ModelConfig(**fields, **overrides)
+    return model_config.ModelConfig(**fields, **overrides)
 
 
-def config_to_hf(cfg: model_lib.ModelConfig, token_ids: dict | None = None) -> dict:
+def config_to_hf(cfg: model_config.ModelConfig, token_ids: dict | None = None) -> dict:
     """The HF `config.json` dict for `cfg` (GPT2 / Llama / Qwen2, LM or sequence classification).
 
     Args:
@@ -290,7 +290,7 @@ def _block_tensors(cfg, i: int, blk: tuple) -> list[Tensor]:
     return out
 
 
-def tensor_map(cfg: model_lib.ModelConfig) -> list[Tensor]:
+def tensor_map(cfg: model_config.ModelConfig) -> list[Tensor]:
     """Every HF tensor of `cfg`'s model (names without the base-model prefix), in HF order.
 
     With `scan_layers`, a block path is ("layers", i, ...): index i of the stacked [L, ...] param.

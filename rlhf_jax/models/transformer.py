@@ -1,9 +1,11 @@
 """Decoder-only transformer, GPT-2 and LLaMA families, in Flax NNX used functionally.
 
-This module owns the model config, the size presets, the NNX modules and the KV-cache layout.
-Stages split the model once (`nnx.split`) and merge it inside their jitted pure steps; nothing
-here builds a mesh or knows mesh axes: parameters carry *logical* axis names in their `axes`
-metadata and activations are constrained through `sharding.constrain` with logical names.
+This module owns the NNX modules and the KV-cache layout; the model config and the size presets
+are config.py's. Stages split the model once (`nnx.split`) and merge it inside their jitted pure
+steps; nothing here builds a mesh or knows mesh axes: parameters carry *logical* axis names in
+their `axes` metadata and activations are constrained through `sharding.constrain` with logical
+names. It stays one piece (a little over 400 lines): the blocks, the layer loop (unrolled or
+scanned) and the KV cache threaded through it are read together.
 
 Dimension glossary (used in names and `# [...]` comments):
   B batch, T query length, S key length (cache size), D d_model, F d_ff, N query heads,
@@ -18,7 +20,6 @@ results do not depend on how much padding it carries.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -27,100 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
-
-FAMILIES = ("gpt2", "llama")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture and numerics. Zero-valued sizes are derived in `__post_init__`."""
-
-    family: str = "gpt2"  # gpt2: learned pos, LayerNorm, GELU, tied, biases; llama: RoPE...
-    vocab_size: int = 50304
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int = 0  # 0 -> n_heads (no grouping)
-    head_dim: int = 0  # 0 -> d_model // n_heads
-    d_ff: int = 0  # 0 -> 4 D (gpt2) or the LLaMA 8/3 D rule rounded to 256
-    max_len: int = 1024
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | linear | llama3 (as Hugging Face configs name them)
-    rope_factor: float = 1.0  # linear / llama3: how much longer the context got
-    rope_low_freq_factor: float = 1.0  # llama3 only
-    rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 8192  # llama3 only: the pre-extension context length
-    qkv_bias: bool = False  # biases on q/k/v only (Qwen2-style llama family)
-    norm_eps: float = 1e-5
-    tie_embeddings: bool | None = None  # None -> family default (gpt2 tied, llama untied)
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"
-    scan_layers: bool = False  # lax.scan over stacked layers (compile time for deep models)
-    remat: str = "none"  # none | full | dots
-    attention: str = "auto"  # auto (cudnn on GPU when possible, else xla) | xla | cudnn
-    head: str = "lm"  # lm: logits over the vocabulary; scalar: one score per position (RM, value)
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model.family: {self.family!r}; expected one of {FAMILIES}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"unknown model.remat: {self.remat!r}; expected none, full or dots")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(
-                f"unknown model.attention: {self.attention!r}; expected auto, xla or cudnn"
-            )
-        if self.rope_scaling not in ("none", "linear", "llama3"):
-            raise ValueError(
-                f"unknown model.rope_scaling: {self.rope_scaling!r}; expected none, linear or "
-                "llama3"
-            )
-        if self.head not in ("lm", "scalar"):
-            raise ValueError(f"unknown model.head: {self.head!r}; expected lm or scalar")
-        set_ = functools.partial(object.__setattr__, self)
-        if not self.n_kv_heads:
-            set_("n_kv_heads", self.n_heads)
-        if not self.head_dim:
-            set_("head_dim", self.d_model // self.n_heads)
-        if not self.d_ff:
-            if self.family == "gpt2":
-                set_("d_ff", 4 * self.d_model)
-            else:
-                set_("d_ff", 256 * math.ceil(int(8 * self.d_model / 3) / 256))
-        if self.tie_embeddings is None:
-            set_("tie_embeddings", self.family == "gpt2")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not a multiple of "
-                f"model.n_kv_heads={self.n_kv_heads}"
-            )
-
-    @property
-    def use_bias(self) -> bool:
-        return self.family == "gpt2"
-
-
-# GPT-2 sizes (Radford et al. 2019) and the InstructGPT policy sizes (GPT-3 1.3B, 6.7B, 175B;
-# Brown et al. 2020, Table 2.1). Vocabulary 50257 padded to 50304 (a multiple of 128).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_len=256),
-    "mini": dict(d_model=128, n_layers=4, n_heads=4, vocab_size=512, max_len=256),  # CPU demos
-    "small": dict(d_model=768, n_layers=12, n_heads=12),
-    "medium": dict(d_model=1024, n_layers=24, n_heads=16),
-    "large": dict(d_model=1280, n_layers=36, n_heads=20),
-    "xl": dict(d_model=1600, n_layers=48, n_heads=25),
-    "1.3b": dict(d_model=2048, n_layers=24, n_heads=16, max_len=2048),
-    "6b": dict(d_model=4096, n_layers=32, n_heads=32, max_len=2048),
-    "175b": dict(d_model=12288, n_layers=96, n_heads=96, max_len=2048),
-}
-
-
-def preset(size: str, **overrides) -> ModelConfig:
-    """Returns the `ModelConfig` of a named size, with non-default overrides applied."""
-    if size not in PRESETS:
-        raise ValueError(f"unknown model.size: {size!r}; expected one of {tuple(PRESETS)}")
-    kw = dict(PRESETS[size])
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return ModelConfig(**kw)
+from rlhf_jax.models.config import ModelConfig
 
 
 def _dt(name: str):

@@ -20,7 +20,7 @@ from rlhf_jax.data import chat, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.infra import state as state_lib
-from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.models import config as model_config
 
 
 def load_model(workdir: str, mesh, rules=None, step: int | None = None):
@@ -43,11 +43,11 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
     meta = checkpoint.read_meta(workdir, step)
     if not meta or "model" not in meta:
         raise ValueError(f"checkpoint in {workdir} has no model config in its meta")
-    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(model_config.ModelConfig)}
     unknown = sorted(set(meta["model"]) - fields)
     if unknown:
         raise ValueError(f"checkpoint in {workdir} has unknown model config keys {unknown}")
-    model_cfg = model_lib.ModelConfig(**meta["model"])
+    model_cfg = model_config.ModelConfig(**meta["model"])
     template = chat.from_config(meta.get("config"))  # how this lineage renders messages rows
     tok = tok_lib.Tokenizer.load(_tokenizer_path(workdir, meta), chat_template=template)
     tok.check_model_vocab(model_cfg.vocab_size)

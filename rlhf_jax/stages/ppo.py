@@ -29,6 +29,7 @@ import numpy as np
 from rlhf_jax.data import lm_data, sft_data
 from rlhf_jax.infra import checkpoint, metrics, preemption, sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import ppo_math
 from rlhf_jax.sampling import sampler
@@ -106,7 +107,7 @@ def build_models(config, tok, mesh, rules, fresh: bool = True):
     reward_meta = setup.read_init_meta(c.reward_from) if c.reward_from else None
     if reward_meta is not None:
         cfgs["reward"] = dataclasses.replace(
-            model_lib.ModelConfig(**reward_meta["model"]), dtype=policy_cfg.dtype
+            model_config.ModelConfig(**reward_meta["model"]), dtype=policy_cfg.dtype
         )
     if c.value_init == "rm":
         if reward_meta is None:

@@ -20,7 +20,7 @@ from rlhf_jax.data import chat, lm_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.infra import state as state_lib
-from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.models import config as model_config
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -43,7 +43,7 @@ def peak_flops(device) -> float | None:
     return next((f for name, f in PEAK_FLOPS.items() if name.lower() in kind), None)
 
 
-def flops_per_token(cfg: model_lib.ModelConfig, n_params: int, seq_len: int) -> float:
+def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12 L (N H) T for attention scores."""
     return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
@@ -141,11 +141,11 @@ def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
     return tok_lib.Tokenizer.load(dest, chat_template=chat.from_config(config))
 
 
-def model_config_from(config, vocab_size: int | None = None) -> model_lib.ModelConfig:
+def model_config_from(config, vocab_size: int | None = None) -> model_config.ModelConfig:
     """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128."""
     m = config.model
     vocab = m.vocab_size or (128 * math.ceil(vocab_size / 128) if vocab_size else None)
-    return model_lib.preset(
+    return model_config.preset(
         m.size,
         family=m.family or None,
         vocab_size=vocab,
@@ -163,7 +163,7 @@ def model_config_from(config, vocab_size: int | None = None) -> model_lib.ModelC
 NUMERICS = ("dtype", "remat", "attention")
 
 
-def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_lib.ModelConfig, dict | None]:
+def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_config.ModelConfig, dict | None]:
     """The run's ModelConfig and, when `init_from` is set, that checkpoint's meta."""
     current = model_config_from(config, tok.vocab_size)
     init_meta = None
@@ -180,19 +180,19 @@ def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_lib.ModelConfig
                 f"{stored.get('scan_layers')}; set --config.model.scan_layers to match"
             )
         stored = {**stored, **{k: getattr(current, k) for k in NUMERICS}}
-        current = model_lib.ModelConfig(**stored)
+        current = model_config.ModelConfig(**stored)
     tok.check_model_vocab(current.vocab_size)
     return current, init_meta
 
 
-def check_same_model(meta: dict | None, model_cfg: model_lib.ModelConfig, where) -> None:
+def check_same_model(meta: dict | None, model_cfg: model_config.ModelConfig, where) -> None:
     """Resuming with a different architecture is one clear error, not an orbax traceback."""
     stored = (meta or {}).get("model")
     if stored is None:
         return
     current = dataclasses.asdict(model_cfg)
     # A field added to ModelConfig after the checkpoint was written has its default there.
-    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(model_config.ModelConfig)}
     diff = {
         k: (stored.get(k, defaults[k]), v)
         for k, v in current.items()

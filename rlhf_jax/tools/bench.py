@@ -29,6 +29,7 @@ import numpy as np
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import lm, setup
 from rlhf_jax.tools import bench_rlhf
@@ -73,14 +74,14 @@ def make_mesh(fsdp: int, tensor: int):
 
 
 def bench_train(args) -> dict:
-    cfg = model_lib.preset(
+    cfg = model_config.preset(
         args.size,
         family=args.family or None,
         dtype=args.dtype,
         scan_layers=args.scan_layers,
         remat=args.remat,
         attention=args.attention,
-        max_len=max(args.seq_len, model_lib.PRESETS[args.size].get("max_len", 1024)),
+        max_len=max(args.seq_len, model_config.PRESETS[args.size].get("max_len", 1024)),
     )
     mesh = make_mesh(args.fsdp, args.tensor)
     rules = sharding.DEFAULT_RULES
@@ -177,14 +178,14 @@ def bench_decode(args) -> dict:
     from rlhf_jax.sampling import sampler
 
     p_len, t_new = args.prompt_len, args.new_tokens
-    cfg = model_lib.preset(
+    cfg = model_config.preset(
         args.size,
         family=args.family or None,
         n_kv_heads=args.kv_heads or None,
         dtype=args.dtype,
         scan_layers=args.scan_layers,
         attention=args.attention,
-        max_len=max(p_len + t_new, model_lib.PRESETS[args.size].get("max_len", 1024)),
+        max_len=max(p_len + t_new, model_config.PRESETS[args.size].get("max_len", 1024)),
     )
     mesh = make_mesh(1, 1)
     rules = sharding.DEFAULT_RULES
@@ -267,7 +268,7 @@ def main(argv=None):
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="LM train-step throughput")
-    t.add_argument("--size", default="small", choices=list(model_lib.PRESETS))
+    t.add_argument("--size", default="small", choices=list(model_config.PRESETS))
     t.add_argument("--family", default="", choices=["", "gpt2", "llama"])
     t.add_argument("--batch", type=int, default=12)
     t.add_argument("--seq-len", type=int, default=1024)
@@ -282,7 +283,7 @@ def main(argv=None):
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--out", default="", help="append the JSON result line to this file")
     d = sub.add_parser("decode", help="sampling throughput: prefill + on-device decode loop")
-    d.add_argument("--size", default="small", choices=list(model_lib.PRESETS))
+    d.add_argument("--size", default="small", choices=list(model_config.PRESETS))
     d.add_argument("--family", default="", choices=["", "gpt2", "llama"])
     d.add_argument("--kv-heads", type=int, default=0, help="0: the preset's (no grouping)")
     d.add_argument("--batch", type=int, default=64)
@@ -294,7 +295,7 @@ def main(argv=None):
     d.add_argument("--greedy", action="store_true", help="argmax instead of sampling at T=1")
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--out", default="", help="append the JSON result line to this file")
-    bench_rlhf.add_parsers(sub, list(model_lib.PRESETS))
+    bench_rlhf.add_parsers(sub, list(model_config.PRESETS))
     args = p.parse_args(argv)
     if args.cmd == "train":
         result = bench_train(args)

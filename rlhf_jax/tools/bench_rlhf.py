@@ -24,14 +24,15 @@ import numpy as np
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 
 
 def _cfg(args, size, **kw):
-    base = model_lib.PRESETS[size].get("max_len", 1024)
+    base = model_config.PRESETS[size].get("max_len", 1024)
     need = getattr(args, "prompt_len", 0) + getattr(args, "new_tokens", 0)
     need = max(need, getattr(args, "seq_len", 0))
-    return model_lib.preset(
+    return model_config.preset(
         size,
         family=args.family or None,
         dtype=args.dtype,

@@ -25,6 +25,7 @@ import shutil
 import jax
 
 from rlhf_jax.infra import cli
+from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf, hf_map
 from rlhf_jax.models import transformer as model_lib
 
@@ -161,7 +162,7 @@ def export_workdir(
     meta = checkpoint.read_meta(workdir, step)
     if not meta or "model" not in meta:
         raise ValueError(f"checkpoint in {workdir} has no model config in its meta")
-    cfg = model_lib.ModelConfig(**meta["model"])
+    cfg = model_config.ModelConfig(**meta["model"])
     abstract = state_lib.abstract_params(cfg, mesh, rules)
     params = checkpoint.restore_params(workdir, abstract, step=step)
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
