@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from rlhf_jax.data import lm_data
+from rlhf_jax.data import iterators, lm_data
 from rlhf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 
@@ -214,7 +214,7 @@ def take(it, k):
 
 def test_train_iterator_seeded_epochs():
     n, b = 12, 4
-    batches = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
+    batches = take(iterators.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
     for batch in batches:
         assert batch["inputs"].shape == (b, 3) and batch["inputs"].dtype == np.int32
         assert batch["mask"].dtype == np.float32
@@ -226,15 +226,15 @@ def test_train_iterator_seeded_epochs():
     assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
     assert epochs[0] != list(range(n))
 
-    again = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
+    again = take(iterators.make_train_iterator(indexed_examples(n), batch_size=b, seed=7), 12)
     assert [row_ids(x) for x in again] == [row_ids(x) for x in batches]
-    other = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b, seed=8), 12)
+    other = take(iterators.make_train_iterator(indexed_examples(n), batch_size=b, seed=8), 12)
     assert [row_ids(x) for x in other] != [row_ids(x) for x in batches]
 
 
 def test_train_iterator_drops_remainder_per_epoch():
     # 10 examples, batches of 4: two batches per epoch, 2 examples left out of each epoch.
-    batches = take(lm_data.make_train_iterator(indexed_examples(10), batch_size=4, seed=0), 12)
+    batches = take(iterators.make_train_iterator(indexed_examples(10), batch_size=4, seed=0), 12)
     epochs = [row_ids(batches[e]) + row_ids(batches[e + 1]) for e in range(0, 12, 2)]
     for epoch in epochs:
         assert len(set(epoch)) == 8
@@ -243,16 +243,18 @@ def test_train_iterator_drops_remainder_per_epoch():
 
 
 def test_train_iterator_without_shuffle_is_in_order():
-    it = lm_data.make_train_iterator(indexed_examples(6), batch_size=3, seed=0, shuffle=False)
+    it = iterators.make_train_iterator(indexed_examples(6), batch_size=3, seed=0, shuffle=False)
     assert [row_ids(x) for x in take(it, 3)] == [[0, 1, 2], [3, 4, 5], [0, 1, 2]]
 
 
 def test_train_iterator_process_shards_form_global_batch():
     n, b, procs = 20, 3, 2
-    single = take(lm_data.make_train_iterator(indexed_examples(n), batch_size=b * procs, seed=1), 8)
+    single = take(
+        iterators.make_train_iterator(indexed_examples(n), batch_size=b * procs, seed=1), 8
+    )
     shards = [
         take(
-            lm_data.make_train_iterator(
+            iterators.make_train_iterator(
                 indexed_examples(n), batch_size=b, seed=1, process_index=p, process_count=procs
             ),
             8,
@@ -270,14 +272,14 @@ def test_train_iterator_process_shards_form_global_batch():
 def test_train_iterator_state_resumes_bitwise(skip):
     examples = indexed_examples(10)
     examples["mask"] = np.random.default_rng(0).random((10, 3)).astype(np.float32)
-    it = lm_data.make_train_iterator(
+    it = iterators.make_train_iterator(
         examples, batch_size=4, seed=5, process_index=1, process_count=2
     )
     take(it, skip)
     state = json.loads(json.dumps(it.get_state()))
     expected = take(it, 6)
 
-    resumed = lm_data.make_train_iterator(
+    resumed = iterators.make_train_iterator(
         examples, batch_size=4, seed=5, process_index=1, process_count=2
     )
     take(resumed, 2)  # a fresh iterator's position must not matter after set_state
@@ -291,24 +293,24 @@ def test_train_iterator_state_resumes_bitwise(skip):
 
 def test_train_iterator_too_few_examples():
     with pytest.raises(ValueError, match=r"only 5 training examples.*needs 6"):
-        lm_data.make_train_iterator(indexed_examples(5), batch_size=3, seed=0, process_count=2)
+        iterators.make_train_iterator(indexed_examples(5), batch_size=3, seed=0, process_count=2)
 
 
 # --- eval batches ------------------------------------------------------------------------------
 
 
 def test_eval_batches_drop_remainder_in_order():
-    batches = lm_data.eval_batches(indexed_examples(10), batch_size=4)
+    batches = iterators.eval_batches(indexed_examples(10), batch_size=4)
     assert [row_ids(x) for x in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    again = lm_data.eval_batches(indexed_examples(10), batch_size=4)
+    again = iterators.eval_batches(indexed_examples(10), batch_size=4)
     for x, y in zip(batches, again, strict=True):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
-    assert len(lm_data.eval_batches(indexed_examples(10), batch_size=4, max_batches=1)) == 1
+    assert len(iterators.eval_batches(indexed_examples(10), batch_size=4, max_batches=1)) == 1
 
 
 def test_eval_batches_shards_cover_global_batches():
     per_proc = [
-        lm_data.eval_batches(indexed_examples(11), batch_size=2, process_index=p, process_count=2)
+        iterators.eval_batches(indexed_examples(11), batch_size=2, process_index=p, process_count=2)
         for p in range(2)
     ]
     assert len(per_proc[0]) == len(per_proc[1]) == 2
@@ -321,7 +323,7 @@ def test_eval_batches_shards_cover_global_batches():
 def test_eval_batches_pad_tiny_sets_with_masked_rows():
     examples = indexed_examples(3)
     per_proc = [
-        lm_data.eval_batches(examples, batch_size=2, process_index=p, process_count=2)
+        iterators.eval_batches(examples, batch_size=2, process_index=p, process_count=2)
         for p in range(2)
     ]
     assert [len(x) for x in per_proc] == [1, 1]
@@ -330,7 +332,7 @@ def test_eval_batches_pad_tiny_sets_with_masked_rows():
         np.testing.assert_array_equal(rows[name][:3], examples[name])
     assert rows["inputs"][3].tolist() == [PAD_ID] * 3
     assert rows["mask"][3].tolist() == [0.0] * 3
-    assert lm_data.eval_batches({k: v[:0] for k, v in examples.items()}, batch_size=2) == []
+    assert iterators.eval_batches({k: v[:0] for k, v in examples.items()}, batch_size=2) == []
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from rlhf_jax.data import lm_data
+from rlhf_jax.data import iterators, lm_data
 from rlhf_jax.data.sft_data import prompt_ids, read_records, row_prompt
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -387,7 +387,7 @@ def build_rm_data(
     train_pairs = num_pairs(train_ex["ranks"], train_ex["kmask"])
     if batching == "per_pair":
         train_ex = pair_examples(train_ex)
-    train_iter = lm_data.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
+    train_iter = iterators.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
 
     eval_list, eval_info, eval_pairs = [], {"cut_sequences": 0, "sequences": 0, "longest": 0}, 0
     if eval_comps:
@@ -395,7 +395,7 @@ def build_rm_data(
         eval_pairs = num_pairs(eval_ex["ranks"], eval_ex["kmask"])
         eval_b = eval_batch_size or batch_size
         eval_ex = _pad_rows(eval_ex, eval_b * process_count)
-        eval_list = lm_data.eval_batches(eval_ex, batch_size=eval_b, **procs)
+        eval_list = iterators.eval_batches(eval_ex, batch_size=eval_b, **procs)
 
     all_comps = [*train_comps, *eval_comps]
     info = {

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data import chat, lm_data
+from rlhf_jax.data import chat, iterators, lm_data
 from rlhf_jax.data.tokenizer import Tokenizer
 
 DEMO_FIELDS = {"prompt": str, "response": str}
@@ -199,7 +199,7 @@ def build_sft_data(
     else:
         train_demos, eval_demos = lm_data.split_documents(demos, eval_fraction, seed)
     train_ex, train_cut = encode_demos(train_demos, tokenizer, template, seq_len)
-    it = lm_data.make_train_iterator(
+    it = iterators.make_train_iterator(
         train_ex,
         batch_size=batch_size,
         seed=seed,
@@ -209,7 +209,7 @@ def build_sft_data(
     evals, eval_cut = [], 0
     if eval_demos:
         eval_ex, eval_cut = encode_demos(eval_demos, tokenizer, template, seq_len)
-        evals = lm_data.eval_batches(
+        evals = iterators.eval_batches(
             eval_ex,
             batch_size=batch_size,
             process_index=process_index,

@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.data import iterators, lm_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.sampling import load
 from rlhf_jax.stages import lm
@@ -99,7 +99,7 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
         pad_id=tok.pad_id,
     )
     dp = sharding.data_parallel_size(mesh, rules)
-    batches = lm_data.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
+    batches = iterators.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
     fn = jax.jit(lambda p, b: lm.eval_step(p, b, graphdef=graphdef, mesh=mesh, rules=rules))
     # Every process holds every batch: placed as global batches, the scalar sums read back.
     sums = sharding.to_host([fn(params, sharding.put_global(b, mesh, rules)) for b in batches])

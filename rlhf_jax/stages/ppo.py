@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.data import iterators, lm_data, sft_data
 from rlhf_jax.infra import checkpoint, metrics, preemption, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
@@ -156,7 +156,7 @@ def prompt_data(config, tok):
         train_p, eval_p = lm_data.split_documents(prompts, t.eval_fraction, config.seed)
     ex, cut = sft_data.encode_prompts(train_p, tok, t.prompt_template, c.prompt_len)
     pc, pi = jax.process_count(), jax.process_index()
-    it = lm_data.make_train_iterator(
+    it = iterators.make_train_iterator(
         ex, batch_size=c.rollout_batch // pc, seed=config.seed, process_index=pi, process_count=pc
     )
     return (
