@@ -16,6 +16,10 @@ finished one leaves sweep_point.json with its status. Running the sweep again sk
 that are done and resumes the others from their checkpoints. `--emit slurm|tpu|local` prints the
 commands for another launcher instead. `collect` (launch/sweep_collect.py) gathers every point's
 final metrics into WORKDIR/sweep.csv, sweep.md and plots.
+
+It stays one piece (a little over 400 lines): loading a sweep file, naming its points and running
+or emitting them are one command's flow, and sweep files import `grid` / `zipped` / `product`
+from here.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Batching (`rm.batching`):
     shuffled independently of its siblings (`losses.rm_loss_per_pair`).
 The held-out split is made on distinct prompt texts before any pair expansion, so eval is the
 same K-way set in both modes and no prompt is in both train and eval.
+
+It stays one piece (a little over 400 lines): reading, encoding, splitting and both batchings
+share the one [N, K, L] example layout above.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Checkpoints: training state, data-iterator state and run metadata, through orbax.
 
-This is the only module that imports orbax. A checkpoint is one step directory under
+This is the only module that imports orbax, so it stays one piece (a little over 400 lines):
+saving, restoring, reading the meta and the compatibility checks all speak orbax's layout. A
+checkpoint is one step directory under
 `<workdir>/checkpoints/` holding one orbax item per named pytree of the training state (so a
 later stage can restore `params` alone), plus two JSON items: `data` (the data-iterator state)
 and `meta` (experiment config, model config, seeds, KL-controller value...).

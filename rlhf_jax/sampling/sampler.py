@@ -3,7 +3,9 @@
 This module owns autoregressive generation from a `model.Transformer` given as (graphdef, params):
 the sampling rules (greedy, temperature, top-k, top-p), EOS stopping, left-padded prompts, the
 per-row PRNG streams, and `sequence_logprobs`, the teacher-forced scorer PPO uses for logp_old /
-logp_ref.
+logp_ref. It stays one piece (a little over 400 lines): the sampling rules, the decode loop and
+the scorer define one distribution, so "log-probs are those of the distribution that sampled the
+tokens" is checked against one file.
 
 Layout of one call (everything inside ONE compiled function; nothing crosses to the host):
 

@@ -12,6 +12,10 @@ score_step (jit) -> update_step (jit; epochs x minibatches, one loss) -> scalar 
 once. The KL coefficient is fixed, or adapted toward `ppo.kl_target` (Ziegler et al. 2019).
 A killed run resumes from its last checkpoint: policy, value, both optimizer states, the KL
 coefficient, the iteration (all RNG derives from seed and iteration) and both data iterators.
+
+The pure steps are ppo_steps.py's; this file stays one piece (a little over 400 lines) because
+what remains is the setup `run` builds and the loop itself, read top to bottom by whoever forks
+the stage.
 """
 
 from __future__ import annotations
