@@ -1,9 +1,9 @@
 """The run report's figures: matplotlib drawings of metrics and eval.json numbers already read.
 
-report.py owns reading the run directory and writing report.md; this module only draws. Every
-function returns a `Figure` (or None when there is nothing to draw) on the Agg canvas, without
-pyplot's global state, so building a report needs no display and leaves nothing open. Like
-report.py it never imports jax: the report only reads JSON.
+report_read.py owns reading the run directory and report.py writing report.md; this module only
+draws. Every function returns a `Figure` (or None when there is nothing to draw) on the Agg
+canvas, without pyplot's global state, so building a report needs no display and leaves nothing
+open. Like report.py it never imports jax: the report only reads JSON.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def gold_kl_points(models: dict) -> list[dict[str, Any]]:
     """One point per model with a gold score and a KL from SFT (SFT's is 0 by definition).
 
     Args:
-        models: report.read_eval's models.
+        models: report_read.read_eval's models.
 
     Returns:
         {"label", "method", "round", "kl", "gold", "err", "bound"} per point, in eval.json order;
@@ -218,7 +218,7 @@ def plot_gold_kl(models: dict, labels: dict[str, str]) -> Figure | None:
     """Gold score against KL from SFT, one point per model; None unless an RLHF model has a KL.
 
     Args:
-        models: report.read_eval's models (see gold_kl_points).
+        models: report_read.read_eval's models (see gold_kl_points).
         labels: method -> display name, for the legend.
     """
     points = gold_kl_points(models)
