@@ -13,8 +13,11 @@ reduction order across processes), exact equality on sampled texts.
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +85,27 @@ def two_processes(workdir, *flags, module="launch.run"):
     cmd += ["--workdir", str(workdir)] if workdir is not None else []
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with(4), capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def sigterm_after_first_log(workdir, *flags) -> int:
+    """Starts 2 processes, SIGTERMs them after the first logged step; -> the step they saved."""
+    cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices_per_process", "4"]
+    cmd += ["--", *flags, "--workdir", str(workdir)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(log) and os.path.getsize(log) > 0:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-4000:]
+    saved = re.findall(r"preempted at step (\d+)", out)
+    assert len(saved) == 2 and saved[0] == saved[1], out[-4000:]
+    return int(saved[0])
 
 
 def read_jsonl(path) -> list[dict]:
@@ -160,17 +184,22 @@ def test_sft_rm_ppo_two_processes_match_one(chain):
         np.testing.assert_allclose(norm[1][k], norm[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
 
     ppo = ["--config.init_from", str(r / "sft1"), "--config.ppo.reward_from", str(r / "rm1")]
-    one_process(r / "ppo1", *PPO, *ppo)
+    three = ["--config.train.steps=3"]
+    one_process(r / "ppo1", *PPO, *ppo, *three)
     # A reward function instead of the RM's score (the value head still starts from the RM).
     fn = ["--config.ppo.reward_fn=tests.ppo_rewards:count_apples", "--config.train.steps=1"]
     one_process(r / "fn1", *PPO, *ppo, *fn)
     two_processes(r / "fn2", *PPO, *ppo, *fn)
     assert_same_run(r / "fn1", r / "fn2")
-    two_processes(r / "ppo2", *PPO, *ppo)
+    # PPO-ptx preempted: SIGTERM once the first iteration is logged (launch.local passes it to
+    # both processes, as a cluster does), exit 75 with a checkpoint, the same command resumes.
+    stopped = sigterm_after_first_log(r / "ppo2", *PPO, *ppo, *three)
+    assert stopped in (1, 2)
+    two_processes(r / "ppo2", *PPO, *ppo, *three)
     assert_same_run(r / "ppo1", r / "ppo2")
     m = metrics(r / "ppo2")
     assert (2, "ppo/samples") in m and (2, "eval/score") in m
-    assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == ["1", "2"]
+    assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == ["1", "2", "3"]  # keep_ckpts=3
 
 
 def test_rsft_and_tools_two_processes_match_one(chain):

@@ -66,10 +66,14 @@ def rows(workdir, key):
     return [r for r in metrics.read_metrics(str(workdir / "metrics.jsonl")) if key in r]
 
 
-def test_ratio_is_exactly_one_at_first_minibatch(tmp_path, sft_dir):
+def test_ratio_is_one_at_first_minibatch(tmp_path, sft_dir):
     run(ppo_config(sft_dir), tmp_path)
     for r in rows(tmp_path, "ppo/first_ratio_max"):
-        assert r["ppo/first_ratio_max"] == 1.0 and r["ppo/first_ratio_mean"] == 1.0
+        # One in exact arithmetic; the score and update programs are compiled apart, so XLA may
+        # fuse them differently (a few float32 ulps, CPU-model dependent). An off-policy ratio
+        # (a temperature mismatch) is off by percents.
+        assert r["ppo/first_ratio_max"] == pytest.approx(1.0, abs=2e-6)
+        assert r["ppo/first_ratio_mean"] == pytest.approx(1.0, abs=2e-6)
         assert r["ppo/first_clipfrac"] == 0.0
     assert any(
         r["ppo/clipfrac"] > 0 or r["ppo/ratio_max"] != 1.0 for r in rows(tmp_path, "ppo/clipfrac")

@@ -46,7 +46,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         lines += [ln.split("  #")[0].strip() for ln in block.splitlines()]
     lines = [ln for ln in lines if ln.startswith("python -m")]
-    inline = re.search(r"`(python -m rlhf_jax\.best_of_k [^`]*)`", text, flags=re.S)
+    inline = re.search(r"`(python -m rlhf_jax\.tools\.best_of_k [^`]*)`", text, flags=re.S)
     return lines + [" ".join(inline.group(1).split())]
 
 
@@ -57,7 +57,7 @@ def stage_lines() -> list[str]:
         if "launch.run" in ln and re.search(r"experiments/(pretrain|sft|rm|ppo_ptx|rsft)\.py", ln):
             if "size=" not in ln and "tiny" in ln:
                 keep.append(ln)
-        elif re.match(r"python -m rlhf_jax\.(generate|score|best_of_k) ", ln) and "tiny" in ln:
+        elif re.match(r"python -m rlhf_jax\.tools\.(generate|score|best_of_k) ", ln) and "tiny" in ln:
             keep.append(ln)
     order = [
         "/pretrain.py",

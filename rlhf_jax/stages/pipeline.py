@@ -138,7 +138,7 @@ def run(config, mesh, workdir: str):
     step(
         "collect",
         lambda: ev.collect_comparisons(
-            config, at("sft"), workdir, paths["rm_prompts"], config.seed
+            config, at("sft"), workdir, paths["rm_prompts"], config.seed, mesh
         ),
     )
     rm_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
@@ -171,7 +171,7 @@ def run(config, mesh, workdir: str):
         step(
             f"collect_r{r}",
             lambda rd=rd, src=src, r=r: ev.collect_comparisons(
-                config, src, at(rd), paths["rm_prompts"], config.seed + 1000 * r
+                config, src, at(rd), paths["rm_prompts"], config.seed + 1000 * r, mesh
             ),
             "collect",
         )

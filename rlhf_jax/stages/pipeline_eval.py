@@ -6,7 +6,6 @@ on stage workdirs (any model a stage wrote) and writes JSONL/JSON in the project
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -16,16 +15,16 @@ import numpy as np
 
 from rlhf_jax.data import iterators, lm_data, sft_data
 from rlhf_jax.infra import sharding
-from rlhf_jax.sampling import load
+from rlhf_jax.sampling import completions, load
 from rlhf_jax.stages import lm
 from rlhf_jax.task import world, world_data
-from rlhf_jax.tools import generate
 
 
 def sample(
     workdir: str,
     prompts_path: str,
     out: str,
+    mesh,
     *,
     n: int,
     temperature: float,
@@ -33,30 +32,26 @@ def sample(
     seed: int,
     greedy: bool = False,
 ) -> list[dict]:
-    """Samples `n` completions per prompt with `python -m rlhf_jax.tools.generate` (skipped if `out`
-    already exists) and returns its records."""
+    """Samples `n` completions per prompt as the generate tool does (skipped if `out` already
+    exists) and returns its records."""
     if not os.path.exists(out):
-        args = argparse.Namespace(
-            checkpoint=workdir,
-            prompts=prompts_path,
-            out=out,
+        completions.write_completions(
+            workdir,
+            prompts_path,
+            out,
+            mesh,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            top_k=0,
-            top_p=1.0,
             greedy=greedy,
             batch_size=256,
             seed=seed,
             num_samples=n,
-            step=None,
-            template=None,
         )
-        generate.run(args)
     with open(out) as f:
         return [json.loads(line) for line in f]
 
 
-def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str, seed: int):
+def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str, seed: int, mesh):
     """K samples per RM prompt from `policy_dir`, ranked by the simulated labeler, into
     `out_dir/comparisons.jsonl` (the samples themselves in `out_dir/collect_samples.jsonl`)."""
     out = os.path.join(out_dir, "comparisons.jsonl")
@@ -67,6 +62,7 @@ def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str
         policy_dir,
         prompts_path,
         os.path.join(out_dir, "collect_samples.jsonl"),
+        mesh,
         n=c.k,
         temperature=c.temperature,
         max_new_tokens=c.max_new_tokens,
@@ -175,6 +171,7 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
             m["workdir"],
             paths["eval_prompts"],
             os.path.join(run_dir, f"eval_{m['key']}.jsonl"),
+            mesh,
             n=1,
             temperature=c.temperature,
             greedy=c.temperature == 0,

@@ -56,7 +56,6 @@ def run(args) -> dict:
 
     _check_args(args)
     prompts, _ = load.read_prompts(args.prompts)  # bad lines fail before the model loads
-    distributed.initialize_from(args)
     mesh = mesh_lib.build_mesh(mesh_lib.config(), jax.devices())
     start = time.time()
     recs = best_of_k.best_of_k(
@@ -118,7 +117,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return cli.run_or_exit(run, parse_args(argv))
+    args = parse_args(argv)
+    distributed.initialize_from(args)  # before anything touches a device
+    return cli.run_or_exit(run, args)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,8 @@
       [--max-new-tokens 128] [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--greedy] \
       [--batch-size 32] [--seed 0] [--num-samples 1] [--step N] [--template STR]
 
-The command around `rlhf_jax/sampling/load.py` (a stage workdir -> sharded params, model config,
-tokenizer) and the sampler. Each prompt line `{"prompt": "..."}` is formatted with `--template`,
-else the checkpoint config's `data.prompt_template`, else used raw, and encoded as
-[bos] + encode(text). Rows (prompt, sample) are batched over all devices (data parallel);
-row i's PRNG stream is fold_in(fold_in(key(seed), prompt index), sample index), so outputs do
-not depend on the batch size. A `{"messages": [...]}` line (a conversation ending with a user
-turn) is rendered by the checkpoint's chat template instead (rlhf_jax/data/chat.py) and keeps its
-`messages` field in place of `prompt` in the output. One JSON line per completion:
+The command around `rlhf_jax/sampling/completions.py` (prompt formatting, batching, per-row PRNG
+streams and the output format are documented there). One JSON line per completion:
 
   {"prompt", "response", "tokens": response length incl. EOS, "finished": ended with EOS,
    "sample": sample index, "logprob": summed log-probability under the sampling distribution
@@ -26,54 +20,12 @@ file. Bad input ends with one `error: ...` line on stderr and exit code 2. Sever
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import tempfile
-import time
 
 import jax
-import numpy as np
-import tqdm
 
-from rlhf_jax.data import chat
-from rlhf_jax.infra import cli, distributed, sharding
-from rlhf_jax.sampling import load, sampler
-
-
-class _Output:
-    """The output file, written by process 0 only: to a temp file renamed at the end, so a killed
-    run leaves no partial file. Other processes write to a sink."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tmp = None
-
-    def __enter__(self):
-        if jax.process_index() != 0:
-            self.f = open(os.devnull, "w")
-            return self.f
-        out_dir = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(out_dir, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".jsonl")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; outputs are for reading
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-        return self.f
-
-    def __exit__(self, kind, value, tb):
-        if self.tmp is None:
-            self.f.close()
-            return
-        if kind is None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.f.close()
-            os.remove(self.tmp)
+from rlhf_jax.infra import cli, distributed
+from rlhf_jax.sampling import completions, sampler
 
 
 def _check_args(args):
@@ -92,118 +44,12 @@ def run(args) -> dict:
     from rlhf_jax.infra import mesh as mesh_lib
 
     _check_args(args)
-    distributed.initialize_from(args)
-    prompts, lines = load.read_prompts(args.prompts)  # bad lines fail before the model loads
-    # Every device of every process: each process reads the whole prompt file and places whole
-    # batches (sharding.put_global); results are gathered on purpose (sharding.to_host).
+    # Every device of every process (one process unless started as several).
     mesh = mesh_lib.build_mesh(mesh_lib.config(), jax.devices())
-    rules = sharding.DEFAULT_RULES
-    graphdef, params, cfg, tok, meta = load.load_model(args.checkpoint, mesh, rules, args.step)
-    if cfg.head != "lm":
-        raise ValueError(
-            f"checkpoint {args.checkpoint} has a {cfg.head!r} head (a reward or value model); "
-            "generate needs a language model (pretrain, SFT or PPO policy)"
-        )
-
-    template = args.template
-    if template is None:
-        template = meta.get("config", {}).get("data", {}).get("prompt_template")
-    t_new = args.max_new_tokens
-    room = None
-    if cfg.family == "gpt2":  # learned positions end at max_len; RoPE has no hard limit
-        room = cfg.max_len - t_new
-        if room < 1:
-            raise ValueError(f"--max-new-tokens {t_new} leaves no room in max_len={cfg.max_len}")
-    ids = load.encode_prompts(prompts, lines, args.prompts, tok, template, room)
-
-    # One prompt width for the whole file (rounded up to a multiple of 8): one compile.
-    width = 8 * math.ceil(max(map(len, ids)) / 8)
-    width = min(width, room) if room is not None else width
-    rows = [(i, s) for i in range(len(ids)) for s in range(args.num_samples)]
-    dp = sharding.data_parallel_size(mesh, rules)
-    batch = dp * math.ceil(min(args.batch_size, len(rows)) / dp)  # rows split evenly over devices
-    sample = sampler.make_sampler(
-        graphdef,
-        max_new_tokens=t_new,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        mesh=mesh,
-        rules=rules,
-    )
-    knobs = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy
-    )
-
-    writer = _Output(args.out)
-    n_tokens = n_finished = 0
-    bar = tqdm.tqdm(
-        total=len(rows),
-        desc="generate",
-        unit="row",
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
-    start = time.time()
-    try:
-        with writer as f:
-
-            def write(chunk, out):
-                nonlocal n_tokens, n_finished
-                out = sharding.to_host(out)
-                for j, (i, s) in enumerate(chunk):
-                    n = int(out["lengths"][j])
-                    rec = {
-                        **chat.prompt_record(prompts[i]),
-                        "response": tok.decode(out["response"][j, :n]),
-                        "tokens": n,
-                        "finished": bool(out["finished"][j]),
-                        "sample": s,
-                        "logprob": float(out["logprobs"][j, :n].sum()),
-                    }
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    n_tokens += n
-                    n_finished += rec["finished"]
-                bar.update(len(chunk))
-                dt = max(time.time() - start, 1e-9)
-                bar.set_postfix_str(
-                    f"{bar.n / args.num_samples / dt:.1f} prompts/s, {n_tokens / dt:.0f} tok/s"
-                )
-
-            pending = None
-            for lo in range(0, len(rows), batch):
-                chunk = rows[lo : lo + batch]
-                # Dummy rows (a lone bos) fill the last batch; their outputs are dropped.
-                batch_ids = [ids[i] for i, _ in chunk] + [[tok.bos_id]] * (batch - len(chunk))
-                tokens, mask = load.left_pad(batch_ids, width, tok.pad_id)
-                idx = np.array([i for i, _ in chunk] + [0] * (batch - len(chunk)))
-                smp = np.array([s for _, s in chunk] + [0] * (batch - len(chunk)))
-                host = {"tokens": tokens, "mask": mask, "keys": load.row_keys(args.seed, idx, smp)}
-                dev = sharding.put_global(host, mesh, rules)
-                keys = dev["keys"]
-                out = sample(params, dev["tokens"], dev["mask"], keys, **knobs)
-                if pending is not None:  # fetch the previous batch while this one runs
-                    write(*pending)
-                pending = (chunk, out)
-            write(*pending)
-    finally:
-        bar.close()
-    elapsed = time.time() - start
-    summary = {
-        "completions": len(rows),
-        "prompts": len(prompts),
-        "mean_tokens": n_tokens / len(rows),
-        "finished": n_finished / len(rows),
-        "tokens_per_sec": n_tokens / elapsed,
-        "seconds": elapsed,
-    }
-    if jax.process_index() == 0:
-        print(
-            f"wrote {len(rows)} completions of {len(prompts)} prompts to {args.out}: mean length "
-            f"{summary['mean_tokens']:.1f} tokens, {summary['finished']:.0%} ended with EOS, "
-            f"{summary['tokens_per_sec']:.0f} new tokens/s ({elapsed:.1f}s incl. compile)",
-            flush=True,
-        )
-    return summary
+    kw = vars(args).copy()
+    for name in ("coordinator_address", "num_processes", "process_id"):
+        kw.pop(name, None)
+    return completions.write_completions(mesh=mesh, **kw)
 
 
 def parse_args(argv=None):
@@ -231,7 +77,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return cli.run_or_exit(run, parse_args(argv))
+    args = parse_args(argv)
+    distributed.initialize_from(args)  # before anything touches a device
+    return cli.run_or_exit(run, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ def run(args) -> dict:
     from rlhf_jax.sampling import reward
     from rlhf_jax.sampling.load import load_model
 
-    distributed.initialize_from(args)
     mesh = mesh_lib.build_mesh(mesh_lib.config(), jax.devices())
     rules = sharding.DEFAULT_RULES
     graphdef, params, model_cfg, tok, meta = load_model(args.checkpoint, mesh, rules)
@@ -93,7 +92,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=0, help="0: the RM's training seq_len")
     p.add_argument("--no-bias", action="store_true", help="raw scores, without normalisation")
     distributed.add_flags(p)
-    return cli.run_or_exit(run, p.parse_args(argv))
+    args = p.parse_args(argv)
+    distributed.initialize_from(args)  # before anything touches a device
+    return cli.run_or_exit(run, args)
 
 
 if __name__ == "__main__":
