@@ -1,13 +1,15 @@
 """Every stage and tool as 2 processes x 4 CPU devices through the real entry, equal to 1 x 8.
 
 Pod slices are always several processes, and a stage that fetches an array spanning processes
-(a samples table, a reward function's inputs, an eval) crashes only there. Each stage here runs
-with everything that fetches turned on (SFT eval samples, the RM's final normalisation, PPO's
-samples table, held-out eval, a reward function and a checkpoint), once through
-`launch.local --processes 2 --devices_per_process 4` and once as one process with 8 devices;
-every logged number and sampled text must agree. Best-of-K fine-tuning (rsft) and the generate,
-score and best_of_k tools (`launch.local --module rlhf_jax.tools.NAME`) are compared the same way
-on their output files. Tolerance: rtol 2e-4 on losses, scores and log-probs (a different
+(a samples table, a reward function's inputs, an eval) crashes only there. The smallest whole
+pipeline (pretraining, SFT with eval samples, the RM with its final normalisation, collection,
+PPO and PPO-ptx with samples tables and held-out eval, best-of-K fine-tuning, best-of-K and the
+evaluation) runs through `launch.local --processes 2 --devices_per_process 4` and is compared with
+the session's 1-process 8-device run (conftest `pipeline_run`): every logged number and sampled
+text of every stage, the collected comparisons, the RM's normalisation and the evaluation. On
+that run's SFT and reward models: PPO with a reward function, PPO-ptx preempted by SIGTERM and
+resumed, and the generate, score and best_of_k tools (`launch.local --module rlhf_jax.tools.NAME`)
+compared the same way. Tolerance: rtol 2e-4 on losses, scores and log-probs (a different
 reduction order across processes), exact equality on sampled texts.
 """
 
@@ -22,53 +24,17 @@ import time
 import numpy as np
 import pytest
 from test_multiprocess import env_with
+from tiny_pipeline import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session pipeline run
 
-PRETRAIN = [
-    "--config",
-    "experiments/pretrain.py",
-    "--config.train.steps=20",
-    "--config.train.batch_size=8",
-    "--config.train.seq_len=32",
-    "--config.train.eval_every=0",
-]
-SFT = [
-    "--config",
-    "experiments/sft.py",
-    "--config.train.epochs=0.0",
-    "--config.train.steps=4",
-    "--config.train.batch_size=8",
-    "--config.train.log_every=2",
-    "--config.train.eval_every=4",
-    "--config.train.eval_batches=1",
-    "--config.sft.eval_samples=3",
-    "--config.sft.max_new_tokens=8",
-]
-RM = [
-    "--config",
-    "experiments/rm.py",
-    "--config.train.steps=4",
-    "--config.train.batch_size=8",
-    "--config.train.log_every=2",
-    "--config.train.eval_every=4",
-    "--config.train.eval_batches=1",
-]
 PPO = [
     "--config", "experiments/ppo_ptx.py", "--config.train.steps=2", "--config.train.log_every=1",
     "--config.train.ckpt_every=1", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch=8",
     "--config.ppo.epochs=1", "--config.ppo.max_new_tokens=8", "--config.ppo.eval_every=2",
     "--config.ppo.eval_prompts=8", "--config.ppo.ptx_batch=8", "--config.ppo.sample_rows=3",
-]  # fmt: skip
-
-
-RSFT = [
-    "--config", "experiments/rsft.py", "--config.rsft.rounds=1",
-    "--config.rsft.prompts_per_round=8", "--config.rsft.k=2", "--config.rsft.max_new_tokens=8",
-    "--config.rsft.finished_only=False",
-    "--config.train.batch_size=8", "--config.train.epochs=1.0",
 ]  # fmt: skip
 
 
@@ -158,41 +124,64 @@ def assert_same_run(one, two):
             np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=1e-5, err_msg=str(key))
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """pretrain -> sft1 -> rm1 as one process: the inputs of every later stage and tool."""
-    root = tmp_path_factory.mktemp("mp")
-    one_process(root / "pretrain", *PRETRAIN)
-    one_process(root / "sft1", *SFT, "--config.init_from", str(root / "pretrain"))
-    one_process(root / "rm1", *RM, "--config.init_from", str(root / "sft1"))
-    return root
+def _numbers(obj, where=""):
+    """{path: value} of every number in a JSON object, timings left out."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if "time" not in k and "seconds" not in k and "per_sec" not in k:
+                out.update(_numbers(v, f"{where}.{k}"))
+        return out
+    if isinstance(obj, list):
+        return {k: v for i, x in enumerate(obj) for k, v in _numbers(x, f"{where}[{i}]").items()}
+    return {where: obj} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
 
 
-def test_sft_rm_ppo_two_processes_match_one(chain):
-    r = chain
-    sft = ["--config.init_from", str(r / "pretrain")]
-    two_processes(r / "sft2", *SFT, *sft)
-    assert_same_run(r / "sft1", r / "sft2")
-    texts = [v for (_, k), v in metrics(r / "sft2").items() if k == "eval/samples"]
-    assert texts and all("prompt:" in t for t in texts)  # the eval samples were logged
-
-    rm = ["--config.init_from", str(r / "sft1")]
-    two_processes(r / "rm2", *RM, *rm)
-    assert_same_run(r / "rm1", r / "rm2")
-    norm = [json.loads((r / d / "reward_norm.json").read_text()) for d in ("rm1", "rm2")]
+def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
+    """Every stage, collection, best-of-K and evaluation of the pipeline as 2 processes x 4."""
+    one_run = pipeline_run
+    proc = launch(tmp_path, "--config.rounds=1", processes=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "rsft/round_1/policy"):
+        assert_same_run(one_run / sub, tmp_path / sub)
+    assert [v for (_, k), v in metrics(tmp_path / "sft").items() if k == "eval/samples"]
+    assert (2, "ppo/samples") in metrics(tmp_path / "ppo_ptx")
+    norm = [json.loads((d / "rm" / "reward_norm.json").read_text()) for d in (one_run, tmp_path)]
     for k in ("reward_bias", "raw_std"):
         np.testing.assert_allclose(norm[1][k], norm[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
+    for name in ("candidates", "selected"):
+        assert_same_records(
+            read_jsonl(one_run / "rsft" / "round_1" / f"{name}.jsonl"),
+            read_jsonl(tmp_path / "rsft" / "round_1" / f"{name}.jsonl"),
+        )
+    # The sampled comparisons (texts and labels) are exactly those of the 1-process run.
+    assert (tmp_path / "comparisons.jsonl").read_text() == (
+        one_run / "comparisons.jsonl"
+    ).read_text()
+    one = json.loads((one_run / "eval.json").read_text())["models"]
+    two = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft"]
+    for name in two:
+        a, b = _numbers(one[name]), _numbers(two[name])
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-5, err_msg=f"{name}{k}")
+    assert (tmp_path / "report.md").exists()
 
-    ppo = ["--config.init_from", str(r / "sft1"), "--config.ppo.reward_from", str(r / "rm1")]
-    three = ["--config.train.steps=3"]
-    one_process(r / "ppo1", *PPO, *ppo, *three)
+
+def test_ppo_reward_fn_and_preemption_two_processes_match_one(pipeline_run, tmp_path):
+    r, src = tmp_path, pipeline_run
+    ppo = ["--config.init_from", str(src / "sft"), "--config.ppo.reward_from", str(src / "rm")]
     # A reward function instead of the RM's score (the value head still starts from the RM).
     fn = ["--config.ppo.reward_fn=tests.ppo_rewards:count_apples", "--config.train.steps=1"]
     one_process(r / "fn1", *PPO, *ppo, *fn)
     two_processes(r / "fn2", *PPO, *ppo, *fn)
     assert_same_run(r / "fn1", r / "fn2")
+
     # PPO-ptx preempted: SIGTERM once the first iteration is logged (launch.local passes it to
     # both processes, as a cluster does), exit 75 with a checkpoint, the same command resumes.
+    three = ["--config.train.steps=3"]
+    one_process(r / "ppo1", *PPO, *ppo, *three)
     stopped = sigterm_after_first_log(r / "ppo2", *PPO, *ppo, *three)
     assert stopped in (1, 2)
     two_processes(r / "ppo2", *PPO, *ppo, *three)
@@ -202,33 +191,22 @@ def test_sft_rm_ppo_two_processes_match_one(chain):
     assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == ["1", "2", "3"]  # keep_ckpts=3
 
 
-def test_rsft_and_tools_two_processes_match_one(chain):
-    r = chain
-    rsft = ["--config.init_from", str(r / "sft1"), "--config.rsft.reward_from", str(r / "rm1")]
-    one_process(r / "rsft1", *RSFT, *rsft)
-    two_processes(r / "rsft2", *RSFT, *rsft)
-    assert_same_run(r / "rsft1", r / "rsft2")
-    for name in ("candidates", "selected"):
-        assert_same_records(
-            read_jsonl(r / "rsft1" / "round_1" / f"{name}.jsonl"),
-            read_jsonl(r / "rsft2" / "round_1" / f"{name}.jsonl"),
-        )
-
+def test_tools_two_processes_match_one(pipeline_run, tmp_path):
+    r, sft, rm = tmp_path, str(pipeline_run / "sft"), str(pipeline_run / "rm")
     prompts = r / "prompts.jsonl"  # 5 prompts x 2 samples: the last batch is padded
     prompts.write_text("".join(json.dumps({"prompt": f"apple {i}"}) + "\n" for i in range(5)))
     tools = {
-        "generate": ["--checkpoint", str(r / "sft1"), "--prompts", str(prompts)]
+        "generate": ["--checkpoint", sft, "--prompts", str(prompts)]
         + ["--max-new-tokens", "8", "--num-samples", "2", "--temperature", "0.8"],
-        "score": ["--checkpoint", str(r / "rm1"), "--data", str(r / "generate1.jsonl")],
-        "best_of_k": ["--policy", str(r / "sft1"), "--reward", str(r / "rm1")]
-        + ["--prompts", str(prompts), "--k", "2", "--max-new-tokens", "8"],
+        "score": ["--checkpoint", rm, "--data", str(r / "generate1.jsonl")],
+        "best_of_k": ["--policy", sft, "--reward", rm, "--prompts", str(prompts)]
+        + ["--k", "2", "--max-new-tokens", "8"],
     }
     for name, flags in tools.items():
         module = f"rlhf_jax.tools.{name}"
         one_process(None, *flags, "--out", str(r / f"{name}1.jsonl"), module=module)
         two_processes(None, *flags, "--out", str(r / f"{name}2.jsonl"), module=module)
-        one, two = read_jsonl(r / f"{name}1.jsonl"), read_jsonl(r / f"{name}2.jsonl")
-        assert_same_records(one, two)
+        assert_same_records(read_jsonl(r / f"{name}1.jsonl"), read_jsonl(r / f"{name}2.jsonl"))
     assert (
         len(read_jsonl(r / "generate2.jsonl")) == 10 and len(read_jsonl(r / "score2.jsonl")) == 10
     )

@@ -84,7 +84,7 @@ def test_readme_lists_every_stage_with_relative_paths():
     for what in ("/pretrain.py", "/sft.py", "/rm.py", "/ppo_ptx.py --", "ptx=0", "/rsft.py"):
         assert any(what in ln for ln in lines), what
     for tool in ("generate", "score", "best_of_k"):
-        assert any(f"rlhf_jax.{tool} " in ln for ln in lines), tool
+        assert any(f"rlhf_jax.tools.{tool} " in ln for ln in lines), tool
     assert all(" runs/" in ln and " /" not in ln for ln in lines)  # relative, as users type
 
 
