@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.infra import state as state_lib  # noqa: E402
 from rlhf_jax.models import config as model_config  # noqa: E402
-from rlhf_jax.models import hf, hf_map  # noqa: E402
+from rlhf_jax.models import hf, hf_init, hf_map  # noqa: E402
 from rlhf_jax.models import transformer as model_lib  # noqa: E402
 from rlhf_jax.sampling import sampler  # noqa: E402
 from rlhf_jax.tools import convert  # noqa: E402
@@ -273,10 +273,10 @@ def test_cli_import_then_export_round_trips(hf_dirs, tmp_path, capsys):
 
 def test_init_from_hf_path_restores_into_given_shardings(hf_dirs):
     path, _ = hf_dirs("gpt2")
-    meta = convert.init_meta("hf:" + path)
+    meta = hf_init.init_meta("hf:" + path)
     cfg = model_config.ModelConfig(**{**meta["model"], "dtype": "float32"})
     abstract = state_lib.abstract_params(cfg, _mesh(8), RULES)
-    params = convert.restore_params("hf:" + path, abstract)
+    params = hf_init.restore_params("hf:" + path, abstract)
     assert jax.tree.map(lambda x: x.sharding, params) == jax.tree.map(
         lambda x: x.sharding, abstract
     )
@@ -284,7 +284,7 @@ def test_init_from_hf_path_restores_into_given_shardings(hf_dirs):
     jax.tree.map(np.testing.assert_array_equal, params, direct)
     wrong = state_lib.abstract_params(dataclasses.replace(cfg, d_ff=128), _mesh(1), RULES)
     with pytest.raises(ValueError, match=r"\['blocks'\]\[0\]\['mlp'\]\['down'\] is \(256, 64\)"):
-        convert.restore_params("hf:" + path, wrong)
+        hf_init.restore_params("hf:" + path, wrong)
 
 
 # Abridged config.json files of published checkpoints, in the transformers 4.x format.

@@ -21,6 +21,7 @@ from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
+from rlhf_jax.models import hf_init
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -71,27 +72,21 @@ def _sync(name: str):
 
 def read_init_meta(path: str) -> dict | None:
     """Meta of an `init_from` source: a stage workdir, or a Hugging Face dir as `hf:DIR`."""
-    from rlhf_jax.tools import convert
-
-    if convert.is_hf_path(path):
-        return convert.init_meta(path)
+    if hf_init.is_hf_path(path):
+        return hf_init.init_meta(path)
     return checkpoint.read_meta(path)
 
 
 def restore_init_params(path: str, abstract_params):
     """Params of an `init_from` source, straight into the shardings `abstract_params` asks."""
-    from rlhf_jax.tools import convert
-
-    if convert.is_hf_path(path):
-        return convert.restore_params(path, abstract_params)
+    if hf_init.is_hf_path(path):
+        return hf_init.restore_params(path, abstract_params)
     return checkpoint.restore_params(path, abstract_params)
 
 
 def _init_tokenizer(path: str) -> str:
-    from rlhf_jax.tools import convert
-
-    if convert.is_hf_path(path):
-        src = convert.tokenizer_path(path)
+    if hf_init.is_hf_path(path):
+        src = hf_init.tokenizer_path(path)
         if src is None:
             raise FileNotFoundError(
                 f"init_from {path!r} has no sentencepiece tokenizer.model beside the weights; "

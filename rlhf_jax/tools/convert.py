@@ -1,4 +1,4 @@
-"""Hugging Face model directories <-> rlhf_jax workdirs, and the `init_from="hf:DIR"` hand-off.
+"""Hugging Face model directories <-> rlhf_jax workdirs: the convert tool.
 
   python -m rlhf_jax.tools.convert import --hf /models/Llama-3.2-1B --out runs/llama1b
   python -m rlhf_jax.tools.convert export --checkpoint runs/sft --out hf/sft
@@ -11,8 +11,7 @@ a directory `transformers` loads; a reward or value model (scalar head) becomes
 as config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf_map.py, reading and
 writing safetensors directories in hf.py.
 
-`init_from="hf:DIR"` reads the HF directory directly (no conversion on disk): `init_meta`,
-`restore_params` and `tokenizer_path` stand in for the checkpoint's meta, params and tokenizer.
+`init_from="hf:DIR"` reads the HF directory directly, without this tool (models/hf_init.py).
 """
 
 from __future__ import annotations
@@ -26,69 +25,7 @@ import jax
 
 from rlhf_jax.infra import cli
 from rlhf_jax.models import config as model_config
-from rlhf_jax.models import hf, hf_map
-from rlhf_jax.models import transformer as model_lib
-
-TOKENIZER_FILE = "tokenizer.model"
-HF_PREFIX = "hf:"
-
-
-# ----------------------------------------------------------------------------- init_from="hf:DIR"
-
-
-def is_hf_path(path) -> bool:
-    return isinstance(path, str) and path.startswith(HF_PREFIX)
-
-
-def hf_dir(path: str) -> str:
-    """`hf:/some/dir` -> `/some/dir` (a plain path is returned unchanged)."""
-    return os.path.expanduser(path[len(HF_PREFIX) :] if is_hf_path(path) else path)
-
-
-def tokenizer_path(path: str) -> str | None:
-    """The sentencepiece `tokenizer.model` beside the weights, or None (see the README)."""
-    file = os.path.join(hf_dir(path), TOKENIZER_FILE)
-    return file if os.path.isfile(file) else None
-
-
-def init_meta(path: str, *, scan_layers: bool = False) -> dict:
-    """A checkpoint-style meta for `hf:DIR`: {"model", "tokenizer", "stage", "hf", "config"}."""
-    directory = hf_dir(path)
-    hf_cfg = hf.read_config(directory)
-    cfg = hf_map.config_from_hf(hf_cfg, scan_layers=scan_layers)
-    return {
-        "model": dataclasses.asdict(cfg),
-        "tokenizer": TOKENIZER_FILE if tokenizer_path(directory) else None,
-        "stage": "hf",
-        "hf": {"model_type": hf_cfg.get("model_type"), **hf_map.token_ids(hf_cfg)},
-        "config": {"hf": directory},
-    }
-
-
-def restore_params(path: str, abstract_params):
-    """`checkpoint.restore_params` for `hf:DIR`: params in the shardings `abstract_params` asks.
-
-    Args:
-      path: `hf:DIR` or DIR.
-      abstract_params: pytree of ShapeDtypeStruct with `.sharding` (`state.abstract_params`).
-
-    Raises:
-      ValueError: the HF model does not have `abstract_params`' params and shapes.
-    """
-    directory = hf_dir(path)
-    hf_cfg = hf.read_config(directory)
-    cfg = hf_map.config_from_hf(hf_cfg, scan_layers="layers" in abstract_params)
-    flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
-    want = {jax.tree_util.keystr(p): x.shape for p, x in flat(model_lib.abstract(cfg)[1])}
-    have = {jax.tree_util.keystr(p): x.shape for p, x in flat(abstract_params)}
-    for key in sorted(set(want) | set(have)):
-        if want.get(key) != have.get(key):
-            raise ValueError(
-                f"{path}: param {key} is {want.get(key)} in the Hugging Face model but the "
-                f"model being built expects {have.get(key)}"
-            )
-    return hf.load_params(directory, hf_cfg, cfg, abstract_params)
-
+from rlhf_jax.models import hf, hf_init
 
 # ----------------------------------------------------------------------------- workdirs
 
@@ -121,21 +58,21 @@ def import_to_workdir(
     """
     from rlhf_jax.infra import checkpoint
 
-    directory = hf_dir(hf_path)
+    directory = hf_init.hf_dir(hf_path)
     cfg, params = hf.import_hf(
         directory, mesh, rules, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
     )
-    meta = init_meta(directory, scan_layers=scan_layers)
+    meta = hf_init.init_meta(directory, scan_layers=scan_layers)
     meta.update(
         model=dataclasses.asdict(cfg),
         stage="import",
         config={"hf": os.path.abspath(directory), "param_dtype": param_dtype},
     )
-    tok = tokenizer_path(directory)
+    tok = hf_init.tokenizer_path(directory)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         if tok:
-            shutil.copyfile(tok, os.path.join(workdir, TOKENIZER_FILE))
+            shutil.copyfile(tok, os.path.join(workdir, hf_init.TOKENIZER_FILE))
             problem = _check_tokenizer(tok, cfg.vocab_size)
             if problem:
                 print(f"warning: the stages cannot use this tokenizer yet: {problem}", flush=True)
@@ -143,8 +80,8 @@ def import_to_workdir(
             other = " (tokenizer.json is not supported at run time)"
             other = other if os.path.isfile(os.path.join(directory, "tokenizer.json")) else ""
             print(
-                f"warning: no {TOKENIZER_FILE} (sentencepiece) beside the weights{other}; the "
-                "stages need one (config.tokenizer.path) to train from this workdir",
+                f"warning: no {hf_init.TOKENIZER_FILE} (sentencepiece) beside the weights{other}; "
+                "the stages need one (config.tokenizer.path) to train from this workdir",
                 flush=True,
             )
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
@@ -166,7 +103,7 @@ def export_workdir(
     abstract = state_lib.abstract_params(cfg, mesh, rules)
     params = checkpoint.restore_params(workdir, abstract, step=step)
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
-    tok = os.path.join(workdir, TOKENIZER_FILE)
+    tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
     if not ids and os.path.isfile(tok) and _check_tokenizer(tok, cfg.vocab_size) is None:
         from rlhf_jax.data import tokenizer as tok_lib
 
@@ -185,8 +122,8 @@ def export_workdir(
         max_shard_bytes=max_shard_bytes,
     )
     if jax.process_index() == 0 and os.path.isfile(tok):
-        shutil.copyfile(tok, os.path.join(out_dir, TOKENIZER_FILE))
-        files.append(os.path.join(out_dir, TOKENIZER_FILE))
+        shutil.copyfile(tok, os.path.join(out_dir, hf_init.TOKENIZER_FILE))
+        files.append(os.path.join(out_dir, hf_init.TOKENIZER_FILE))
     return files
 
 
