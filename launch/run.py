@@ -5,8 +5,8 @@
 Multi-process runs (TPU VM pod slices, SLURM, or explicit `--coordinator_address`,
 `--num_processes`, `--process_id`) initialise `jax.distributed` before anything touches a device.
 Every process checks at start-up that all processes loaded the same resolved config and the same
-code (hashes, rlhf_jax/infra/provenance.py); each start appends the config hash, code version, command
-and device count to `WORKDIR/run_info.jsonl` beside the resolved `WORKDIR/config.json`.
+code (hashes, rlhf_jax/infra/provenance.py); each start appends the config hash, code version,
+command and device count to `WORKDIR/run_info.jsonl` beside the resolved `WORKDIR/config.json`.
 
 Bad input (unknown config key, wrong type, missing file, malformed data) ends the run with one
 line on stderr and exit code 2; set RLHF_JAX_TRACEBACK=1 to see the traceback instead. SIGTERM
@@ -61,32 +61,6 @@ def dispatch(config, mesh, workdir):
 
         return pipeline.run(config, mesh, workdir)
     raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
-
-
-def parse_flags(argv):
-    """absl flag parsing, with a bad override (unknown key, wrong type) as one line."""
-    for i, arg in enumerate(argv):  # a missing config file: one line, not two tracebacks
-        path = arg[len("--config=") :] if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        if path is not None and not os.path.isfile(path.split(":")[0]):
-            print(
-                f"error: --config file not found: {path.split(':')[0]}", file=sys.stderr, flush=True
-            )
-            sys.exit(2)
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # absl raises several types here, ml_collections AttributeError
-        text = str(e)
-        if "Traceback" in text:  # an error raised inside get_config: keep its last line
-            text = [ln for ln in text.splitlines() if ln.strip()][-1]
-        text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
-        if len(text) > 1 and text[0] == text[-1] == "'":
-            text = text[1:-1]
-        if "Did you mean" in text or isinstance(e, AttributeError):
-            text = f"unknown config key {text}"
-        print(f"error: bad flag or config override: {text}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def main(argv):
@@ -164,4 +138,4 @@ def start(config, workdir: str):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from absl import flags
+
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
@@ -21,4 +23,31 @@ def run_or_exit(fn, *args, **kwargs):
         if os.environ.get("RLHF_JAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl flag parsing for an entry point: a missing `--config` file or a bad override (unknown
+    key, wrong type) is one `error:` line and exit code 2, not two tracebacks."""
+    for i, arg in enumerate(argv):  # a missing config file: one line, not two tracebacks
+        path = arg[len("--config=") :] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path is not None and not os.path.isfile(path.split(":")[0]):
+            print(
+                f"error: --config file not found: {path.split(':')[0]}", file=sys.stderr, flush=True
+            )
+            sys.exit(2)
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl raises several types here, ml_collections AttributeError
+        text = str(e)
+        if "Traceback" in text:  # an error raised inside get_config: keep its last line
+            text = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+        if len(text) > 1 and text[0] == text[-1] == "'":
+            text = text[1:-1]
+        if "Did you mean" in text or isinstance(e, AttributeError):
+            text = f"unknown config key {text}"
+        print(f"error: bad flag or config override: {text}", file=sys.stderr, flush=True)
         sys.exit(2)
