@@ -179,6 +179,39 @@ def summarize(sums: list[dict]) -> dict:
     return out
 
 
+def compile_steps(graphdef, tx, shardings, config, mesh, rules):
+    """The jitted train and eval steps with explicit shardings; state donated.
+
+    Batches are {"tokens", "mask" [b, K, L], "ranks", "kmask" [b, K]}, rows over the batch axes.
+    """
+    batch_sh = {
+        key: sharding.batch_sharding(mesh, rules, nd)
+        for key, nd in (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
+    }
+    train = jax.jit(
+        functools.partial(
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            batching=config.rm.batching,
+            margin=config.rm.margin,
+            mesh=mesh,
+            rules=rules,
+            grad_accum=config.train.grad_accum,
+        ),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(
+            eval_step, graphdef=graphdef, margin=config.rm.margin, mesh=mesh, rules=rules
+        ),
+        in_shardings=(shardings["params"], batch_sh),
+    )
+    return train, evaluate
+
+
 def backbone_params(config, model_cfg, mesh, rules, init_meta):
     """Params of `init_from` with the LM head swapped for a fresh scalar head (or kept if the
     source is already a scalar-head model)."""
@@ -260,31 +293,7 @@ def run(config, mesh, workdir: str):
         },
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
-    batch_sh = {
-        key: sharding.batch_sharding(mesh, rules, nd)
-        for key, nd in (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
-    }
-    s.step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            graphdef=graphdef,
-            tx=tx,
-            batching=config.rm.batching,
-            margin=config.rm.margin,
-            mesh=mesh,
-            rules=rules,
-            grad_accum=t.grad_accum,
-        ),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(
-            eval_step, graphdef=graphdef, margin=config.rm.margin, mesh=mesh, rules=rules
-        ),
-        in_shardings=(shardings["params"], batch_sh),
-    )
+    s.step_fn, eval_fn = compile_steps(graphdef, tx, shardings, config, mesh, rules)
     if eval_batches:
         s.evaluate = lambda params, step: summarize(
             [eval_fn(params, sharding.put_batch(b, mesh, rules)) for b in eval_batches]
