@@ -1,0 +1,145 @@
+"""The ahead-of-time planner: compile a stage for a TPU topology on a CPU host, report its fit.
+
+  python -m launch.aot --config experiments/<name>.py[:args] --topology v5e:2x2 \
+      [--num_slices N] [--rm_size SIZE] [--out plan.json] [--config.k=v ...]
+
+Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU. Every compiled function of the stage
+(rlhf_jax/stages/aot.py: LM/SFT train and eval steps; RM train and eval steps; PPO rollout, score
+and update) is compiled by the real TPU compiler with its real shapes and shardings on the
+topology's devices, allocating nothing. For each, per chip: params, optimizer state, frozen
+models, batch, what stays resident, temporaries, outputs, the total against the chip's HBM; and
+the model FLOPs of one call, a roofline time, tokens/s, samples/s and MFU (rlhf_jax/infra/plan.py
+says how each is computed). The table goes to stdout and, with `--out`, the same as JSON.
+
+A function whose arguments alone exceed HBM is not compiled. If any function does not fit, the
+table is followed by `error: <function> needs X GiB per chip, <topology> chips have Y GiB` on
+stderr and exit code 2; bad flags and configs are one `error:` line and exit code 2 too.
+`--num_slices N` plans N slices joined over DCN (`config.mesh.dcn.data` defaults to N).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The planner compiles for TPU devices it builds itself; the default backend stays the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rlhf_jax.infra import cli, paths, plan  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:2x2, v4:2x2x2, v6e:4x8.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN.")
+_RM_SIZE = flags.DEFINE_string(
+    "rm_size", "", "PPO: preset of the value and reward models (default: the policy's)."
+)
+_OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
+
+
+def _versions() -> dict:
+    import jax
+
+    out = {"jax": jax.__version__}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        out["libtpu"] = importlib.metadata.version("libtpu")
+    return out
+
+
+def plan_stage(config, topology: str, num_slices: int, rm_size: str) -> dict:
+    """Compiles every function of `config.stage` for `topology`; returns the report dict."""
+    from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.stages import aot
+
+    devices = plan.topology_devices(topology, num_slices)
+    chip = plan.chip_of(devices)
+    if num_slices > 1 and all(int(v) == 1 for v in dict(config.mesh.dcn).values()):
+        config.mesh.dcn.data = num_slices
+    mesh = mesh_lib.build_mesh(config.mesh, devices)
+    n = len(devices)
+    print(
+        f"plan: {config.stage} on {topology}"
+        + (f" x {num_slices} slices" if num_slices > 1 else "")
+        + f": {n} x {chip.kind} ({chip.hbm_bytes / plan.GiB:.2f} GiB HBM, "
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bw / 1e9:.0f} GB/s); "
+        f"mesh {dict(mesh.shape)}",
+        flush=True,
+    )
+    rows = []
+    for fn in aot.functions(config, mesh, rm_size):
+        t0 = time.time()
+        stats = None
+        if plan.chip_bytes(fn.args) + plan.chip_bytes(fn.resident) <= chip.hbm_bytes:
+            stats = plan.compile_stats(fn.lower())
+        rows.append(plan.row(fn, stats, chip, n, time.time() - t0))
+        done = "skipped (arguments exceed HBM)" if stats is None else "compiled"
+        done = "over HBM (compiler)" if stats and stats["oom"] else done
+        print(f"  {fn.name}: {done} in {time.time() - t0:.1f}s; {fn.note}".rstrip("; "), flush=True)
+    report = {
+        "command": "python -m launch.aot " + " ".join(sys.argv[1:]),
+        "stage": config.stage,
+        "topology": topology,
+        "num_slices": num_slices,
+        "chips": n,
+        "chip": dataclasses.asdict(chip),
+        "mesh": dict(mesh.shape),
+        "versions": _versions(),
+        "functions": rows,
+    }
+    if config.stage == "ppo" and all("roofline_s" in r for r in rows):
+        t = sum(r["roofline_s"] for r in rows)
+        report["iteration"] = {
+            "roofline_s": t,
+            "samples_per_s": config.ppo.rollout_batch / t,
+            "mfu": sum(r["model_flops"] for r in rows) / (n * chip.peak_flops * t),
+        }
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _TOPOLOGY.value is None:
+        raise app.UsageError("--config and --topology are required")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    paths.resolve_config(_CONFIG.value)
+    report = cli.run_or_exit(
+        plan_stage, _CONFIG.value, _TOPOLOGY.value, _SLICES.value, _RM_SIZE.value
+    )
+    print()
+    print(plan.table(report["functions"]))
+    if "iteration" in report:
+        it = report["iteration"]
+        print(
+            f"\nppo iteration (rollout + score + update): {it['roofline_s'] * 1e3:.3g} ms, "
+            f"{it['samples_per_s']:,.1f} samples/s, MFU {it['mfu']:.0%} at the roofline"
+        )
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {_OUT.value}")
+    bad = plan.first_misfit(report["functions"])
+    if bad is not None:
+        least = "" if bad["compiled"] else "at least "  # arguments alone, nothing compiled
+        print(
+            f"error: {bad['function']} needs {least}{bad['total_bytes'] / plan.GiB:.2f} GiB per "
+            f"chip, {report['topology']} chips have {bad['hbm_bytes'] / plan.GiB:.2f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)

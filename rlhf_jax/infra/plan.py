@@ -1,0 +1,295 @@
+"""The planner's arithmetic: TPU chips, per-chip bytes, model FLOPs, the roofline, the report.
+
+`python -m launch.aot` compiles a stage's functions for a TPU topology from a CPU host
+(rlhf_jax/stages/aot.py builds them with abstract inputs). This module owns what it does with
+them: the TPU topology's devices, the chip table, the bytes each sharded pytree takes on one chip,
+the compiled executable's memory and cost, the model FLOPs of a forward pass, the roofline time and
+the report (rows, table, fit check). Nothing here allocates device memory.
+
+Why not the compiler's own estimates: XLA's cost analysis counts a loop body once (a PPO update of
+4 epochs x 4 minibatches reads as one minibatch, a scanned model as one layer) and its
+`optimal_seconds` has come out negative. So FLOPs come from the model (2 N per token and pass plus
+attention, times every loop trip), bytes from the compiler scaled to every trip, and the time is a
+roofline against the chip's peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import numpy as np
+
+from rlhf_jax.models import config as model_config
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    kind: str
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bytes: float  # HBM the compiler may use per chip
+    hbm_bw: float  # HBM bytes/s per chip
+    megacore: bool  # two TensorCores driven as one device (v4, v5p)
+
+
+# Peak bf16 FLOP/s and HBM bandwidth per chip: the Cloud TPU docs' system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). HBM: the capacity the TPU compiler itself
+# allows per chip (its RESOURCE_EXHAUSTED message, libtpu 0.0.42.1), a little under the docs'
+# 32 GiB / 16 GB / 95 GB / 32 GB since the runtime keeps some back.
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 30.75 * GiB, 1.2e12, True),
+    "v5e": Chip("TPU v5e", 197e12, 15.75 * GiB, 8.19e11, False),
+    "v5p": Chip("TPU v5p", 459e12, 95.74 * GiB, 2.765e12, True),
+    "v6e": Chip("TPU v6e", 918e12, 31.25 * GiB, 1.638e12, False),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e"}
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    """ "v5e:2x2" -> ("v5e", (2, 2)); one clear error for anything else."""
+    gen, _, dims = name.partition(":")
+    gen = _ALIASES.get(gen.lower(), gen.lower())
+    try:
+        shape = tuple(int(x) for x in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if gen not in CHIPS or not shape or min(shape) < 1:
+        raise ValueError(
+            f"--topology {name!r} is not GENERATION:AxB[xC] with a generation among "
+            f"{tuple(CHIPS)} (e.g. v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x8)"
+        )
+    return gen, shape
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """The compile-only devices of `num_slices` TPU slices of topology `name` (libtpu on a CPU).
+
+    Megacore chips (v4, v5p) are one device each, as JAX uses them on a TPU VM; a slice smaller
+    than a host (v5e:1x1) is its own host.
+    """
+    gen, shape = parse_topology(name)
+    chip = CHIPS[gen]
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover - jax always ships it
+        raise ValueError(f"this jax has no TPU topology API: {e}") from None
+    chips = math.prod(shape)
+    # libtpu reads these at start-up; without them it warns that it is not on a TPU VM.
+    kind = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}[gen]
+    cores = chips * (2 if chip.megacore else 1)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{cores}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu guards the chips with a lockfile; compiling touches none, and planners (a test
+    # process and the command it starts) may run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kw = dict(chip_config_name="megacore" if chip.megacore else "default", num_slices=num_slices)
+    padded = (shape + (1, 1, 1))[:3]
+    if chips < 4:  # hosts hold 2x2 chips; a smaller slice is one host
+        kw["chips_per_host_bounds"] = padded
+    topo_name = f"{'v5' if gen == 'v5p' else gen}:{'x'.join(map(str, shape))}"
+    try:
+        devices = topologies.get_topology_desc(topo_name, "tpu", **kw).devices
+    except RuntimeError as e:  # no libtpu, or a shape libtpu refuses
+        raise ValueError(f"cannot build TPU topology {name!r}: {str(e).splitlines()[0]}") from None
+    return list(devices)
+
+
+def chip_of(devices) -> Chip:
+    kind = devices[0].device_kind.lower()
+    for gen, key in (("v5e", "v5 lite"), ("v6e", "v6"), ("v5p", "v5"), ("v4", "v4")):
+        if key in kind:
+            return CHIPS[gen]
+    raise ValueError(f"no chip peaks known for device kind {devices[0].device_kind!r}")
+
+
+def _itemsize(dtype) -> int:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 8  # a threefry key is two uint32
+    return np.dtype(dtype).itemsize
+
+
+def chip_bytes(tree) -> int:
+    """Bytes one chip holds of a pytree of ShapeDtypeStructs with NamedShardings (the largest
+    shard; replicated leaves count in full)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * _itemsize(x.dtype)
+    return total
+
+
+def matmul_params(cfg: model_config.ModelConfig, params) -> tuple[int, int]:
+    """(body, head): parameters that multiply activations in the blocks and in the head.
+
+    Embedding lookups cost no FLOPs, so the embedding and GPT-2's position table are left out;
+    the head is the unembedding (V x D, the tied table counted here once) or the scalar read-out.
+    With a tied LM head, body + head is `param_count(exclude_positions=True)`, the N of 6 N.
+    """
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    tables = sum(
+        math.prod(x.shape)
+        for k, x in params.items()
+        if k in ("embed", "pos_embed", "lm_head", "score_head", "score_bias")
+    )
+    head = cfg.d_model if cfg.head == "scalar" else cfg.vocab_size * cfg.d_model
+    return total - tables, head
+
+
+def forward_flops(cfg, params, tokens: int, ctx: int, head_tokens: int | None = None) -> float:
+    """FLOPs of one forward pass over `tokens` tokens attending to `ctx` keys each, with the
+    head applied to `head_tokens` of them (default all): 2 per weight and token, and 4 L (N H)
+    per token and key for the scores and the weighted sum. Training is 3x this (the backward
+    pass is twice the forward), as in `stages/setup.flops_per_token`."""
+    body, head = matmul_params(cfg, params)
+    head_tokens = tokens if head_tokens is None else head_tokens
+    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * tokens * ctx
+    return 2 * body * tokens + 2 * head * head_tokens + attn
+
+
+def remat_factor(cfg) -> float:
+    """Hardware FLOPs over model FLOPs of a training pass: full remat reruns the forward."""
+    return 4 / 3 if cfg.remat == "full" else 1.0
+
+
+_OOM = re.compile(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def compile_stats(lowered) -> dict:
+    """Memory (per chip) and cost of compiling `lowered`; an over-HBM compile is a result, not an
+    error: {"oom": True, "needed_bytes": what the compiler said it needs}."""
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # JaxRuntimeError; its type moved between jax versions
+        m = _OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        return {"oom": True, "needed_bytes": float(m.group(1)) * GiB}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list in older jax
+    return {
+        "oom": False,
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "code_bytes": mem.generated_code_size_in_bytes,
+        "compiler_flops": float(cost.get("flops", 0.0)),
+        "compiler_bytes": float(cost.get("bytes accessed", 0.0)),
+    }
+
+
+def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
+    """One report row: a function's per-chip memory, FLOPs, roofline time and rates.
+
+    `fn` is a stages/aot.py Function. Memory in use during the call = the compiler's arguments +
+    outputs - aliased (donated) + temporaries + code, plus what stays resident without being an
+    argument (e.g. the optimizer state while the sampler runs). Bytes moved = the compiler's
+    bytes accessed scaled by model FLOPs over the FLOPs it counted (it saw each loop body once),
+    plus the decode loop's per-token reads when there is one.
+    """
+    r = {
+        "function": fn.name,
+        "params_bytes": chip_bytes(fn.parts.get("params")),
+        "opt_state_bytes": chip_bytes(fn.parts.get("opt_state")),
+        "frozen_bytes": chip_bytes(fn.parts.get("frozen")),
+        "batch_bytes": chip_bytes(fn.parts.get("batch")),
+        "resident_bytes": chip_bytes(fn.resident),
+        "hbm_bytes": chip.hbm_bytes,
+        "model_flops": fn.flops,
+        "tokens": fn.tokens,
+        "samples": fn.samples,
+        "compile_s": round(compile_s, 1),
+        "note": fn.note,
+    }
+    if stats is None or stats["oom"]:
+        args = r["params_bytes"] + r["opt_state_bytes"] + r["frozen_bytes"] + r["batch_bytes"]
+        need = stats["needed_bytes"] if stats else args
+        r.update(compiled=stats is not None, total_bytes=need + r["resident_bytes"])
+        r["headroom_bytes"] = chip.hbm_bytes - r["total_bytes"]
+        r["fits"] = False
+        return r
+    r.update({k: v for k, v in stats.items() if k != "oom"}, compiled=True)
+    total = stats["argument_bytes"] + stats["output_bytes"] - stats["alias_bytes"]
+    total += stats["temp_bytes"] + stats["code_bytes"] + r["resident_bytes"]
+    r.update(total_bytes=total, headroom_bytes=chip.hbm_bytes - total)
+    r["fits"] = total <= chip.hbm_bytes
+    flops_chip = fn.flops * fn.hw_factor / n_chips
+    seen = max(stats["compiler_flops"], 1.0)
+    moved = stats["compiler_bytes"] * max(1.0, (fn.flops_seen or flops_chip) / seen)
+    moved += fn.loop_bytes
+    t_flops, t_bytes = flops_chip / chip.peak_flops, moved / chip.hbm_bw
+    t = max(t_flops, t_bytes, 1e-12)
+    r.update(
+        flops_per_chip=flops_chip,
+        bytes_per_chip=moved,
+        roofline_s=t,
+        bound="compute" if t_flops >= t_bytes else "memory",
+        tokens_per_s=fn.tokens / t,
+        samples_per_s=fn.samples / t,
+        mfu=fn.flops / (n_chips * chip.peak_flops * t),
+    )
+    return r
+
+
+def _size(x) -> str:
+    """Bytes for a table cell: GiB with two decimals, MiB or KiB below 1 GiB (tiny models)."""
+    if x is None:
+        return "-"
+    for unit, scale in (("G", GiB), ("M", 2**20), ("K", 2**10)):
+        if abs(x) >= scale or unit == "K":
+            return f"{x / scale:.2f}{unit}" if unit == "G" else f"{x / scale:.1f}{unit}"
+    return str(x)
+
+
+def table(rows: list[dict]) -> str:
+    """The report as two plain-text tables: memory per chip, and speed at the roofline."""
+    mem_cols = ("params", "opt_state", "frozen", "batch", "resident", "temp", "output", "total")
+    head = ["function"] + list(mem_cols) + ["HBM", "headroom", "fits"]
+    lines = [head]
+    for r in rows:
+        vals = [r["function"]]
+        for c in mem_cols:
+            vals.append(_size(r.get(f"{c}_bytes")))
+        vals += [_size(r["hbm_bytes"]), _size(r["headroom_bytes"]), "yes" if r["fits"] else "NO"]
+        lines.append(vals)
+    out = [_format(lines, "memory per chip (G = GiB, M = MiB, K = KiB)")]
+    speed = [["function", "TFLOP/call", "roofline ms", "bound", "tokens/s", "samples/s", "MFU"]]
+    for r in rows:
+        if "roofline_s" not in r:
+            why = "over HBM" if r["compiled"] else "not compiled: arguments exceed HBM"
+            speed.append([r["function"], f"{r['model_flops'] / 1e12:.3g}", why, "", "", "", ""])
+            continue
+        speed.append(
+            [
+                r["function"],
+                f"{r['model_flops'] / 1e12:.3g}",
+                f"{r['roofline_s'] * 1e3:.3g}",
+                r["bound"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['samples_per_s']:,.1f}",
+                f"{r['mfu']:.0%}",
+            ]
+        )
+    out.append(_format(speed, "roofline (no communication; an upper bound on speed)"))
+    return "\n\n".join(out)
+
+
+def _format(lines, title: str) -> str:
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    fmt = lambda line: "  ".join(
+        str(v).ljust(w) if i == 0 else str(v).rjust(w)
+        for i, (v, w) in enumerate(zip(line, widths, strict=True))
+    )
+    return "\n".join([title, fmt(lines[0]), *map(fmt, lines[1:])])
+
+
+def first_misfit(rows: list[dict]) -> dict | None:
+    """The function needing the most HBM among those that do not fit, or None."""
+    bad = [r for r in rows if not r["fits"]]
+    return max(bad, key=lambda r: r["total_bytes"]) if bad else None
