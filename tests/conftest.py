@@ -28,31 +28,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`--dist loadgroup`, pyproject.toml) a file's tests stay on one worker, so
-    # its module fixtures are built once; files marked with a shared group (the session pipeline
-    # run) go to the same worker.
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory):
-    """The smallest whole pipeline, 1 process x 8 devices, through the real entry (once a session).
-
-    test_pipeline.py checks it end to end; test_multiprocess_stages.py compares the 2 x 4 run with
-    it and trains PPO and runs the tools on its SFT and reward models. Both files are one xdist
-    group, so one worker builds it.
-    """
-    from tiny_pipeline import launch
-
-    workdir = tmp_path_factory.mktemp("pipeline")
-    proc = launch(workdir)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return workdir

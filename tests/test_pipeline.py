@@ -1,16 +1,90 @@
 """The whole pipeline through the real entry point with the smallest settings: every stage's
-output exists and the report is produced; a second run resumes and skips finished steps. The same
-pipeline as 2 processes x 4 devices is compared with this run in test_multiprocess_stages.py."""
+output exists and the report is produced; a second run resumes and skips finished steps; the same
+pipeline as 2 processes x 4 devices (`launch.local`) writes what the 1-process 8-device run wrote:
+every logged number and sampled text of every stage (SFT with eval samples, the RM with its final
+normalisation, PPO and PPO-ptx with samples tables and held-out eval, best-of-K fine-tuning), the
+collected comparisons, best-of-K and the evaluation (tests/run_compare.py has the tolerances)."""
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
-from tiny_pipeline import ROOT, launch
+from run_compare import assert_same_records, assert_same_run, metrics, numbers, read_jsonl
 
 from rlhf_jax.infra import checkpoint
 
-pytestmark = pytest.mark.xdist_group("pipeline")  # one worker builds the session's pipeline run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = [
+    "--config.world.sizes.pretrain=600",
+    "--config.world.sizes.heldout=40",
+    "--config.world.sizes.demos=200",
+    "--config.world.sizes.rm_prompts=48",
+    "--config.world.sizes.ppo_prompts=64",
+    "--config.world.sizes.eval_prompts=16",
+    "--config.stages.pretrain.train.steps=10",
+    "--config.stages.pretrain.train.batch_size=8",
+    "--config.stages.pretrain.train.eval_every=10",
+    "--config.stages.sft.train.epochs=0.0",
+    "--config.stages.sft.train.steps=6",
+    "--config.stages.sft.train.batch_size=8",
+    "--config.stages.sft.sft.eval_samples=2",
+    "--config.stages.rm.train.steps=4",
+    "--config.stages.rm.train.batch_size=8",
+    "--config.stages.ppo.train.steps=2",
+    "--config.stages.ppo.ppo.rollout_batch=16",
+    "--config.stages.ppo.ppo.minibatch=8",
+    "--config.stages.ppo.ppo.epochs=1",
+    "--config.stages.ppo.ppo.eval_every=2",
+    "--config.stages.ppo.ppo.eval_prompts=16",
+    "--config.stages.ppo.ppo.ptx_batch=8",
+    "--config.stages.rsft.rsft.rounds=1",
+    "--config.stages.rsft.rsft.prompts_per_round=8",
+    "--config.stages.rsft.train.batch_size=8",
+    "--config.stages.rsft.rsft.finished_only=False",  # tiny models rarely finish
+    "--config.evaluate.best_of_k=2",
+    "--config.rounds=2",
+    "--config.collect.k=3",
+    "--config.collect.max_new_tokens=12",
+    "--config.evaluate.max_new_tokens=12",
+]
+
+
+def launch(workdir, *extra, processes=1):
+    """The pipeline on 8 CPU devices: one process, or `processes` through launch.local."""
+    devices = 8 // processes
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    entry = ["-m", "launch.run"]
+    if processes > 1:
+        entry = ["-m", "launch.local", "--processes", str(processes)]
+        entry += ["--devices_per_process", str(devices), "--"]
+    cmd = [
+        sys.executable,
+        *entry,
+        "--config",
+        "experiments/pipeline.py:size=tiny",
+        "--workdir",
+        os.path.relpath(workdir, ROOT),  # relative, as users type it (resolved at the entry)
+        *SMALL,
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """The smallest whole pipeline, 1 process x 8 devices, through the real entry."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    proc = launch(workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
 
 
 @pytest.mark.slow
@@ -63,6 +137,39 @@ def test_pipeline_end_to_end(pipeline_run):
     assert not os.path.exists(ppo_only / "ppo_ptx")
     ev = json.loads((ppo_only / "eval.json").read_text())
     assert list(ev["models"]) == ["pretrained", "sft", "ppo"]
+
+
+@pytest.mark.slow
+def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
+    """Every stage, collection, best-of-K and evaluation of the pipeline as 2 processes x 4."""
+    one_run = pipeline_run
+    proc = launch(tmp_path, "--config.rounds=1", processes=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "rsft/round_1/policy"):
+        assert_same_run(one_run / sub, tmp_path / sub)
+    assert [v for (_, k), v in metrics(tmp_path / "sft").items() if k == "eval/samples"]
+    assert (2, "ppo/samples") in metrics(tmp_path / "ppo_ptx")
+    norm = [json.loads((d / "rm" / "reward_norm.json").read_text()) for d in (one_run, tmp_path)]
+    for k in ("reward_bias", "raw_std"):
+        np.testing.assert_allclose(norm[1][k], norm[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
+    for name in ("candidates", "selected"):
+        assert_same_records(
+            read_jsonl(one_run / "rsft" / "round_1" / f"{name}.jsonl"),
+            read_jsonl(tmp_path / "rsft" / "round_1" / f"{name}.jsonl"),
+        )
+    # The sampled comparisons (texts and labels) are exactly those of the 1-process run.
+    assert (tmp_path / "comparisons.jsonl").read_text() == (
+        one_run / "comparisons.jsonl"
+    ).read_text()
+    one = json.loads((one_run / "eval.json").read_text())["models"]
+    two = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft"]
+    for name in two:
+        a, b = numbers(one[name]), numbers(two[name])
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-5, err_msg=f"{name}{k}")
+    assert (tmp_path / "report.md").exists()
 
 
 def test_reuse_refuses_a_run_of_another_seed_or_unfinished(tmp_path):
