@@ -10,6 +10,7 @@ command line refusing a config far too large for the slice. Skipped where libtpu
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -146,17 +147,29 @@ def test_cli_refuses_a_config_far_too_large():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --topology 'v9:2x2'")
 
 
+def readme_plan_lines() -> list[str]:
+    """The `python -m launch.aot` lines of the README's bash blocks."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    lines = [ln.split("  #")[0].strip() for b in blocks for ln in b.splitlines()]
+    return [ln for ln in lines if ln.startswith("python -m launch.aot")]
+
+
 @pytest.mark.slow
-def test_cli_writes_the_plan_as_json(tmp_path):
-    out = tmp_path / "plan.json"
-    proc = _cli(
-        "--config", "experiments/pretrain.py:fsdp=4", "--topology", TOPOLOGY,
-        "--config.train.batch_size=32", "--out", str(out),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+def test_readme_tiny_plan_runs_verbatim_and_writes_json(tmp_path):
+    # As a user types it, from a directory holding experiments/ (relative --config and --out).
+    lines = [ln for ln in readme_plan_lines() if "size=" not in ln]
+    assert lines, "the README shows no tiny launch.aot command"
+    os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")
+    for line in lines:
+        argv = shlex.split(line)
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    report = json.loads((tmp_path / "plan.json").read_text())
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report["versions"]["libtpu"]
     train = report["functions"][0]
-    assert train["function"] == "train_step" and train["fits"] and train["samples"] == 32
+    assert train["function"] == "train_step" and train["fits"] and train["roofline_s"] > 0
     assert "train_step" in proc.stdout and "roofline" in proc.stdout

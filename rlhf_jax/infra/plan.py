@@ -87,6 +87,12 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     # libtpu guards the chips with a lockfile; compiling touches none, and planners (a test
     # process and the command it starts) may run side by side.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # libtpu 0.0.42.1's compiler overflows its fiber stacks on some large dots (GPT-2 small's RM
+    # eval step, 576 x 1024 tokens, dies with SIGSEGV); 256 MiB stacks (virtual memory) compile it.
+    args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    if "fibers_default_thread_stack_size" not in args:
+        flag = f"--fibers_default_thread_stack_size={256 * 2**20}"
+        os.environ["LIBTPU_INIT_ARGS"] = f"{args} {flag}".strip()
     kw = dict(chip_config_name="megacore" if chip.megacore else "default", num_slices=num_slices)
     padded = (shape + (1, 1, 1))[:3]
     if chips < 4:  # hosts hold 2x2 chips; a smaller slice is one host

@@ -196,7 +196,10 @@ def _rm(config, mesh, rules) -> list[Function]:
 
 def _describe(cfg, params) -> str:
     n = model_lib.param_count(params)
-    return f"{cfg.family} {n / 1e6:,.1f}M params, {cfg.dtype}, remat={cfg.remat}"
+    return (
+        f"{cfg.family} {n / 1e6:,.1f}M params (vocab {cfg.vocab_size}), {cfg.dtype}, "
+        f"remat={cfg.remat}, scan_layers={cfg.scan_layers}"
+    )
 
 
 def _ppo_models(config, rm_size: str):
