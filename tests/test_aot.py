@@ -2,9 +2,10 @@
 
 Tiny stages compiled by the real TPU compiler (libtpu) for a v5e:2x2 slice from this CPU host:
 per-chip parameter and optimizer bytes against a hand count from the architecture and the mesh,
-the pretrain step's FLOPs against 6 N tokens + attention (and the compiler's own count), and the
-command line refusing a config far too large for the slice. Skipped where libtpu is missing
-(`pip install -e ".[tpu]"`).
+the pretrain step's FLOPs against 6 N tokens + attention (and the compiler's own count), a step
+the compiler refuses for HBM reported as a result, RM and PPO byte accounting, the command line
+refusing a config far too large for the slice, and the README's tiny command run verbatim.
+Skipped where libtpu is missing (`pip install -e ".[tpu]"`).
 """
 
 import json

@@ -129,6 +129,20 @@ def chip_bytes(tree) -> int:
     return total
 
 
+def gathered_bytes(tree, dtype, keep=("tensor",)) -> int:
+    """Bytes one chip reads of a param pytree once its FSDP shards are all-gathered for a matmul:
+    only the `keep` mesh axes (tensor parallelism) still split it, in the compute `dtype`."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        spec = getattr(x.sharding, "spec", ())
+        shape = list(x.shape)
+        for i, axes in enumerate(spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            shape[i] //= math.prod(x.sharding.mesh.shape[a] for a in axes if a in keep)
+        total += math.prod(shape) * np.dtype(dtype).itemsize
+    return total
+
+
 def matmul_params(cfg: model_config.ModelConfig, params) -> tuple[int, int]:
     """(body, head): parameters that multiply activations in the blocks and in the head.
 
@@ -196,8 +210,10 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
     `fn` is a stages/aot.py Function. Memory in use during the call = the compiler's arguments +
     outputs - aliased (donated) + temporaries + code, plus what stays resident without being an
     argument (e.g. the optimizer state while the sampler runs). Bytes moved = the compiler's
-    bytes accessed scaled by model FLOPs over the FLOPs it counted (it saw each loop body once),
-    plus the decode loop's per-token reads when there is one.
+    bytes accessed scaled by model FLOPs over the FLOPs it counted: it saw each loop body once,
+    and the unseen trips are taken to move bytes at the rate of the one it saw (exact for
+    identical trips such as microbatches or PPO minibatches; with `scan_layers` the optimizer and
+    head are scaled with the layers, an over-estimate), plus the decode loop's per-token reads.
     """
     r = {
         "function": fn.name,

@@ -253,7 +253,8 @@ def _ppo(config, mesh, rules, rm_size: str) -> list[Function]:
 
     # 1 rollout: prefill P tokens, then T - 1 decode steps of one token per row, all attending
     # to the S = P + T cache slots. XLA counts the prefill and one trip of the decode loop; every
-    # trip reads the policy's params and the whole KV cache from HBM.
+    # trip reads the policy's weights (gathered from their FSDP shards, in the compute dtype) and
+    # this chip's rows of the KV cache from HBM.
     prompts = (rows((b, p), jnp.int32), rows((b, p), jnp.bool_), rows((b,), _key_dtype()))
     knobs = {
         "temperature": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
@@ -266,7 +267,7 @@ def _ppo(config, mesh, rules, rm_size: str) -> list[Function]:
     kv = jax.ShapeDtypeStruct(
         kv_shape, jnp.dtype(pol.dtype), sharding=jax.sharding.NamedSharding(mesh, kv_spec)
     )
-    step_bytes = plan.chip_bytes(params["policy"]) + 2 * plan.chip_bytes(kv)
+    step_bytes = plan.gathered_bytes(params["policy"], pol.dtype) + 2 * plan.chip_bytes(kv)
     mode = sampler.sampling_mode(c.temperature, c.top_k, c.top_p, False)
     sample = Function(
         "rollout",
