@@ -27,7 +27,26 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# The files that take longest, longest first. Under `--dist loadfile` (pyproject.toml) workers take
+# files in collection order, so starting these first and filling in with the many short files
+# keeps one long file from running alone at the end (longest-processing-time-first scheduling).
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_readme.py",
+    "test_multiprocess_stages.py",
+    "test_multiprocess.py",
+    "test_ppo.py",
+    "test_sweep.py",
+    "test_aot.py",
+    "test_best_of_k.py",
+    "test_numeric_fixes.py",
+    "test_rm_fixes.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -26,6 +26,15 @@ def run_or_exit(fn, *args, **kwargs):
         sys.exit(2)
 
 
+def run_tool(fn, args):
+    """A command-line tool's main: join the multi-process run its flags (distributed.add_flags)
+    or the cluster describe, before anything touches a device, then `run_or_exit(fn, args)`."""
+    from rlhf_jax.infra import distributed
+
+    distributed.initialize_from(args)
+    return run_or_exit(fn, args)
+
+
 def parse_flags(argv):
     """absl flag parsing for an entry point: a missing `--config` file or a bad override (unknown
     key, wrong type) is one `error:` line and exit code 2, not two tracebacks."""

@@ -30,7 +30,24 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
-from tensorboardX import SummaryWriter
+
+
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, without its optional `import torch` (seconds per process
+    start where torch is installed; we only log floats and arrays). Torch stays importable."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes tensorboardX's `import torch` an ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 METRICS_FILE = "metrics.jsonl"
 TB_SUBDIR = "tb"

@@ -117,9 +117,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    distributed.initialize_from(args)  # before anything touches a device
-    return cli.run_or_exit(run, args)
+    return cli.run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

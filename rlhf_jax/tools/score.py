@@ -92,9 +92,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=0, help="0: the RM's training seq_len")
     p.add_argument("--no-bias", action="store_true", help="raw scores, without normalisation")
     distributed.add_flags(p)
-    args = p.parse_args(argv)
-    distributed.initialize_from(args)  # before anything touches a device
-    return cli.run_or_exit(run, args)
+    return cli.run_tool(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":
