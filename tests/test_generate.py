@@ -72,7 +72,7 @@ def test_generate_command_writes_one_line_per_completion(workdir, prompts_file, 
         *SAMPLING,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wrote 6 completions of 3 prompts" in proc.stdout
+    assert f"wrote 6 completions of 3 prompts to {out}: mean length" in proc.stdout
     rows = read(out)
     assert [(r["prompt"], r["sample"]) for r in rows] == [(p, s) for p in PROMPTS for s in (0, 1)]
     for r in rows:

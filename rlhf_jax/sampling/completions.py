@@ -152,18 +152,18 @@ def write_completions(
     try:
         with writer as f:
 
-            def write(chunk, out):
+            def write(chunk, got):
                 nonlocal n_tokens, n_finished
-                out = sharding.to_host(out)
+                got = sharding.to_host(got)
                 for j, (i, s) in enumerate(chunk):
-                    n = int(out["lengths"][j])
+                    n = int(got["lengths"][j])
                     rec = {
                         **chat.prompt_record(prompts[i]),
-                        "response": tok.decode(out["response"][j, :n]),
+                        "response": tok.decode(got["response"][j, :n]),
                         "tokens": n,
-                        "finished": bool(out["finished"][j]),
+                        "finished": bool(got["finished"][j]),
                         "sample": s,
-                        "logprob": float(out["logprobs"][j, :n].sum()),
+                        "logprob": float(got["logprobs"][j, :n].sum()),
                     }
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     n_tokens += n
@@ -185,10 +185,10 @@ def write_completions(
                 host = {"tokens": tokens, "mask": mask, "keys": load.row_keys(seed, idx, smp)}
                 dev = sharding.put_global(host, mesh, rules)
                 keys = dev["keys"]
-                out = sample(params, dev["tokens"], dev["mask"], keys, **knobs)
+                got = sample(params, dev["tokens"], dev["mask"], keys, **knobs)
                 if pending is not None:  # fetch the previous batch while this one runs
                     write(*pending)
-                pending = (chunk, out)
+                pending = (chunk, got)
             write(*pending)
     finally:
         bar.close()
