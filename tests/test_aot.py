@@ -126,6 +126,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_config_far_too_large():
     # GPT-3 6.7B: params and AdamW moments alone are ~18 GiB per chip over 4 chips.
     proc = _cli(

@@ -26,6 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = os.path.join(HERE, "..", "experiments", "data", "tiny_prompts.jsonl")
 K, T, SEED = 4, 12, 3
 
+# Every test here trains or samples a real stage in-process (tens of seconds).
+pytestmark = pytest.mark.slow
+
 
 def local_mesh():
     """The mesh the commands build (every local device), so their compiled functions are reused."""

@@ -58,6 +58,7 @@ def read(path):
 SAMPLING = ["--max-new-tokens", "12", "--num-samples", "2", "--seed", "3", "--top-k", "50"]
 
 
+@pytest.mark.slow
 def test_generate_command_writes_one_line_per_completion(workdir, prompts_file, tmp_path):
     out = tmp_path / "sub" / "out.jsonl"
     proc = cli(

@@ -440,6 +440,7 @@ def test_error_shape_mismatch_names_tensor_and_shapes(hf_dirs, tmp_path, capsys)
     ]
 
 
+@pytest.mark.slow
 def test_sft_starts_from_an_hf_directory(tmp_path):
     """`init_from=hf:DIR` through the real SFT stage (params from safetensors, our tokenizer)."""
     from experiments import pretrain, sft

@@ -58,6 +58,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bitwise(tmp_path, tok_path, monkeypatch):
     config = tiny_config(tok_path)
     straight = run(config, tmp_path / "a")
@@ -119,6 +120,7 @@ def test_nan_loss_stops_run_and_writes_no_later_checkpoint(tmp_path, tok_path):
     assert all(s < bad for s in steps)
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(tmp_path, tok_path):
     """Written by 8 devices (data=8), resumed by 4 devices laid out (data=2, fsdp=2)."""
     config = tiny_config(tok_path, steps=4)

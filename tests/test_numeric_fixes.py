@@ -82,6 +82,7 @@ def ppo_cfg(**kw):
     return test_ppo.cfg_with(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_ppo_scores_and_trains_under_the_sampling_temperature():
     temp = 0.7
     graphdefs, params, ref = ppo_models()
@@ -194,6 +195,7 @@ def with_f32_head_reference(g, params, tokens, mask, fn):
     return jax.device_get(got), np_log_softmax(logits)
 
 
+@pytest.mark.slow
 def test_bf16_compute_takes_logprobs_from_a_float32_head():
     cfg, g, params = bf16_model()
     rng = np.random.default_rng(1)

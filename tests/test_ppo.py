@@ -17,6 +17,9 @@ from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.stages import lm, ppo, ppo_steps
 
+# Every test here trains or samples a real stage in-process (tens of seconds).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):

@@ -76,6 +76,7 @@ def _rm_batch(rng, b, k, n, vocab):
 
 
 @pytest.mark.parametrize("batching", ["per_prompt", "per_pair"])
+@pytest.mark.slow
 def test_grad_accum_equals_the_full_batch_gradient(batching):
     import functools
 

@@ -102,6 +102,7 @@ def rm_config(tok, train, steps, batching="per_prompt", norm=None):
     return c
 
 
+@pytest.mark.slow
 def test_tiny_rm_learns_synthetic_preference_and_bias_centres(tmp_path, tok):
     synthetic_comparisons(tmp_path / "cmp.jsonl", 400, seed=0)
     config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=60)
@@ -137,6 +138,7 @@ def test_tiny_rm_learns_synthetic_preference_and_bias_centres(tmp_path, tok):
     assert abs(scores.mean()) < 1e-3 and abs(bias) > 1e-3
 
 
+@pytest.mark.slow
 def test_per_pair_ablation_runs_and_logs(tmp_path, tok):
     synthetic_comparisons(tmp_path / "cmp.jsonl", 80, seed=2)
     config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=4, batching="per_pair")
@@ -147,6 +149,7 @@ def test_per_pair_ablation_runs_and_logs(tmp_path, tok):
     assert sharding.data_parallel_size(mesh, config.sharding.rules) == 8
 
 
+@pytest.mark.slow
 def test_score_command_writes_scores_with_bias(tmp_path, tok):
     synthetic_comparisons(tmp_path / "cmp.jsonl", 80, seed=3)
     config = rm_config(tok, str(tmp_path / "cmp.jsonl"), steps=2)

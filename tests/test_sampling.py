@@ -128,6 +128,7 @@ def test_greedy_equals_argmax_of_full_forward_loop(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_completion_independent_of_padding_and_batch(name):
     """Row 1 (5 tokens, left-padded by 3 among longer prompts) vs the same prompt alone."""
     _, _, params = model(name)

@@ -75,6 +75,7 @@ def test_malformed_demo_line_names_file_and_line(tmp_path):
         sft_data.read_demos(str(f))
 
 
+@pytest.mark.slow
 def test_sft_from_pretrained_lowers_heldout_loss(tmp_path, tok):
     mesh = mesh_lib.build_mesh(pretrain.get_config().mesh)
     pre = pretrain.get_config()

@@ -85,6 +85,7 @@ def batch(b=8, t=16):
     return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": mask}
 
 
+@pytest.mark.slow
 def test_2x2x2_mesh_matches_single_device():
     """Loss, grad norm and gradients agree to fp32 rounding (atol 1e-6, rtol 1e-5)."""
     p1, m1 = one_step((1, 1, 1), batch())
@@ -95,6 +96,7 @@ def test_2x2x2_mesh_matches_single_device():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch():
     p1, m1 = one_step((2, 1, 1), batch())
     p4, m4 = one_step((2, 1, 1), batch(), accum=4)
