@@ -41,9 +41,9 @@ import random
 import re
 from collections.abc import Sequence
 
-from rlhf_jax.data import chat
+from rlhf_jax.data import chat, sft_data
 
-PROMPT_TEMPLATE = "User: {prompt}\nAssistant: "
+PROMPT_TEMPLATE = sft_data.PROMPT_TEMPLATE  # the world shows prompts as every stage does
 TASK_MIX = {"add": 0.3, "compare": 0.25, "count": 0.2, "sort": 0.25}
 # Percent ranges of a prompt's stable hash; disjoint by construction.
 SPLITS = {"sft": (0, 30), "rm": (30, 55), "ppo": (55, 80), "eval": (80, 100)}
