@@ -37,15 +37,54 @@ class Chip:
     megacore: bool  # two TensorCores driven as one device (v4, v5p)
 
 
-# Peak bf16 FLOP/s and HBM bandwidth per chip: the Cloud TPU docs' system-architecture pages
-# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). HBM: the capacity the TPU compiler itself
-# allows per chip (its RESOURCE_EXHAUSTED message, libtpu 0.0.42.1), a little under the docs'
-# 32 GiB / 16 GB / 95 GB / 32 GB since the runtime keeps some back.
+# Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) per chip, the one table behind MFU (stages),
+# the decode roofline (bench) and the planner: vendor datasheets, the TPU rows the Cloud TPU docs'
+# system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). Matched as
+# substrings of `device_kind` in this order, so "H100 PCIe" wins over the SXM part's "H100".
+PEAKS = {
+    "H100 PCIe": (756e12, 2.0e12),
+    "H100": (989.4e12, 3.35e12),
+    "H200": (989.4e12, 4.8e12),
+    "A100": (312e12, 2.039e12),
+    "TPU v4": (275e12, 1.2e12),
+    "TPU v5 lite": (197e12, 8.19e11),
+    "TPU v5e": (197e12, 8.19e11),
+    "TPU v5p": (459e12, 2.765e12),
+    "TPU v6 lite": (918e12, 1.638e12),
+    "TPU v6e": (918e12, 1.638e12),
+}
+
+
+def _peaks(device) -> tuple[float, float] | None:
+    kind = device.device_kind.lower()
+    return next((p for name, p in PEAKS.items() if name.lower() in kind), None)
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 FLOP/s of one `device`, None for an unknown kind (CPU)."""
+    p = _peaks(device)
+    return p[0] if p else None
+
+
+def peak_hbm_bw(device) -> float | None:
+    """HBM bytes/s of one `device`, None for an unknown kind (CPU)."""
+    p = _peaks(device)
+    return p[1] if p else None
+
+
+def _chip(kind: str, hbm_gib: float, megacore: bool) -> Chip:
+    flops, bw = PEAKS[kind]
+    return Chip(kind, flops, hbm_gib * GiB, bw, megacore)
+
+
+# HBM: the capacity the TPU compiler itself allows per chip (its RESOURCE_EXHAUSTED message,
+# libtpu 0.0.42.1), a little under the docs' 32 GiB / 16 GB / 95 GB / 32 GB since the runtime
+# keeps some back.
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 30.75 * GiB, 1.2e12, True),
-    "v5e": Chip("TPU v5e", 197e12, 15.75 * GiB, 8.19e11, False),
-    "v5p": Chip("TPU v5p", 459e12, 95.74 * GiB, 2.765e12, True),
-    "v6e": Chip("TPU v6e", 918e12, 31.25 * GiB, 1.638e12, False),
+    "v4": _chip("TPU v4", 30.75, True),
+    "v5e": _chip("TPU v5e", 15.75, False),
+    "v5p": _chip("TPU v5p", 95.74, True),
+    "v6e": _chip("TPU v6e", 31.25, False),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e"}
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.infra import checkpoint, metrics, preemption, sharding
+from rlhf_jax.infra import checkpoint, metrics, plan, preemption, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.stages import setup as setup_lib
 
@@ -166,4 +166,4 @@ def _ns(key: str) -> str:
 
 
 def _peak():
-    return setup_lib.peak_flops(jax.devices()[0])
+    return plan.peak_flops(jax.devices()[0])

@@ -25,24 +25,6 @@ from rlhf_jax.models import hf_init
 
 TOKENIZER_FILE = "tokenizer.model"
 
-# Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
-PEAK_FLOPS = {
-    "H100": 989.4e12,
-    "H200": 989.4e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device) -> float | None:
-    kind = device.device_kind.lower()
-    return next((f for name, f in PEAK_FLOPS.items() if name.lower() in kind), None)
-
 
 def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12 L (N H) T for attention scores."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import plan, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
@@ -117,7 +117,7 @@ def bench_train(args) -> dict:
     fpt = setup.flops_per_token(
         cfg, model_lib.param_count(state["params"], cfg, exclude_positions=True), args.seq_len
     )
-    peak = setup.peak_flops(jax.devices()[0])
+    peak = plan.peak_flops(jax.devices()[0])
     return {
         "bench": "train",
         "size": args.size,
@@ -142,27 +142,6 @@ def bench_train(args) -> dict:
         **environment(),
         "command": "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:]),
     }
-
-
-# Peak HBM bandwidth per chip in bytes/s (vendor datasheets), for the decode roofline. Matched as
-# substrings of device_kind in this order, so "H100 PCIe" wins over the SXM part's "H100".
-PEAK_HBM_BW = {
-    "H100 PCIe": 2.0e12,
-    "H100": 3.35e12,
-    "H200": 4.8e12,
-    "A100": 2.039e12,
-    "TPU v4": 1.2e12,
-    "TPU v5 lite": 8.19e11,
-    "TPU v5e": 8.19e11,
-    "TPU v5p": 2.765e12,
-    "TPU v6 lite": 1.64e12,
-    "TPU v6e": 1.64e12,
-}
-
-
-def peak_hbm_bw(device) -> float | None:
-    kind = device.device_kind.lower()
-    return next((bw for name, bw in PEAK_HBM_BW.items() if name.lower() in kind), None)
 
 
 def bench_decode(args) -> dict:
@@ -232,7 +211,7 @@ def bench_decode(args) -> dict:
     kv_bytes = 2 * cfg.n_layers * args.batch * (p_len + t_new / 2)
     kv_bytes *= cfg.n_kv_heads * cfg.head_dim * itemsize
     bytes_per_step = n_params * itemsize + kv_bytes / jax.device_count()  # per device
-    peak_bw = peak_hbm_bw(jax.devices()[0])
+    peak_bw = plan.peak_hbm_bw(jax.devices()[0])
     return {
         "bench": "decode",
         "size": args.size,
