@@ -7,6 +7,8 @@ Two line formats (DESIGN.md section 4), which may be mixed within a file:
 Either may give a conversation instead of a prompt: `{"messages": [... ending with a user turn],
 ...}` (rlhf_jax/data/chat.py); its responses are the final assistant turn, and its "prompt" is then the
 hashable `chat.Messages`, so splitting, pairing and encoding treat both forms alike.
+Published forms (HH-RLHF transcripts, message-list pairs, scored K-way rows) and Parquet files are
+read too: data/pref_formats.py turns each row into one of the two forms above.
 Every comparison is normalised to `{"prompt", "responses", "ranks", "source"}` where `ranks[j]` is
 the dense rank of response j (0 = best, tied responses share a rank) and `source` is "file:line".
 
@@ -42,8 +44,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from rlhf_jax.data import iterators, lm_data
-from rlhf_jax.data.sft_data import prompt_ids, read_records, row_prompt
+from rlhf_jax.data import iterators, lm_data, pref_formats
+from rlhf_jax.data.sft_data import prompt_ids, row_prompt
 from rlhf_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def _normalise(record: dict, k_max: int) -> dict:
 def read_comparisons(
     paths: str | Sequence[str], k_max: int = 9, skipped: collections.Counter | None = None
 ) -> list[dict]:
-    """Reads and checks comparisons from JSONL files in either format.
+    """Reads and checks comparisons from JSONL or Parquet files in any form (pref_formats.py).
 
     A row that ties every response (real labelled data has them) carries no ranked pair: it is
     skipped and counted in `skipped["all_tie"]`, with one warning per file, never silently.
@@ -159,9 +161,9 @@ def read_comparisons(
     comps = []
     for path in lm_data.expand_paths(paths):
         ties = []
-        for lineno, record in read_records(path):
+        for lineno, record in pref_formats.read_rows(path):
             try:
-                comp = _normalise(record, k_max)
+                comp = _normalise(pref_formats.to_comparison(record), k_max)
             except AllTie:
                 ties.append(lineno)
                 continue
