@@ -57,6 +57,13 @@ def test_transcript_pairs_split_at_the_last_assistant_turn(tmp_path, ext):
             "chosen": "Human: Write two lines.\n\nAssistant: One.\n\nTwo.",
             "rejected": "Human: Write two lines.\n\nAssistant: One.",
         },
+        # The copies that split the dialogue off into a transcript `prompt`.
+        {
+            "prompt": hh("What is 7 plus 5?", "12.", "And plus 3?") + "\n\nAssistant:",
+            "response": " 15.",
+            "chosen": " 15.",
+            "rejected": " 14.",
+        },
     ]
     path = write(tmp_path / f"hh.{ext}", rows)
     comps = read(path)
@@ -68,7 +75,8 @@ def test_transcript_pairs_split_at_the_last_assistant_turn(tmp_path, ext):
     assert comps[0]["responses"] == ["15.", "14."] and comps[0]["ranks"] == [0, 1]
     assert comps[1]["prompt"] == (("user", "Write two lines."),)
     assert comps[1]["responses"] == ["One.\n\nTwo.", "One."]
-    assert [c["source"] for c in comps] == [f"{path}:1", f"{path}:2"]
+    assert comps[2]["prompt"] == comps[0]["prompt"] and comps[2]["responses"] == ["15.", "14."]
+    assert [c["source"] for c in comps] == [f"{path}:1", f"{path}:2", f"{path}:3"]
 
 
 # --- message lists --------------------------------------------------------------------------------
@@ -200,6 +208,10 @@ TWO = hh("hi", "hello")
         (
             {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c", "rejected": TWO},
             r"field 'chosen', the turns before its answer: messages\[1\] is a user turn",
+        ),
+        (
+            {"prompt": "\n\nHuman: a\n\nHuman: b\n\nAssistant:", "chosen": "x", "rejected": "y"},
+            r"field 'prompt', the turns before its answer: messages\[1\] is a user turn",
         ),
         (
             {"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": "b"},

@@ -23,7 +23,9 @@ Accepted forms (the field names are exact; other fields are ignored):
   * UltraFeedback completions: `{"instruction": str, "completions": [{"response": str,
     "overall_score": number}, ...]}` (or `prompt` / `messages` in place of `instruction`), read as
     scored K-way.
-In every form a `prompt` may also be a list of messages, read as a `messages` conversation.
+In every form a `prompt` may also be a list of messages, read as a `messages` conversation, or a
+transcript ending with "\\n\\nAssistant:" (HH-RLHF copies split into `prompt`, `chosen`,
+`rejected`), read as its turns, with string answers stripped as split-off answers are.
 A scored row whose scores are all equal becomes a ranking that ties every response; the reader
 skips and counts it like any all-tie row (rm_data.read_comparisons).
 
@@ -109,6 +111,8 @@ def to_comparison(record: dict) -> dict:
     Raises:
       ValueError: one sentence naming the field, without the location (callers prefix it).
     """
+    if _is_transcript_prompt(record):
+        record = _transcript_prompt(record)
     form = detect_form(record)
     if form == "transcript":
         return _transcript_pair(record)
@@ -144,19 +148,46 @@ def _as_messages(turns: list[tuple[str, str]], key: str) -> chat.Messages:
         raise ValueError(f"field {key!r}, the turns before its answer: {e}") from None
 
 
-def _split_transcript(text: str, key: str) -> tuple[chat.Messages, str]:
-    text = "\n\n" + text.lstrip("\n")  # some copies drop the leading blank line
-    cut = text.rfind(_ASSISTANT)
-    if cut < 0:
-        raise ValueError(f"field {key!r} has no '\\n\\nAssistant:' turn to take as the response")
-    parts = _TURN.split(text[:cut])  # ["", role, content, role, content, ...]
+def _transcript_turns(prefix: str, key: str) -> chat.Messages:
+    """The Human/Assistant turns of a transcript's text before its answer, as a prompt."""
+    parts = _TURN.split(prefix)  # ["", role, content, role, content, ...]
     if parts[0].strip():
         raise ValueError(f"field {key!r} has text before its first 'Human:' turn")
     pairs = zip(parts[1::2], parts[2::2], strict=True)
     turns = [(_TRANSCRIPT_ROLES[role], content.strip()) for role, content in pairs]
     if not turns:
         raise ValueError(f"field {key!r} has no 'Human:' turn before its last 'Assistant:' turn")
-    return _as_messages(turns, key), text[cut + len(_ASSISTANT) :].strip()
+    return _as_messages(turns, key)
+
+
+def _split_transcript(text: str, key: str) -> tuple[chat.Messages, str]:
+    text = "\n\n" + text.lstrip("\n")  # some copies drop the leading blank line
+    cut = text.rfind(_ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"field {key!r} has no '\\n\\nAssistant:' turn to take as the response")
+    return _transcript_turns(text[:cut], key), text[cut + len(_ASSISTANT) :].strip()
+
+
+def _is_transcript_prompt(record: dict) -> bool:
+    prompt = record.get("prompt")
+    return (
+        "messages" not in record
+        and _looks_like_transcript(prompt)
+        and prompt.rstrip().endswith("Assistant:")
+    )
+
+
+def _transcript_prompt(record: dict) -> dict:
+    """A transcript `prompt` ending with "Assistant:" -> `messages`; string answers stripped, as
+    the answers split off whole transcripts are."""
+    prompt, _ = _split_transcript(record["prompt"], "prompt")
+    out = {k: v for k, v in record.items() if k != "prompt"}
+    for key in ("chosen", "rejected"):
+        if isinstance(out.get(key), str):
+            out[key] = out[key].strip()
+    if isinstance(out.get("responses"), list):
+        out["responses"] = [r.strip() if isinstance(r, str) else r for r in out["responses"]]
+    return {**out, "messages": chat.to_json(prompt)}
 
 
 def _same_prompt(chosen: chat.Messages, rejected: chat.Messages) -> None:
