@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf_jax.data import chat, pref_formats, rm_data
+from rlhf_jax.data import chat, pref_formats, rm_data, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.tools import convert_data
 
@@ -371,6 +371,27 @@ def test_convert_data_writes_what_the_reader_reads(tmp_path, capsys):
         best = lambda c: [c["responses"][i] for i in np.argsort(c["ranks"], kind="stable")]
         assert a["prompt"] == b["prompt"] and best(a) == best(b)
         assert sorted(a["ranks"]) == sorted(b["ranks"])
+
+
+def test_convert_data_demos_are_the_best_responses(tmp_path, capsys):
+    hh_path = write(
+        tmp_path / "hh.parquet", [{"chosen": hh("hi", "hello"), "rejected": hh("hi", "bye")}]
+    )
+    scored_path = write(
+        tmp_path / "scored.jsonl",
+        [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [2.0, 5.0, 5.0]}],
+    )
+    out = tmp_path / "demos.jsonl"
+    convert_data.main(["--in", hh_path, "--in", scored_path, "--out", str(out), "--demos"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    # The first of the responses tied for best.
+    assert written == [
+        {"messages": msgs(("user", "hi"), ("assistant", "hello"))},
+        {"prompt": "p", "response": "b"},
+    ]
+    demos = sft_data.read_demos(str(out))  # what SFT trains on
+    assert [d["response"] for d in demos] == ["hello", "b"]
+    assert "wrote 2 demonstrations" in capsys.readouterr().out
 
 
 def test_convert_data_bad_row_exits_with_one_line(tmp_path, capsys):
