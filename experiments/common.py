@@ -57,7 +57,7 @@ def model_config(size: str = "tiny") -> mlc.ConfigDict:
             param_dtype="float32",
             scan_layers=False,  # unrolled is faster on GPU; scan compiles deep models faster
             remat="none",  # none | full | dots
-            attention="auto",  # auto | xla | cudnn
+            attention="auto",  # auto | xla | splash | cudnn
         )
     )
 

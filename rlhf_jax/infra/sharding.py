@@ -205,6 +205,12 @@ def use_rules(mesh: Mesh, rules):
         _ctx.active = prev
 
 
+def active():
+    """The (mesh, rules) that `use_rules` activated, or None outside it (attention reads the
+    mesh to pick its kernel and to run a per-shard kernel under `shard_map`)."""
+    return getattr(_ctx, "active", None)
+
+
 def constrain(x, names):
     """`with_sharding_constraint` by logical names; a no-op outside `use_rules`."""
     active = getattr(_ctx, "active", None)

@@ -42,7 +42,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # lax.scan over stacked layers (compile time for deep models)
     remat: str = "none"  # none | full | dots
-    attention: str = "auto"  # auto (cudnn on GPU when possible, else xla) | xla | cudnn
+    attention: str = "auto"  # auto | xla | splash | cudnn (models/attention.py)
     head: str = "lm"  # lm: logits over the vocabulary; scalar: one score per position (RM, value)
 
     def __post_init__(self):
@@ -50,9 +50,9 @@ class ModelConfig:
             raise ValueError(f"unknown model.family: {self.family!r}; expected one of {FAMILIES}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"unknown model.remat: {self.remat!r}; expected none, full or dots")
-        if self.attention not in ("auto", "xla", "cudnn"):
+        if self.attention not in ("auto", "xla", "splash", "cudnn"):
             raise ValueError(
-                f"unknown model.attention: {self.attention!r}; expected auto, xla or cudnn"
+                f"unknown model.attention: {self.attention!r}; expected auto, xla, splash or cudnn"
             )
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(

@@ -1,11 +1,12 @@
 """Decoder-only transformer, GPT-2 and LLaMA families, in Flax NNX used functionally.
 
 This module owns the NNX modules and the KV-cache layout; the model config and the size presets
-are config.py's. Stages split the model once (`nnx.split`) and merge it inside their jitted pure
-steps; nothing here builds a mesh or knows mesh axes: parameters carry *logical* axis names in
-their `axes` metadata and activations are constrained through `sharding.constrain` with logical
-names. It stays one piece (a little over 400 lines): the blocks, the layer loop (unrolled or
-scanned) and the KV cache threaded through it are read together.
+are config.py's, and how attention is computed (kernel choice, masks) is attention.py's. Stages
+split the model once (`nnx.split`) and merge it inside their jitted pure steps; nothing here
+builds a mesh or knows mesh axes: parameters carry *logical* axis names in their `axes` metadata
+and activations are constrained through `sharding.constrain` with logical names. It stays one
+piece: the blocks, the layer loop (unrolled or scanned) and the KV cache threaded through it are
+read together.
 
 Dimension glossary (used in names and `# [...]` comments):
   B batch, T query length, S key length (cache size), D d_model, F d_ff, N query heads,
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
+from rlhf_jax.models import attention
 from rlhf_jax.models.config import ModelConfig
 
 
@@ -101,20 +103,6 @@ def rope(x, positions, freq):
     return out.astype(x.dtype)
 
 
-def _attention_impl(cfg: ModelConfig, masked: bool) -> str:
-    """Picks the dot_product_attention backend: cuDNN flash needs GPU, 16-bit and no free mask."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    ok = (
-        jax.default_backend() == "gpu"
-        and not masked
-        and _dt(cfg.dtype) in (jnp.bfloat16, jnp.float16)
-        and cfg.head_dim % 8 == 0
-        and cfg.head_dim <= 128
-    )
-    return "cudnn" if ok else "xla"
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -151,34 +139,20 @@ class Attention(nnx.Module):
             k = rope(k, positions, freq)
         q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
         new_kv = None
-        t = x.shape[1]
-        if kv is None and key_mask is None:
-            y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation=_attention_impl(cfg, masked=False)
-            )
-        else:
-            if kv is not None:
-                # Write this layer's new keys/values straight into the stacked [L, B, S, K, H]
-                # buffers (in place under XLA: no per-step copy of the cache), then read the
-                # layer back for attention.
-                k_all, v_all, layer, index = kv
-                start = (layer, 0, index, 0, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
-                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-                new_kv = (k_all, v_all)
-                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-                q_slot = index + jnp.arange(t)  # cache slot of each query  [T]
-            else:
-                q_slot = jnp.arange(t)
-            s = k.shape[1]
-            causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-            mask = causal[None, None]  # [1, 1, T, S]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :]
-            y = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, implementation=_attention_impl(cfg, masked=True)
-            )
+        q_slot = None  # without a cache the queries are the keys (self-attention)
+        if kv is not None:
+            # Write this layer's new keys/values straight into the stacked [L, B, S, K, H]
+            # buffers (in place under XLA: no per-step copy of the cache), then read the
+            # layer back for attention.
+            k_all, v_all, layer, index = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+            new_kv = (k_all, v_all)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+            q_slot = index + jnp.arange(x.shape[1])  # cache slot of each query  [T]
+        y = attention.attend(q, k, v, q_slot=q_slot, key_mask=key_mask, impl=cfg.attention)
         y = jnp.einsum("btnh,nhd->btd", y, self.o[...].astype(dt))
         if cfg.use_bias:
             y = y + self.o_bias[...].astype(dt)
