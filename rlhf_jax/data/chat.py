@@ -29,6 +29,10 @@ last token (the EOS) and `decode` (which drops EOS) treat a chat response exactl
 single-turn one. A separate `<|end|>` token would need a second stop id in the sampler and would
 decode into every response text. The SFT loss covers every assistant turn's content and its EOS,
 and nothing else. A generation prompt is the rendered context plus the assistant marker.
+
+A model that comes with its own chat template (a Hugging Face tokenizer's `chat_template`) is
+rendered with that instead, as transformers renders it: see rlhf_jax/data/chat_template.py.
+`encode` and `prompt_ids` choose, so every stage sees one format per tokenizer.
 """
 
 from __future__ import annotations
@@ -207,6 +211,9 @@ def encode(
 ) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and, per id, whether the SFT loss covers it.
 
+    A tokenizer with its own chat template (`tokenizer.model_template`) renders with it
+    (`chat_template.encode`); the rest of this docstring is the project's template.
+
     Pieces are encoded one by one, so the ids of a context are exactly a prefix of the ids of
     any longer conversation that starts with it (generation prompts match training).
 
@@ -218,8 +225,13 @@ def encode(
     Returns:
       (ids [n] = [bos] + pieces, train [n] with 1 on assistant content and its EOS, else 0).
     """
+    if has_model_template(tokenizer):
+        from rlhf_jax.data import chat_template  # jinja2 only for models with a template
+
+        return chat_template.encode(messages, tokenizer, generation_prompt)
     template = template_of(tokenizer)
-    ids, train = [tokenizer.bos_id], [0]
+    ids = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
+    train = [0] * len(ids)
     for piece in render(messages, template, generation_prompt):
         if piece.kind == "marker":
             x = [marker_id(tokenizer, piece.text)]
@@ -230,6 +242,11 @@ def encode(
         ids += x
         train += [int(piece.train)] * len(x)
     return ids, train
+
+
+def has_model_template(tokenizer) -> bool:
+    """Whether `messages` rows are rendered with the model's own template."""
+    return getattr(tokenizer, "model_template", None) is not None
 
 
 def prompt_ids(messages: Messages, tokenizer) -> list[int]:

@@ -45,7 +45,7 @@ import grain
 import numpy as np
 
 from rlhf_jax.data import iterators, lm_data, pref_formats
-from rlhf_jax.data.sft_data import prompt_ids, row_prompt
+from rlhf_jax.data.sft_data import prompt_ids, response_ids, row_prompt
 from rlhf_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def encode_comparisons(
     ranks = np.full((n, k_slots), -1, np.int32)
     kmask = np.zeros((n, k_slots), np.float32)
     flat = [r for c in comps for r in c["responses"]]
-    response_ids = tokenizer.encode_batch(flat) if flat else []
+    batch_ids = tokenizer.encode_batch(flat) if flat else []
     pos = cut = longest = 0
     for i, c in enumerate(comps):
         where = c.get("source", f"comparison {i}")
@@ -244,7 +244,10 @@ def encode_comparisons(
                 f"response within seq_len={L}"
             )
         for j in range(k):
-            ids = prefix + response_ids[pos + j] + [tokenizer.eos_id]
+            if isinstance(c["prompt"], str):
+                ids = prefix + batch_ids[pos + j] + [tokenizer.eos_id]
+            else:  # a conversation: its template renders the answer (data/chat_template.py)
+                ids = prefix + response_ids(tokenizer, template, c["prompt"], c["responses"][j])
             longest = max(longest, len(ids))
             if len(ids) > L:
                 cut += 1

@@ -3,8 +3,9 @@
 Prompts here are either strings (`{"prompt"}` rows) or conversations (`{"messages"}` rows, see
 rlhf_jax/data/chat.py); a file may mix both. A single-turn example is tokenized as
     [bos] + encode(template.format(prompt=prompt)) + encode(response) + [eos]
-and laid out unpacked, one example per row, right-padded to `seq_len`, in the LM batch format of
-`data.py` ({"inputs", "targets", "mask"} [N, L]). `mask` is 1 exactly on the targets that are
+(without [bos] where the model's tokenizer adds none, `add_bos`) and laid out unpacked, one
+example per row, right-padded to `seq_len`, in the LM batch format of `data.py` ({"inputs",
+"targets", "mask"} [N, L]). `mask` is 1 exactly on the targets that are
 response tokens, including the EOS that ends the response, so the prompt never contributes to the
 loss. An example longer than `seq_len + 1` tokens is cut at the right (its response loses its
 tail and its EOS); how many were cut is reported in `info`, never silent.
@@ -104,7 +105,28 @@ def prompt_ids(tokenizer: Tokenizer, template: str, prompt: str | chat.Messages)
     """
     if not isinstance(prompt, str):
         return chat.prompt_ids(prompt, tokenizer)
-    return [tokenizer.bos_id] + tokenizer.encode(format_prompt(template, prompt))
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    return bos + tokenizer.encode(format_prompt(template, prompt))
+
+
+def response_ids(
+    tokenizer: Tokenizer, template: str, prompt: str | chat.Messages, response: str
+) -> list[int]:
+    """The ids that follow `prompt_ids(prompt)` for `response`, ending with EOS.
+
+    Encoded apart from the prompt (the boundary rule of data/hf_tokenizer.py): `encode(response)
+    + [eos]`; under a model's own chat template, the template's rendering of the assistant turn.
+    """
+    if isinstance(prompt, str) or not chat.has_model_template(tokenizer):
+        return tokenizer.encode(response) + [tokenizer.eos_id]
+    full, _ = chat.encode((*prompt, ("assistant", response)), tokenizer)
+    p = prompt_ids(tokenizer, template, prompt)
+    if full[: len(p)] != p:
+        raise ValueError(
+            f"{tokenizer.model_template.where}: the chat template renders the prompt differently "
+            "when an answer follows it, so the RM would not score what PPO samples"
+        )
+    return full[len(p) :]
 
 
 def demo_ids(tokenizer: Tokenizer, template: str, demo: dict) -> tuple[list[int], list[int]]:
@@ -166,8 +188,10 @@ def encode_sequences(
     tokens = np.full((len(pairs), seq_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(pairs), seq_len), bool)
     for i, (prompt, response) in enumerate(pairs):
-        ids = prompt_ids(tokenizer, template, prompt) + tokenizer.encode(response)
-        ids = (ids + [tokenizer.eos_id])[:seq_len]
+        ids = prompt_ids(tokenizer, template, prompt) + response_ids(
+            tokenizer, template, prompt, response
+        )
+        ids = ids[:seq_len]
         tokens[i, : len(ids)] = ids
         mask[i, : len(ids)] = True
     return tokens, mask

@@ -15,6 +15,12 @@ Reserved pieces (`reserved`, e.g. the chat role markers of rlhf_jax/data/chat.py
 user-defined symbols: each is one id (right after the special ids), is never split, and is
 matched wherever its text occurs.
 
+`load_tokenizer(path)` is the one entry the stages use: a `.model` file is a SentencePiece model
+(`Tokenizer`), a directory or a `tokenizer.json` a Hugging Face tokenizer
+(rlhf_jax/data/hf_tokenizer.py, which owns the prompt/response boundary rule both follow). Both
+answer the same interface; what a SentencePiece model answers for the parts only foreign models
+vary in: `add_bos` True, `eos_ids == (eos_id,)`, no `model_template`.
+
 CLI:
     python -m rlhf_jax.data.tokenizer train --input corpus.jsonl --vocab-size 8000 --out tok.model \
         [--reserve '<|system|>' '<|user|>' '<|assistant|>']
@@ -24,9 +30,11 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -174,6 +182,18 @@ def train_tokenizer(
     return out_path
 
 
+def load_tokenizer(path: str, chat_template=None):
+    """A tokenizer of either backend: `.model` -> `Tokenizer`, a directory or tokenizer.json ->
+    `hf_tokenizer.HFTokenizer` (imported only then). `chat_template` is bound as the project's
+    template (see `Tokenizer`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or os.path.basename(path) == "tokenizer.json":
+        from rlhf_jax.data import hf_tokenizer
+
+        return hf_tokenizer.HFTokenizer.load(path, chat_template)
+    return Tokenizer.load(path, chat_template)
+
+
 class Tokenizer:
     """A loaded SentencePiece model with rlhf_jax's fixed special ids.
 
@@ -184,6 +204,10 @@ class Tokenizer:
         as a Hugging Face tokenizer carries its chat template, so every encoder sees one format.
     """
 
+    WORKDIR_NAME = "tokenizer.model"  # a stage workdir keeps its copy as this file
+    add_bos = True  # documents and prompts start with bos_id
+    model_template = None  # a SentencePiece model carries no chat template of its own
+
     def __init__(self, processor: spm.SentencePieceProcessor, path: str, chat_template=None):
         self._sp = processor
         self.path = path
@@ -193,6 +217,7 @@ class Tokenizer:
         # which is safe because padded slots are always masked out of attention and loss.
         pad = processor.pad_id()
         self._pad = pad if pad >= 0 else processor.unk_id()
+        self.has_pad = pad >= 0
 
     @classmethod
     def load(cls, path: str, chat_template=None) -> Tokenizer:
@@ -236,6 +261,21 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self._sp.eos_id()
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a response: the one eos."""
+        return (self._sp.eos_id(),)
+
+    def fingerprint(self) -> bytes:
+        """Hash of the model file (keys token caches)."""
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+
+    def save(self, dest: str) -> None:
+        """Copies the model file to `dest` atomically."""
+        shutil.copyfile(self.path, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
 
     def encode(self, text: str) -> list[int]:
         """Encodes text to ids, without bos/eos.
