@@ -1,0 +1,138 @@
+"""GRPO / RLOO math: group advantages, KL in the reward or in the loss, the clipped token loss.
+
+Pure jnp, float32, jit-able; no model code. A rollout holds B = N * G responses, the G samples of
+each of N prompts in consecutive rows (row n * G + g), of T response tokens; `mask` [B, T] is 1 on
+real response tokens (a prefix of each row, up to and including EOS). Padding may hold anything
+(even NaN): every function selects with `jnp.where`, so nothing there reaches a result or a
+gradient. There is no value model: a response's advantage comes from the other samples of its
+prompt, and every token of the response gets it.
+
+Advantages (`group_advantages`), s the scores of one group:
+  grpo   (s_i - mean(s)) / (std(s) + eps)   (Shao et al. 2024; std with Bessel's correction)
+  grpo with scale_std=False: s_i - mean(s)  (Dr. GRPO, Liu et al. 2025)
+  rloo   s_i - mean_{j != i} s_j = G / (G - 1) * (s_i - mean(s))   (Ahmadian et al. 2024)
+A group whose scores are all equal carries no signal and gets advantage exactly 0 (not NaN, and
+not the rounding error of s_i - mean(s)).
+
+The KL to the reference policy enters one of two ways (the stage picks one):
+  in the reward (as PPO): s_i - beta * sum_t log(pi / pi_ref)  before the advantages
+                          (`kl_penalized_scores`);
+  in the loss (as GRPO):  + beta * k3_t per token, k3 = pi_ref/pi - 1 - log(pi_ref/pi)
+                          (ppo_math.kl_estimate "k3").
+The token loss (`policy_loss`) is PPO's clipped surrogate with per-token ratios and one of
+three normalisations (NORMS):
+  sequence  mean over responses of each response's token mean (GRPO)
+  token     mean over every real token of the batch pooled (DAPO)
+  constant  sum over every real token / (B * T), T the generation budget (Dr. GRPO: no length
+            bias, since a token's weight does not depend on its response's length)
+Each function is checked against a naive numpy loop in tests/test_grpo_math.py.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from rlhf_jax.rl import ppo_math
+
+ADVANTAGES = ("grpo", "rloo")
+NORMS = ("sequence", "token", "constant")
+
+
+def group_advantages(scores, group_size: int, *, kind="grpo", scale_std=True, eps=1e-6):
+    """Per-response advantages from the G samples of each prompt.
+
+    Args:
+      scores: [N * G] float scores, the G samples of prompt n in rows n * G .. n * G + G - 1.
+      group_size: G (static), at least 2.
+      kind: "grpo" (mean, and std if `scale_std`) or "rloo" (leave-one-out mean) (static).
+      scale_std: divide by the group's std (GRPO); False is Dr. GRPO (grpo only).
+      eps: added to the std.
+
+    Returns:
+      [N * G] float32; 0 for every response of a group whose scores are all equal.
+    """
+    if group_size < 2:
+        raise ValueError(f"group advantages need at least 2 samples per prompt, got {group_size}")
+    s = scores.astype(jnp.float32).reshape(-1, group_size)  # [N, G]
+    mean = s.mean(axis=1, keepdims=True)
+    flat = s.max(axis=1, keepdims=True) == s.min(axis=1, keepdims=True)  # [N, 1]
+    if kind == "grpo":
+        adv = s - mean
+        if scale_std:
+            std = jnp.sqrt(jnp.square(adv).sum(axis=1, keepdims=True) / (group_size - 1))
+            adv = adv / (std + eps)
+    elif kind == "rloo":
+        adv = (s - mean) * (group_size / (group_size - 1))
+    else:
+        raise ValueError(f"unknown group advantage: {kind!r}; expected one of {ADVANTAGES}")
+    return jnp.where(flat, 0.0, adv).reshape(-1)
+
+
+def kl_penalized_scores(scores, logp, logp_ref, mask, beta):
+    """KL in the reward (as PPO): s - beta * sum over response tokens of log(pi / pi_ref).
+
+    Args:
+      scores: [B] reward-model or reward-function scores.
+      logp, logp_ref: [B, T] sampled tokens' log-probs under the policy and the reference.
+      mask: [B, T] response mask.
+      beta: KL coefficient.
+
+    Returns:
+      ([B] penalized scores, [B] per-response KL estimate sum_t log r_t), float32.
+    """
+    kl = ppo_math.kl_estimate(logp, logp_ref, "k1")
+    seq_kl = jnp.where(mask > 0, kl, 0.0).sum(axis=1)  # [B]
+    return scores.astype(jnp.float32) - jnp.asarray(beta, jnp.float32) * seq_kl, seq_kl
+
+
+def _normalise(x, mask, norm: str):
+    """Reduces per-token values x [B, T] to a scalar as NORMS says."""
+    real = mask > 0
+    x = jnp.where(real, x, 0.0)
+    n_tok = real.sum(axis=1).astype(jnp.float32)  # [B]
+    if norm == "sequence":
+        return (x.sum(axis=1) / jnp.maximum(n_tok, 1.0)).mean()
+    elif norm == "token":
+        return x.sum() / jnp.maximum(n_tok.sum(), 1.0)
+    elif norm == "constant":
+        return x.sum() / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"unknown grpo loss normalisation: {norm!r}; expected one of {NORMS}")
+
+
+def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip, kl_coef, norm="sequence"):
+    """The clipped token-level GRPO loss, minimised, with the KL-in-loss term.
+
+    Per real token: -min(rho A, clip(rho, 1 - clip, 1 + clip) A) + kl_coef * k3, with
+    rho = exp(logp - logp_old) and A the response's advantage; then reduced by `norm`.
+    kl_coef = 0 drops the KL term (KL in the reward instead, or none).
+
+    Args:
+      logp: [B, T] log-probs under the policy being updated.
+      logp_old: [B, T] under the policy that sampled (the ratio is 1 at the first minibatch).
+      logp_ref: [B, T] under the frozen reference.
+      advantages: [B] per-response advantages (see `group_advantages`).
+      mask: [B, T] response mask.
+      clip: PPO's epsilon; kl_coef: beta of the KL-in-loss term (traced scalars allowed).
+      norm: one of NORMS (static).
+
+    Returns:
+      (loss [] float32, metrics) with clipfrac (fraction of real tokens whose ratio left the
+      interval), ratio (mean over real tokens), kl (mean k3 over real tokens), all float32.
+    """
+    real = mask > 0
+    logp = logp.astype(jnp.float32)
+    log_ratio = jnp.where(real, logp - logp_old.astype(jnp.float32), 0.0)
+    ratio = jnp.exp(log_ratio)  # [B, T]
+    adv = advantages.astype(jnp.float32)[:, None]  # [B, 1]
+    lo, hi = 1.0 - jnp.asarray(clip, jnp.float32), 1.0 + jnp.asarray(clip, jnp.float32)
+    surrogate = -jnp.minimum(ratio * adv, jnp.clip(ratio, lo, hi) * adv)  # [B, T]
+    k3 = ppo_math.kl_estimate(jnp.where(real, logp, 0.0), jnp.where(real, logp_ref, 0.0), "k3")
+    per_token = surrogate + jnp.asarray(kl_coef, jnp.float32) * k3
+    loss = _normalise(per_token, mask, norm)
+    n = jnp.maximum(real.sum().astype(jnp.float32), 1.0)
+    metrics = {
+        "clipfrac": jnp.where(real, (ratio < lo) | (ratio > hi), False).sum() / n,
+        "ratio": jnp.where(real, ratio, 0.0).sum() / n,
+        "kl": jnp.where(real, k3, 0.0).sum() / n,
+    }
+    return loss, metrics

@@ -1,0 +1,162 @@
+"""GRPO / RLOO math (rlhf_jax/rl/grpo.py) against naive numpy loops, ragged lengths and all-equal
+groups included, under jax.jit."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.rl import grpo
+
+G, N, T = 4, 3, 7
+LENGTHS = (1, 7, 3, 5, 2, 6, 7, 4, 1, 3, 5, 2)  # B = N * G ragged response lengths
+
+adv_jit = jax.jit(grpo.group_advantages, static_argnames=("group_size", "kind", "scale_std"))
+loss_jit = jax.jit(grpo.policy_loss, static_argnames=("norm",))
+pen_jit = jax.jit(grpo.kl_penalized_scores)
+
+
+def make_mask():
+    mask = np.zeros((N * G, T), np.float32)
+    for b, n in enumerate(LENGTHS):
+        mask[b, :n] = 1
+    return mask
+
+
+def garbage(x, mask, rng):
+    junk = rng.choice(np.array([np.nan, np.inf, -1e30], np.float32), size=x.shape)
+    return np.where(mask > 0, x, junk).astype(np.float32)
+
+
+def scores_with_flat_group(rng):
+    s = rng.normal(0, 1, N * G).astype(np.float32)
+    s[G : 2 * G] = 0.1  # an all-equal group (0.1 * 3 / 3 != 0.1 in floating point)
+    return s
+
+
+def naive_adv(scores, kind, scale_std, eps=1e-6):
+    out = np.zeros(len(scores))
+    for n in range(len(scores) // G):
+        grp = [float(x) for x in scores[n * G : (n + 1) * G]]
+        if max(grp) == min(grp):
+            continue
+        mean = sum(grp) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        for g in range(G):
+            if kind == "rloo":
+                others = [grp[j] for j in range(G) if j != g]
+                a = grp[g] - sum(others) / (G - 1)
+            else:
+                a = grp[g] - mean
+                if scale_std:
+                    a /= std + eps
+            out[n * G + g] = a
+    return out
+
+
+@pytest.mark.parametrize("kind,scale_std", [("grpo", True), ("grpo", False), ("rloo", True)])
+def test_group_advantages_match_numpy(kind, scale_std):
+    s = scores_with_flat_group(np.random.default_rng(0))
+    adv = np.asarray(adv_jit(s, group_size=G, kind=kind, scale_std=scale_std))
+    np.testing.assert_allclose(adv, naive_adv(s, kind, scale_std), rtol=1e-5, atol=1e-6)
+    assert np.all(adv[G : 2 * G] == 0.0)  # exactly, not rounding noise and not NaN
+
+
+def test_all_equal_everything_gives_zero_not_nan():
+    for kind in grpo.ADVANTAGES:
+        adv = np.asarray(adv_jit(np.full(N * G, 3.7, np.float32), group_size=G, kind=kind))
+        assert np.all(adv == 0.0)
+
+
+def test_group_of_one_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo.group_advantages(jnp.zeros(4), 1)
+
+
+def naive_loss(logp, logp_old, logp_ref, adv, mask, clip, beta, norm):
+    per_seq, tok_sum, n_tok, clipped, ratios, kls = [], 0.0, 0, 0, 0.0, 0.0
+    for b in range(mask.shape[0]):
+        seq = 0.0
+        length = int(mask[b].sum())
+        for t in range(length):
+            rho = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
+            a = float(adv[b])
+            surr = -min(rho * a, min(max(rho, 1 - clip), 1 + clip) * a)
+            d = float(logp_ref[b, t]) - float(logp[b, t])
+            k3 = math.exp(d) - d - 1
+            seq += surr + beta * k3
+            clipped += rho < 1 - clip or rho > 1 + clip
+            ratios += rho
+            kls += k3
+        per_seq.append(seq / length)
+        tok_sum += seq
+        n_tok += length
+    loss = {
+        "sequence": sum(per_seq) / len(per_seq),
+        "token": tok_sum / n_tok,
+        "constant": tok_sum / (mask.shape[0] * mask.shape[1]),
+    }[norm]
+    return loss, clipped / n_tok, ratios / n_tok, kls / n_tok
+
+
+@pytest.mark.parametrize("norm", grpo.NORMS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_policy_loss_matches_numpy(norm, beta):
+    rng = np.random.default_rng(1)
+    mask = make_mask()
+    logp_old = rng.normal(-2, 1, mask.shape).astype(np.float32)
+    logp = logp_old + rng.normal(0, 0.3, mask.shape).astype(np.float32)  # some ratios clip
+    logp_ref = logp_old + rng.normal(0, 0.5, mask.shape).astype(np.float32)
+    adv = rng.normal(0, 1, N * G).astype(np.float32)
+    args = [garbage(x, mask, rng) for x in (logp, logp_old, logp_ref)]
+    loss, m = loss_jit(*args, adv, mask, clip=0.2, kl_coef=beta, norm=norm)
+    want, clipfrac, ratio, kl = naive_loss(logp, logp_old, logp_ref, adv, mask, 0.2, beta, norm)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["clipfrac"]), clipfrac, rtol=1e-6)
+    np.testing.assert_allclose(float(m["ratio"]), ratio, rtol=1e-5)
+    np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-5)
+    assert 0 < clipfrac < 1
+
+    # The gradient never sees padding.
+    g = jax.grad(
+        lambda lp: grpo.policy_loss(lp, *args[1:], adv, mask, clip=0.2, kl_coef=beta, norm=norm)[0]
+    )(jnp.asarray(args[0]))
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.all(g[mask == 0] == 0)
+
+
+def test_constant_norm_weighs_tokens_alike_whatever_the_length():
+    """Dr. GRPO: a token's gradient weight is 1 / (B T) in a short and a long response alike;
+    GRPO's per-sequence mean gives a 1-token response's token T times the weight."""
+    mask = make_mask()
+    z = np.zeros(mask.shape, np.float32)
+    adv = np.ones(N * G, np.float32)
+    for norm, expect in (("constant", lambda b: 1 / (N * G * T)), ("sequence", None)):
+        f = lambda lp, norm=norm: grpo.policy_loss(
+            lp, z, z, adv, mask, clip=0.2, kl_coef=0.0, norm=norm
+        )[0]
+        g = np.asarray(jax.grad(f)(jnp.asarray(z)))
+        for b, n in enumerate(LENGTHS):
+            want = expect(b) if expect else 1 / (N * G * n)
+            np.testing.assert_allclose(-g[b, :n], want, rtol=1e-6)
+
+
+def test_first_minibatch_ratio_is_exactly_one():
+    mask = make_mask()
+    logp = np.random.default_rng(2).normal(-2, 1, mask.shape).astype(np.float32)
+    _, m = loss_jit(logp, logp, logp, np.ones(N * G, np.float32), mask, clip=0.2, kl_coef=0.1)
+    assert float(m["ratio"]) == 1.0 and float(m["clipfrac"]) == 0.0 and float(m["kl"]) == 0.0
+
+
+def test_kl_in_reward_matches_numpy():
+    rng = np.random.default_rng(3)
+    mask = make_mask()
+    logp, logp_ref = (rng.normal(-2, 1, mask.shape).astype(np.float32) for _ in range(2))
+    s = rng.normal(0, 1, N * G).astype(np.float32)
+    pen, kl = pen_jit(s, garbage(logp, mask, rng), garbage(logp_ref, mask, rng), mask, 0.05)
+    for b, n in enumerate(LENGTHS):
+        want = sum(float(logp[b, t]) - float(logp_ref[b, t]) for t in range(n))
+        np.testing.assert_allclose(float(kl[b]), want, rtol=1e-5)
+        np.testing.assert_allclose(float(pen[b]), float(s[b]) - 0.05 * want, rtol=1e-5)
