@@ -1,5 +1,6 @@
 """Sampling: cached decoding vs full forwards, greedy vs a naive loop, padding/batch invariance,
-logprobs vs teacher forcing, temperature / top-k / top-p distributions, EOS stop, sharding."""
+logprobs vs teacher forcing, temperature / top-k / top-p distributions, EOS stop (one id or
+several), sharding."""
 
 import functools
 
@@ -281,6 +282,34 @@ def test_decoding_stops_at_eos():
     assert int(out["steps"]) == 1 and (np.asarray(out["lengths"]) == 1).all()
     assert (np.asarray(out["response"][:, 0]) == eos).all()
     assert (np.asarray(out["response"][:, 1:]) == PAD).all()
+
+
+def test_decoding_stops_at_any_of_several_eos_ids():
+    """A list of stop ids (LLaMA 3 Instruct has several): each row ends at the first of them."""
+    name = "gpt2"
+    params = model(name)[2]
+    prompts, mask, keys = batch()
+    ref = greedy_reference(name)["response"]
+    # Two ids that rows emit at different steps: row 0's third token and row 1's second.
+    stops = (int(ref[0, 2]), int(ref[1, 1]))
+    assert stops[0] != stops[1]
+    out = jax.device_get(compiled(name, eos_id=stops)(params, prompts, mask, keys, greedy=True))
+    for row in range(len(prompts)):
+        hits = [t for t in range(T_NEW) if int(ref[row, t]) in stops]  # naive scan
+        n = hits[0] + 1 if hits else T_NEW
+        np.testing.assert_array_equal(out["response"][row, :n], ref[row, :n])
+        assert (out["response"][row, n:] == PAD).all()
+        assert int(out["lengths"][row]) == n and bool(out["finished"][row]) == bool(hits)
+    assert out["lengths"][0] <= 3 and out["lengths"][1] <= 2
+    # One id given as a list is that id.
+    one = jax.device_get(
+        compiled(name, eos_id=(stops[0],))(params, prompts, mask, keys, greedy=True)
+    )
+    alone = jax.device_get(
+        compiled(name, eos_id=stops[0])(params, prompts, mask, keys, greedy=True)
+    )
+    np.testing.assert_array_equal(one["response"], alone["response"])
+    assert sampler.stop_ids(np.int32(7)) == (7,) and sampler.stop_ids([7, 9]) == (7, 9)
 
 
 @pytest.mark.parametrize("name", NAMES)

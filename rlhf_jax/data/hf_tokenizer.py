@@ -257,19 +257,24 @@ class HFTokenizer:
         return h.digest()
 
     def save(self, dest: str) -> None:
-        """Copies the tokenizer's files (and the model's token ids) into directory `dest`."""
-        os.makedirs(dest, exist_ok=True)
+        """Copies the tokenizer's files (and the model's token ids) into directory `dest`, whole
+        or not at all (written beside it, then renamed)."""
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         for name in (*FILES, CONFIG_JSON):
-            file, target = os.path.join(self.path, name), os.path.join(dest, name)
+            file = os.path.join(self.path, name)
             if not os.path.isfile(file):
                 continue
             if name == CONFIG_JSON:  # only its token ids: a workdir's tokenizer is not a model
                 model = _read_json(file)
-                with open(target + ".tmp", "w") as f:
+                with open(os.path.join(tmp, name), "w") as f:
                     json.dump({k: v for k, v in model.items() if k.endswith("_token_id")}, f)
             else:
-                shutil.copyfile(file, target + ".tmp")
-            os.replace(target + ".tmp", target)
+                shutil.copyfile(file, os.path.join(tmp, name))
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
 
     def check_model_vocab(self, model_vocab_size: int, where: str = "model.vocab_size") -> None:
         """Raises if token ids could index past a model's embedding table (padded is fine)."""

@@ -261,8 +261,7 @@ def pack_documents(
 
 def _cache_key(docs: Sequence[str], tokenizer: Tokenizer) -> str:
     h = hashlib.sha256()
-    with open(tokenizer.path, "rb") as f:
-        h.update(f.read())
+    h.update(tokenizer.fingerprint())
     for doc in docs:
         data = doc.encode("utf-8")
         # Length-prefixed so that document boundaries are part of the key.
@@ -280,7 +279,7 @@ def tokenize_documents(
       docs: documents.
       tokenizer: the tokenizer.
       cache_path: optional .npz cache of the concatenated ids and per-document offsets, keyed by a
-        hash of the tokenizer file and the documents; a stale one is recomputed and atomically
+        hash of the tokenizer's files and the documents; a stale one is recomputed and atomically
         replaced, so a restarted run skips tokenizing a large corpus.
 
     Returns:
@@ -352,6 +351,7 @@ def build_text_data(
     token_lists = tokenize_documents(docs, tokenizer, cache_path=cache_path)
     train_tokens, eval_tokens = split_documents(token_lists, eval_fraction, seed)
     specials = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    specials["add_bos"] = tokenizer.add_bos  # as the model's own tokenizer frames a document
     train = pack_documents(train_tokens, seq_len, **specials)
     evals = pack_documents(eval_tokens, seq_len, **specials)
     procs = dict(process_index=process_index, process_count=process_count)

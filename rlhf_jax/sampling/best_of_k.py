@@ -135,7 +135,7 @@ def sample_candidates(
             dev["mask"],
             keys,
             max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_id,
+            eos_id=tok.eos_ids,
             pad_id=tok.pad_id,
             mesh=mesh,
             rules=rules,

@@ -132,7 +132,7 @@ def write_completions(
     sample = sampler.make_sampler(
         graphdef,
         max_new_tokens=t_new,
-        eos_id=tok.eos_id,
+        eos_id=tok.eos_ids,
         pad_id=tok.pad_id,
         mesh=mesh,
         rules=rules,

@@ -49,7 +49,7 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
         raise ValueError(f"checkpoint in {workdir} has unknown model config keys {unknown}")
     model_cfg = model_config.ModelConfig(**meta["model"])
     template = chat.from_config(meta.get("config"))  # how this lineage renders messages rows
-    tok = tok_lib.Tokenizer.load(_tokenizer_path(workdir, meta), chat_template=template)
+    tok = tok_lib.load_tokenizer(_tokenizer_path(workdir, meta), chat_template=template)
     tok.check_model_vocab(model_cfg.vocab_size)
     graphdef, abstract, shardings = state_lib.param_shardings(model_cfg, mesh, rules)
     abstract = jax.tree.map(
@@ -60,7 +60,8 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
 
 
 def _tokenizer_path(workdir: str, meta: dict) -> str:
-    """The checkpoint's tokenizer: meta names it relative to the stage workdir (or absolutely)."""
+    """The checkpoint's tokenizer: meta names it relative to the stage workdir (or absolutely):
+    `tokenizer.model`, or a Hugging Face tokenizer's `tokenizer/` directory."""
     path = meta.get("tokenizer") or "tokenizer.model"
     if os.path.isabs(path):
         return path

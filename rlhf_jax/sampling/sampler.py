@@ -198,6 +198,22 @@ def _token_logprob(logits, tokens):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def stop_ids(eos_id) -> tuple[int, ...]:
+    """An `eos_id` argument as a tuple: one id or a sequence of them (LLaMA 3 Instruct stops at
+    `<|eot_id|>` and `<|end_of_text|>`); a negative id never matches."""
+    if isinstance(eos_id, int) or hasattr(eos_id, "__index__"):
+        return (int(eos_id),)
+    return tuple(int(i) for i in eos_id)
+
+
+def is_stop(tokens, eos_id):
+    """tokens [...] int -> bool [...]: the token is one of the stop ids (`stop_ids`)."""
+    hit = jnp.zeros(tokens.shape, bool)
+    for i in stop_ids(eos_id):
+        hit = hit | (tokens == i)
+    return hit
+
+
 def _generate(
     params,
     prompts,
@@ -208,7 +224,7 @@ def _generate(
     *,
     graphdef,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: tuple[int, ...],
     pad_id: int,
     mesh,
     rules,
@@ -245,7 +261,7 @@ def _generate(
                 **s,
                 "t": t + 1,
                 "token": tokens,
-                "done": done | (tokens == eos_id),
+                "done": done | is_stop(tokens, eos_id),
                 "lengths": s["lengths"] + (~done).astype(jnp.int32),
                 "response": jax.lax.dynamic_update_slice(s["response"], tokens[:, None], (0, t)),
                 "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], logp[:, None], (0, t)),
@@ -289,15 +305,16 @@ def make_sampler(
     graphdef,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | tuple[int, ...],
     pad_id: int,
     mesh=None,
     rules=None,
 ):
     """Builds the generation function; it compiles once per (prompt shape, sampling mode).
 
-    Static (bound here): the model graph, `max_new_tokens`, `eos_id` (a negative id never
-    matches, so every row decodes all tokens), `pad_id`, the mesh and the rules. The sampling
+    Static (bound here): the model graph, `max_new_tokens`, `eos_id` (an id or a sequence of
+    ids, any of which ends a row; a negative id never matches, so every row decodes all tokens),
+    `pad_id`, the mesh and the rules. The sampling
     mode (greedy / sample / filter, from `sampling_mode`) is a static argument of the jitted
     function; temperature, top_k and top_p are traced scalars.
 
@@ -331,7 +348,7 @@ def make_sampler(
         _generate,
         graphdef=graphdef,
         max_new_tokens=max_new_tokens,
-        eos_id=eos_id,
+        eos_id=stop_ids(eos_id),
         pad_id=pad_id,
         mesh=mesh,
         rules=rules,
@@ -380,7 +397,7 @@ def generate(
     row_keys,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | tuple[int, ...],
     pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -398,7 +415,8 @@ def generate(
       prompt_mask: [B, P] bool, False at padding.
       row_keys: [B] typed PRNG keys, one stream per row.
       max_new_tokens: T.
-      eos_id: stops a row once emitted (and is kept in the response); -1 never stops.
+      eos_id: stops a row once emitted (and is kept in the response): an id or a sequence of
+        ids (a tokenizer's `eos_ids`); -1 never stops.
       pad_id: fills the response after EOS.
       temperature, top_k, top_p, greedy: see `sampling_mode` and `filter_logits`.
       mesh, rules: shard rows over `act_batch` (rules default to sharding.DEFAULT_RULES).
@@ -410,7 +428,7 @@ def generate(
     sample = _cached_sampler(
         graphdef,
         max_new_tokens=max_new_tokens,
-        eos_id=eos_id,
+        eos_id=stop_ids(eos_id),  # hashable for the cache
         pad_id=pad_id,
         mesh=mesh,
         rules=rules,

@@ -237,7 +237,7 @@ def _ppo(config, mesh, rules, rm_size: str) -> list[Function]:
     models = {k: state_lib.abstract_params(cfgs[k], mesh, rules) for k in cfgs if k not in params}
 
     class _Tok:  # the sampler needs only these ids
-        eos_id, pad_id = -1, 0
+        eos_id, eos_ids, pad_id = -1, (-1,), 0
 
     it = ppo.Iteration(config, _Tok, cfgs, graphdefs, tx, shardings, mesh, rules, ppo_cfg)
     b, p, t, mb = c.rollout_batch, c.prompt_len, c.max_new_tokens, c.minibatch

@@ -48,7 +48,7 @@ class PPOConfig:
     minibatch_rows: int
     epochs: int
     updates_per_epoch: int
-    eos_id: int
+    eos_id: tuple[int, ...]  # the tokenizer's eos_ids: any ends a response
     kl_kind: str
     discount: float
     lam: float
@@ -69,7 +69,7 @@ class PPOConfig:
     temperature: float = 1.0  # the rollout's; every log-prob is taken at it (ppo_steps)
 
 
-def ppo_config_from(config, eos_id: int) -> PPOConfig:
+def ppo_config_from(config, eos_id) -> PPOConfig:
     c, pc = config.ppo, jax.process_count()
     if c.rollout_batch % c.minibatch or c.rollout_batch % pc:
         raise ValueError(
@@ -82,7 +82,7 @@ def ppo_config_from(config, eos_id: int) -> PPOConfig:
     return PPOConfig(
         **kw,
         minibatch_rows=c.minibatch,
-        eos_id=eos_id,
+        eos_id=sampler.stop_ids(eos_id),
         updates_per_epoch=c.rollout_batch // c.minibatch,
     )
 
@@ -211,7 +211,7 @@ class Iteration:
         self.sample = sampler.make_sampler(
             graphdefs["policy"],
             max_new_tokens=c.max_new_tokens,
-            eos_id=tok.eos_id,
+            eos_id=tok.eos_ids,
             pad_id=tok.pad_id,
             mesh=mesh,
             rules=rules,
@@ -255,7 +255,7 @@ def decode_rows(tok, rollout, p: int, rows) -> tuple[list[str], list[str]]:
     prompts, responses = [], []
     for i in rows:
         prompts.append(tok.decode([int(x) for x in tokens[i, :p][pm[i]]]))
-        resp = [int(x) for x in tokens[i, p:][rm[i]] if x != tok.eos_id]
+        resp = [int(x) for x in tokens[i, p:][rm[i]] if x not in tok.eos_ids]
         responses.append(tok.decode(resp))
     return prompts, responses
 
@@ -306,7 +306,7 @@ def run(config, mesh, workdir: str):
     for key in ("rollout_batch", "minibatch") + (("ptx_batch",) if c.ptx_coef > 0 else ()):
         sharding.check_batch(c[key], f"ppo.{key}", mesh, rules)
     tok = setup.load_tokenizer(config, workdir)
-    ppo_cfg = ppo_config_from(config, tok.eos_id)
+    ppo_cfg = ppo_config_from(config, tok.eos_ids)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
     start = ckpt.latest_step()
     cfgs, graphdefs, params, frozen, bias = build_models(
@@ -355,7 +355,7 @@ def run(config, mesh, workdir: str):
     meta = {
         "config": config.to_dict(),
         "stage": "ppo",
-        "tokenizer": setup.TOKENIZER_FILE,
+        "tokenizer": tok.WORKDIR_NAME,
         "model": dataclasses.asdict(cfgs["policy"]),
         "value_model": dataclasses.asdict(cfgs["value"]),
         "reward_bias": bias,

@@ -31,7 +31,7 @@ import optax
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.rl import losses, ppo_math
-from rlhf_jax.sampling import reward
+from rlhf_jax.sampling import reward, sampler
 
 
 def full_mask(batch):
@@ -130,7 +130,7 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
             scores = scores + frozen["reward_bias"]
         else:
             scores = frozen["ext_scores"]
-        finished = jnp.any(rmask & (batch["tokens"][:, p:] == cfg.eos_id), axis=1)
+        finished = jnp.any(rmask & sampler.is_stop(batch["tokens"][:, p:], cfg.eos_id), axis=1)
         raw_scores = scores
         scores = scores + jnp.where(finished, 0.0, cfg.no_eos_penalty)
         scores = ppo_math.clip_or_whiten_scores(

@@ -33,7 +33,7 @@ class EvalSampler:
         self.sample = sampler.make_sampler(
             graphdef,
             max_new_tokens=new,
-            eos_id=tok.eos_id,
+            eos_id=tok.eos_ids,
             pad_id=tok.pad_id,
             mesh=mesh,
             rules=self.rules,

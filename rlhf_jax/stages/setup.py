@@ -2,8 +2,9 @@
 
 Stage hand-off (DESIGN.md §2): `config.init_from` names the previous stage's workdir. Its
 checkpoint's `meta` fixes the architecture (so SFT builds exactly the pretrained shapes whatever
-`config.model.size` says) and its `tokenizer.model` is reused; numerics that do not change
-parameter shapes (compute dtype, remat, attention backend) still come from the current config.
+`config.model.size` says) and its tokenizer (`tokenizer.model`, or a Hugging Face `tokenizer/`
+directory) is reused; numerics that do not change parameter shapes (compute dtype, remat,
+attention backend) still come from the current config.
 Every stage workdir keeps a copy of its tokenizer so it can be handed on or sampled from alone.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 
 import jax
 
@@ -24,6 +24,7 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf_init
 
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer copied into a workdir
 
 
 def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) -> float:
@@ -66,32 +67,40 @@ def restore_init_params(path: str, abstract_params):
     return checkpoint.restore_params(path, abstract_params)
 
 
+def _tokenizer_in(directory: str) -> str | None:
+    """The tokenizer a workdir or a Hugging Face directory holds: `tokenizer.model`
+    (sentencepiece, preferred where both exist), else a workdir's `tokenizer/` copy or the HF
+    directory's own `tokenizer.json`; None when there is none."""
+    for name in (TOKENIZER_FILE, HF_TOKENIZER_DIR):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return directory
+    return None
+
+
 def _init_tokenizer(path: str) -> str:
-    if hf_init.is_hf_path(path):
-        src = hf_init.tokenizer_path(path)
-        if src is None:
-            raise FileNotFoundError(
-                f"init_from {path!r} has no sentencepiece tokenizer.model beside the weights; "
-                "set config.tokenizer.path"
-            )
-        return src
-    src = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.exists(src):
+    directory = hf_init.hf_dir(path) if hf_init.is_hf_path(path) else path
+    src = _tokenizer_in(directory)
+    if src is None:
+        what = "init_from" if hf_init.is_hf_path(path) else "init_from workdir"
         raise FileNotFoundError(
-            f"init_from workdir {path!r} has no {TOKENIZER_FILE}; set config.tokenizer.path"
+            f"{what} {path!r} has no tokenizer ({TOKENIZER_FILE} or tokenizer.json); "
+            "set config.tokenizer.path"
         )
     return src
 
 
-def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
-    """The run's tokenizer, kept as `<workdir>/tokenizer.model`.
+def load_tokenizer(config, workdir: str):
+    """The run's tokenizer, kept in the workdir as `tokenizer.model` (sentencepiece) or
+    `tokenizer/` (a Hugging Face tokenizer.json and its configs).
 
-    Source, in order: `config.tokenizer.path`; the `init_from` workdir's tokenizer; else one
-    trained on `config.data.train` (pretraining from scratch).
+    Source, in order: `config.tokenizer.path` (a `.model` file, a tokenizer.json or its
+    directory); the `init_from` workdir's or `hf:DIR`'s tokenizer; else one trained on
+    `config.data.train` (pretraining from scratch).
     """
     os.makedirs(workdir, exist_ok=True)
-    dest = os.path.join(workdir, TOKENIZER_FILE)
-    if jax.process_index() == 0 and not os.path.exists(dest):
+    if jax.process_index() == 0 and _tokenizer_in(workdir) is None:
         src = config.tokenizer.path
         if not src and config.init_from:
             src = _init_tokenizer(config.init_from)
@@ -101,21 +110,20 @@ def load_tokenizer(config, workdir: str) -> tok_lib.Tokenizer:
                 "stage's workdir) or config.tokenizer.path"
             )
         if src:
-            tok_lib.Tokenizer.load(src)  # validate before copying
-            shutil.copyfile(src, dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
+            tok = tok_lib.load_tokenizer(src)  # validate before copying
+            tok.save(os.path.join(workdir, tok.WORKDIR_NAME))
         else:
             docs = lm_data.read_documents(config.data.train)
             tok_lib.train_tokenizer(
                 docs,
-                dest,
+                os.path.join(workdir, TOKENIZER_FILE),
                 config.tokenizer.vocab_size,
                 model_type=config.tokenizer.model_type,
                 seed=config.seed,
                 reserved=chat.reserved_tokens(config),
             )
     _sync("tokenizer")
-    return tok_lib.Tokenizer.load(dest, chat_template=chat.from_config(config))
+    return tok_lib.load_tokenizer(_tokenizer_in(workdir), chat_template=chat.from_config(config))
 
 
 def model_config_from(config, vocab_size: int | None = None) -> model_config.ModelConfig:
@@ -140,7 +148,7 @@ def model_config_from(config, vocab_size: int | None = None) -> model_config.Mod
 NUMERICS = ("dtype", "remat", "attention")
 
 
-def resolve_model(config, tok: tok_lib.Tokenizer) -> tuple[model_config.ModelConfig, dict | None]:
+def resolve_model(config, tok) -> tuple[model_config.ModelConfig, dict | None]:
     """The run's ModelConfig and, when `init_from` is set, that checkpoint's meta."""
     current = model_config_from(config, tok.vocab_size)
     init_meta = None

@@ -158,7 +158,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
     state = {"step": step0, "params": params, "opt_state": opt}
 
     class _Tok:  # the sampler needs only these ids
-        eos_id, pad_id = -1, 0
+        eos_id, eos_ids, pad_id = -1, (-1,), 0
 
     it = ppo.Iteration(config, _Tok, cfgs, graphdefs, tx, shardings, mesh, rules, ppo_cfg)
     rng = np.random.default_rng(0)

@@ -4,8 +4,8 @@
   python -m rlhf_jax.tools.convert export --checkpoint runs/sft --out hf/sft
 
 `import` writes a normal checkpoint workdir (step 0, params only) whose meta holds the model
-config, plus the `tokenizer.model` found beside the weights, so `init_from=runs/llama1b` works like
-any stage's workdir. `export` restores a workdir's params with its stored model config and writes
+config, plus the tokenizer found beside the weights (`tokenizer.model`, else `tokenizer.json` and
+its configs as `tokenizer/`), so `init_from=runs/llama1b` works like any stage's workdir. `export` restores a workdir's params with its stored model config and writes
 a directory `transformers` loads; a reward or value model (scalar head) becomes
 `*ForSequenceClassification` with one label (see hf_map.py), with the RM's normalisation bias kept
 as config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf_map.py, reading and
@@ -27,6 +27,8 @@ from rlhf_jax.infra import cli
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf, hf_init
 
+HF_TOKENIZER_DIR = "tokenizer"  # a tokenizer.json and its configs, as the stages keep it
+
 # ----------------------------------------------------------------------------- workdirs
 
 
@@ -35,8 +37,8 @@ def _check_tokenizer(file: str, vocab_size: int) -> str | None:
     from rlhf_jax.data import tokenizer as tok_lib
 
     try:
-        tok_lib.Tokenizer.load(file).check_model_vocab(vocab_size)
-    except ValueError as e:
+        tok_lib.load_tokenizer(file).check_model_vocab(vocab_size)
+    except (FileNotFoundError, ValueError) as e:
         return str(e)
     return None
 
@@ -69,21 +71,29 @@ def import_to_workdir(
         config={"hf": os.path.abspath(directory), "param_dtype": param_dtype},
     )
     tok = hf_init.tokenizer_path(directory)
+    hf_tok = tok is None and os.path.isfile(os.path.join(directory, "tokenizer.json"))
+    if hf_tok:
+        meta["tokenizer"] = HF_TOKENIZER_DIR
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
+        problem = None
         if tok:
             shutil.copyfile(tok, os.path.join(workdir, hf_init.TOKENIZER_FILE))
             problem = _check_tokenizer(tok, cfg.vocab_size)
-            if problem:
-                print(f"warning: the stages cannot use this tokenizer yet: {problem}", flush=True)
+        elif hf_tok:
+            problem = _check_tokenizer(directory, cfg.vocab_size)
+            if problem is None:
+                from rlhf_jax.data import tokenizer as tok_lib
+
+                tok_lib.load_tokenizer(directory).save(os.path.join(workdir, HF_TOKENIZER_DIR))
         else:
-            other = " (tokenizer.json is not supported at run time)"
-            other = other if os.path.isfile(os.path.join(directory, "tokenizer.json")) else ""
             print(
-                f"warning: no {hf_init.TOKENIZER_FILE} (sentencepiece) beside the weights{other}; "
-                "the stages need one (config.tokenizer.path) to train from this workdir",
+                f"warning: no tokenizer ({hf_init.TOKENIZER_FILE} or tokenizer.json) beside the "
+                "weights; the stages need one (config.tokenizer.path) to train from this workdir",
                 flush=True,
             )
+        if problem:
+            print(f"warning: the stages cannot use this tokenizer yet: {problem}", flush=True)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         ckpt.save(0, {"params": params}, meta=meta, force=True)
     return meta
@@ -104,11 +114,15 @@ def export_workdir(
     params = checkpoint.restore_params(workdir, abstract, step=step)
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
     tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
-    if not ids and os.path.isfile(tok) and _check_tokenizer(tok, cfg.vocab_size) is None:
+    tok = tok if os.path.isfile(tok) else os.path.join(workdir, HF_TOKENIZER_DIR)
+    usable = os.path.exists(tok) and _check_tokenizer(tok, cfg.vocab_size) is None
+    if not ids and usable:
         from rlhf_jax.data import tokenizer as tok_lib
 
-        t = tok_lib.Tokenizer.load(tok)
-        ids = {"bos_token_id": t.bos_id, "eos_token_id": t.eos_id, "pad_token_id": t.pad_id}
+        t = tok_lib.load_tokenizer(tok)
+        eos = list(t.eos_ids) if len(t.eos_ids) > 1 else t.eos_id
+        ids = {"bos_token_id": t.bos_id, "eos_token_id": eos}
+        ids.update({"pad_token_id": t.pad_id} if t.has_pad else {})
     if cfg.head == "scalar" and ids.get("pad_token_id") is None:
         print("warning: no pad_token_id: transformers scores batches of one row only", flush=True)
     extra = {"rlhf_jax_reward_bias": meta["reward_bias"]} if "reward_bias" in meta else None
@@ -124,6 +138,11 @@ def export_workdir(
     if jax.process_index() == 0 and os.path.isfile(tok):
         shutil.copyfile(tok, os.path.join(out_dir, hf_init.TOKENIZER_FILE))
         files.append(os.path.join(out_dir, hf_init.TOKENIZER_FILE))
+    elif jax.process_index() == 0 and os.path.isdir(tok):  # tokenizer.json and its configs
+        for name in sorted(os.listdir(tok)):
+            if name != "config.json":  # export_hf wrote the model's own
+                shutil.copyfile(os.path.join(tok, name), os.path.join(out_dir, name))
+                files.append(os.path.join(out_dir, name))
     return files
 
 
