@@ -159,8 +159,9 @@ class HFTokenizer:
         self.has_pad = pad is not None
         add_bos = cfg.get("add_bos_token")
         if not isinstance(add_bos, bool):  # what the model's own post-processor does
-            with_special = tok.encode("a", add_special_tokens=True).ids
-            add_bos = bos is not None and with_special[:1] == [bos] != tok.encode("a").ids[:1]
+            added = tok.encode("a", add_special_tokens=True).ids
+            plain = tok.encode("a", add_special_tokens=False).ids
+            add_bos = bos is not None and added[:1] == [bos] and plain[:1] != [bos]
         self.add_bos = bool(add_bos) and bos is not None
         n = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         self._vocab_size = max(n, tok.get_vocab_size(with_added_tokens=True))
