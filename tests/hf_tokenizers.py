@@ -41,14 +41,15 @@ QWEN_TEMPLATE = (
 
 # ChatML with {% generation %} markers and the helpers transformers provides: tojson (no HTML
 # escaping), namespace, raise_exception, strftime_now; block tags exercise trim/lstrip_blocks.
-MARKED_TEMPLATE = """{%- set ns = namespace(turns=0) %}
+MARKED_TEMPLATE = r"""{%- set ns = namespace(turns=0) %}
 {%- if messages[0]['role'] == 'assistant' %}
     {{- raise_exception('Conversations must start with a user or system turn') }}
 {%- endif %}
 {%- for message in messages %}
     {%- set ns.turns = ns.turns + 1 %}
     {%- if message['role'] == 'system' %}
-        {{- '<|im_start|>system\n' + message['content'] | tojson + '<|im_end|>\n' }}
+        {{- '<|im_start|>system\n' + strftime_now('%Y') + message['content'] | tojson }}
+        {{- '<|im_end|>\n' }}
     {%- elif message['role'] == 'assistant' %}
         {{- '<|im_start|>assistant\n' }}
         {%- generation %}
@@ -59,9 +60,9 @@ MARKED_TEMPLATE = """{%- set ns = namespace(turns=0) %}
         {{- '<|im_start|>user ' + ns.turns|string + '\n' + message['content'] + '<|im_end|>\n' }}
     {%- endif %}
 {%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+    {% endif %}
 """
 
 LLAMA3_SPECIALS = [
