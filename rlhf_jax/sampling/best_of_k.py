@@ -156,8 +156,9 @@ def encode_scored(
     tokens = np.full((len(pairs), seq_len), tok.pad_id, np.int32)
     mask = np.zeros((len(pairs), seq_len), bool)
     for i, ((prompt, response), done) in enumerate(zip(pairs, finished, strict=True)):
-        ids = sft_data.prompt_ids(tok, template, prompt) + tok.encode(response)
-        ids = (ids + ([tok.eos_id] if done else []))[:seq_len]
+        # Finished: the ids the RM was trained on (sft_data.response_ids, chat templates too).
+        r = sft_data.response_ids(tok, template, prompt, response) if done else tok.encode(response)
+        ids = (sft_data.prompt_ids(tok, template, prompt) + r)[:seq_len]
         tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
     return tokens, mask
 

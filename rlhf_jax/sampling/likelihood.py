@@ -114,11 +114,17 @@ def sequence_logprob_sums(
 
 def encode_responses(tok, records: Sequence[dict], template: str):
     """(prompt ids, response ids) of records {"prompt", "response", "finished"}: the response
-    text re-encoded, plus EOS when it finished (a missing "finished" counts as finished)."""
+    text re-encoded, plus EOS when it finished (a missing "finished" counts as finished); a
+    finished answer to a conversation as the tokenizer's chat template renders it
+    (`sft_data.response_ids`, as the RM was trained)."""
     prompts = [sft_data.prompt_ids(tok, template, r["prompt"]) for r in records]
-    eos = lambda r: [tok.eos_id] if r.get("finished", True) else []
-    responses = [tok.encode(r["response"]) + eos(r) for r in records]
-    return prompts, responses
+
+    def response(r):
+        if r.get("finished", True):
+            return sft_data.response_ids(tok, template, r["prompt"], r["response"])
+        return tok.encode(r["response"])
+
+    return prompts, [response(r) for r in records]
 
 
 def _template(template: str | None, meta: dict) -> str:
