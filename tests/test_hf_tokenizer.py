@@ -66,6 +66,16 @@ def test_special_ids_come_from_the_models_files(dirs):
     assert not gpt2.add_bos and ref("hi")["input_ids"] == gpt2.encode("hi")
 
 
+def test_one_dispatch_for_both_backends(dirs, sp):
+    """A .model file is sentencepiece, with the answers foreign models vary in fixed."""
+    tok = tok_lib.load_tokenizer(sp.path)
+    assert type(tok) is tok_lib.Tokenizer and tok.eos_ids == (tok_lib.EOS_ID,) and tok.add_bos
+    assert tok.model_template is None and tok.has_pad and tok.WORKDIR_NAME == "tokenizer.model"
+    hf = tok_lib.load_tokenizer(dirs["qwen"])
+    assert type(hf) is hf_tokenizer.HFTokenizer and hf.WORKDIR_NAME == "tokenizer"
+    assert hf.fingerprint() != tok_lib.load_tokenizer(dirs["llama3"]).fingerprint()
+
+
 def test_encode_decode_match_transformers(dirs):
     tok, ref = tok_lib.load_tokenizer(dirs["llama3"]), hf_ref(dirs["llama3"])
     for text in build.CORPUS[:5] + ["unseen: ©∑ 😀 <b>x</b>", "a<|eot_id|>b"]:
