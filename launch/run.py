@@ -35,7 +35,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "rsft", "dpo", "pipeline")
+STAGES = ("pretrain", "sft", "rm", "ppo", "rsft", "dpo", "grpo", "pipeline")
 
 
 def dispatch(config, mesh, workdir):
@@ -60,6 +60,10 @@ def dispatch(config, mesh, workdir):
         from rlhf_jax.stages import dpo
 
         return dpo.run(config, mesh, workdir)
+    if stage == "grpo":
+        from rlhf_jax.stages import grpo
+
+        return grpo.run(config, mesh, workdir)
     if stage == "pipeline":
         from rlhf_jax.stages import pipeline
 
