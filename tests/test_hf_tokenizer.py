@@ -15,6 +15,7 @@ import pytest
 
 from rlhf_jax.data import hf_tokenizer, lm_data, rm_data, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.sampling import load
 from rlhf_jax.stages import setup
 
 transformers = pytest.importorskip("transformers")
@@ -184,6 +185,10 @@ def test_stage_setup_keeps_a_copy_and_reads_hf_dirs(dirs, tmp_path):
         assert tok.encode("Hello world") == src.encode("Hello world")
         assert tok.model_template is not None
         assert _read(os.path.join(work, "tokenizer", "generation_config.json"))
+    # Tools find the copy from the checkpoint's meta (also a meta naming the default file).
+    for named in ("tokenizer", "tokenizer.model"):
+        found = load._tokenizer_path(work, {"tokenizer": named})
+        assert found == os.path.join(work, "tokenizer")
     # The next stage hands on from that workdir.
     c = ml_collections.ConfigDict({"stage": "rm", "init_from": work, "seed": 0})
     c.tokenizer = {"path": ""}

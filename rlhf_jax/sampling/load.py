@@ -68,7 +68,11 @@ def _tokenizer_path(workdir: str, meta: dict) -> str:
     stage_dir = workdir
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # given `<workdir>/checkpoints`
         stage_dir = os.path.dirname(os.path.abspath(workdir))
-    return os.path.join(stage_dir, path)
+    named = os.path.join(stage_dir, path)
+    kept = os.path.join(stage_dir, "tokenizer")  # a stage's Hugging Face tokenizer copy
+    if not os.path.exists(named) and os.path.isdir(kept):  # a meta naming the default file
+        return kept
+    return named
 
 
 def read_prompts(path: str) -> tuple[list, list[int]]:
