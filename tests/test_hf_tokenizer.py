@@ -186,6 +186,7 @@ def test_stage_setup_keeps_a_copy_and_reads_hf_dirs(dirs, tmp_path):
         assert tok.model_template is not None
         assert _read(os.path.join(work, "tokenizer", "generation_config.json"))
     # Tools find the copy from the checkpoint's meta (also a meta naming the default file).
+    os.makedirs(os.path.join(work, "checkpoints"))
     for named in ("tokenizer", "tokenizer.model"):
         found = load._tokenizer_path(work, {"tokenizer": named})
         assert found == os.path.join(work, "tokenizer")
