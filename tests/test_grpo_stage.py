@@ -25,10 +25,9 @@ def count_a(prompts, responses):
     return [min(r.count("a"), 5) / 5 for r in responses]
 
 
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory):
-    """A seeded tiny LM written as a stage workdir (no training needed to test the loop)."""
-    root = tmp_path_factory.mktemp("grpo")
+def write_init_dir(root):
+    """A seeded tiny LM written as a stage workdir `root/sft` (no training needed to test a
+    loop), and its tokenizer at `root/tok.model`."""
     docs = lm_data.read_documents(pretrain.get_config().data.train)
     tok_path = tok_lib.train_tokenizer(docs, str(root / "tok.model"), 512)
     tok = tok_lib.Tokenizer.load(tok_path)
@@ -43,12 +42,18 @@ def init_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    return write_init_dir(tmp_path_factory.mktemp("grpo"))
+
+
 def grpo_config(root):
     c = grpo.get_config()
     c.init_from = str(root / "sft")
     c.grpo.reward_fn = "test_grpo_stage:count_a"
     c.grpo.update(prompts=4, group_size=4, minibatch=8, epochs=2, prompt_len=32)
-    c.grpo.update(max_new_tokens=8, eval_prompts=4)
+    c.grpo.update(max_new_tokens=8, eval_prompts=4, ptx_coef=1.0, ptx_batch=8, ptx_seq_len=32)
+    c.data.ptx = pretrain.get_config().data.train
     c.train.update(steps=4, log_every=1, ckpt_every=2, eval_every=4, lr=1e-3)
     return c
 
@@ -73,7 +78,7 @@ def test_on_policy_first_minibatch_and_bitwise_resume(init_dir, monkeypatch):
         assert r["grpo/first_ratio_min"] == pytest.approx(1.0, abs=2e-6)
         assert 0.0 < r["grpo/score"] <= 1.0 and r["grpo/flat_groups"] < 1.0
     assert any(r["grpo/ratio_max"] > 1.0 + 1e-4 for r in train)  # later minibatches moved
-    assert any("eval/score" in r for r in rows)
+    assert any("eval/score" in r for r in rows) and all(r["grpo/ptx_loss"] > 0 for r in train)
 
     real_write = metrics.MetricsWriter.write
 

@@ -14,6 +14,7 @@ of a comparison are one element, as the RM's default.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Sequence
 
 import grain
@@ -22,6 +23,8 @@ import numpy as np
 from rlhf_jax.data import iterators, rm_data
 from rlhf_jax.data.sft_data import prompt_ids
 from rlhf_jax.data.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
 
 
 def encode(comps: Sequence[dict], tokenizer: Tokenizer, template: str, seq_len: int, k: int):
@@ -108,5 +111,14 @@ def build_dpo_data(
         "all_tie_skipped": skipped["all_tie"],
         "eval_batches": len(eval_list),
     }
+    n_seq = sum(len(c["ranks"]) for c in [*train_comps, *eval_comps])
+    if cut > rm_data.CUT_WARN_FRACTION * n_seq:
+        _log.warning(
+            "%.0f%% of comparison sequences (%d of %d) are cut at train.seq_len=%d",
+            100 * cut / n_seq,
+            cut,
+            n_seq,
+            seq_len,
+        )
     eval_prompts = list(dict.fromkeys(c["prompt"] for c in eval_comps))
     return train_iter, eval_list, eval_prompts, info

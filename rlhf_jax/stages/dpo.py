@@ -241,6 +241,12 @@ def run(config, mesh, workdir: str):
             f"init_from {config.init_from!r} has a {model_cfg.head!r} head; DPO "
             "trains a policy (an SFT or pretraining workdir)"
         )
+    kl_len = c.kl_prompt_len + c.kl_max_new_tokens
+    if c.kl_prompts and model_cfg.family == "gpt2" and kl_len > model_cfg.max_len:
+        raise ValueError(
+            f"dpo.kl_prompt_len + dpo.kl_max_new_tokens = {kl_len} exceeds "
+            f"model.max_len={model_cfg.max_len}"
+        )
     pc, pi = jax.process_count(), jax.process_index()
     train_iter, eval_batches, eval_prompts, info = dpo_data.build_dpo_data(
         config.data.train,

@@ -226,7 +226,7 @@ def run(config, mesh, workdir: str):
                 rollout_and_score(params, sharding.put_batch(b, mesh, rules), 0, 1)[1]
                 for b in eval_batches
             ]
-            ms = jax.device_get(ms)
+            ms = sharding.to_host(ms)
             keys = ("grpo/score", "grpo/kl_per_seq", "grpo/response_length")
             return {f"eval/{k[5:]}": float(np.mean([m[k] for m in ms])) for k in keys}
 
