@@ -5,9 +5,9 @@ The flag must be set before jax is imported anywhere, hence at the top of confte
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from cpu_env import xla_flags  # noqa: E402  (tests/ is on sys.path: no __init__.py)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402

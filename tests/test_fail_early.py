@@ -6,6 +6,7 @@ import sys
 
 import jax
 import pytest
+from cpu_env import cpu_env
 
 from experiments import ppo_ptx, sft
 from rlhf_jax.infra import mesh as mesh_lib
@@ -16,8 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def entry(*argv):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    env.pop("RLHF_JAX_TRACEBACK", None)
+    env = cpu_env()
     cmd = [sys.executable, "-m", "launch.run", *argv]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 

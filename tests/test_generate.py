@@ -8,6 +8,7 @@ import sys
 
 import jax
 import pytest
+from cpu_env import cpu_env
 
 from experiments import pretrain
 from rlhf_jax.infra import mesh as mesh_lib
@@ -40,12 +41,7 @@ def prompts_file(tmp_path_factory):
 
 
 def cli(*args, devices=2):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    env.pop("RLHF_JAX_TRACEBACK", None)
+    env = cpu_env(devices)
     cmd = [sys.executable, "-m", "rlhf_jax.tools.generate", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

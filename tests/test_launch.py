@@ -6,17 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(workdir, *flags, env_devices=1):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
-    )
-    env.pop("RLHF_JAX_TRACEBACK", None)
+    env = cpu_env(env_devices)
     cmd = [
         sys.executable,
         "-m",

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
@@ -31,13 +32,7 @@ STEPS = 60
 
 
 def env_with(devices: int) -> dict:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    env.pop("RLHF_JAX_TRACEBACK", None)
-    return env
+    return cpu_env(devices)
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from cpu_env import cpu_env
 from run_compare import assert_same_records, assert_same_run, metrics, numbers, read_jsonl
 
 from rlhf_jax.infra import checkpoint
@@ -56,11 +57,7 @@ SMALL = [
 def launch(workdir, *extra, processes=1):
     """The pipeline on 8 CPU devices: one process, or `processes` through launch.local."""
     devices = 8 // processes
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
+    env = cpu_env(devices)
     entry = ["-m", "launch.run"]
     if processes > 1:
         entry = ["-m", "launch.local", "--processes", str(processes)]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,10 +97,7 @@ def test_readme_stage_commands_run_verbatim_from_a_copy(tmp_path):
     # The README's `prompts.jsonl` is the user's own file; a few bundled prompts stand in.
     with open(repo / "experiments/data/tiny_prompts.jsonl", encoding="utf-8") as f:
         (repo / "prompts.jsonl").write_text("".join(f.readlines()[:3]), encoding="utf-8")
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
-    )
-    env.pop("RLHF_JAX_TRACEBACK", None)
+    env = cpu_env(2)
     for line in stage_lines():
         argv = shlex.split(shorten(line))
         assert argv[:2] == ["python", "-m"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cpu_env import cpu_env
 
 from launch import sweep
 
@@ -53,9 +54,7 @@ def write_sweep(path, sweep_expr, config="experiments/pretrain.py", fixed=FIXED)
 
 
 def sweep_cli(*args, cache_dir=None):
-    flags = "--xla_force_host_platform_device_count=1"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    env.pop("RLHF_JAX_TRACEBACK", None)
+    env = cpu_env(1)
     if cache_dir:  # the points of all tests share compiled programs
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     cmd = [sys.executable, "-m", "launch.sweep", *map(str, args)]
