@@ -201,7 +201,8 @@ def marker_id(tokenizer, marker: str) -> int:
         raise ValueError(
             f"tokenizer {tokenizer.path!r} has no id for {marker!r}, so it cannot encode "
             f"`messages` rows; train it with the chat tokens reserved (the pretrain stage does "
-            f"unless config.chat.reserve_tokens=False) or set config.chat.{role} to a piece it has"
+            f"unless config.chat.reserve_tokens=False), set config.chat.{role} to a piece it has, "
+            "or use a model whose tokenizer has its own chat_template"
         )
     return token_id
 
