@@ -23,10 +23,10 @@ Implementations (`ModelConfig.attention`, `--config.model.attention=...`):
   auto    splash on TPU, cudnn on GPU, xla otherwise, wherever the kernel applies.
 
 Where a kernel cannot apply, `attend` runs xla; `choose` returns the reason (an explicitly
-requested kernel logs it once). Neither kernel takes traced query slots, so the KV-cache paths
-(the sampler's prefill and its T = 1 decode steps, `q_slot` given) always run xla, whose scores
-there are only `[B, N, T, S]` for one call, never kept for a backward pass. Neither kernel
-is given per-row slots (`q_slot` [B, T]) or `S != T`; cudnn has no logit soft-capping.
+requested kernel logs it once). Both kernels take self-attention only (`q_slot` None, S == T):
+their causal mask is static, while a KV cache's slots are traced. So the sampler's prefill and
+its T = 1 decode steps always run xla; their scores are materialised one layer at a time and
+never kept for a backward pass. cudnn has no logit soft-capping.
 
 A query with no key to attend (a left-padding position, or an all-padding row) outputs 0 in
 every implementation, and its gradient is 0: the rows never carry NaN or a backend's choice.
@@ -110,7 +110,7 @@ def choose(impl: str, q, k, *, q_slot=None, key_mask=None, softcap=None) -> tupl
     t, s = q.shape[1], k.shape[1]
     why = ""
     if q_slot is not None:
-        why = "the query slots are traced (a KV-cache prefill or decode step)"
+        why = "the queries come with cache slots (a KV-cache prefill or decode step)"
     elif t != s:
         why = f"{t} queries over {s} keys (the kernels take self-attention, T == S)"
     elif impl == "cudnn":
@@ -250,10 +250,10 @@ def _splash(q, k, v, key_mask, window, softcap, scale):
     # [B, T, N, H] -> [B, N, T', H] with T' the padded length. Padded keys sit after every
     # real query, so the causal mask alone keeps them out; padded queries are sliced off.
     to_heads = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)
-    qh = to_heads((q.astype(jnp.float32) * scale).astype(q.dtype))  # the kernel does not scale
-    kh_, vh = to_heads(k), to_heads(v)
-    real = jnp.ones((b, t), bool) if key_mask is None else key_mask
-    seg = jnp.pad(real.astype(jnp.int32), ((0, 0), (0, length - t)))  # [B, T']
+    scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
+    args = [to_heads(x) for x in (scaled, k, v)]
+    if key_mask is not None:  # [B, T'] segment ids: real keys 1, padding 0
+        args.append(jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, length - t))))
 
     active = sharding.active()
     mesh = active[0] if active is not None and active[0].devices.size > 1 else None
@@ -269,21 +269,15 @@ def _splash(q, k, v, key_mask, window, softcap, scale):
             heads, splits = None, 1
     kernel = _kernel(n // splits, length, window, softcap, interpret)
 
-    def run(qh, kh_, vh, seg):  # one shard: [b, n, T', H], [b, k, T', H], [b, T']
-        one = lambda q1, k1, v1, s1: kernel(
-            q1, k1, v1, segment_ids=sa.SegmentIds(q=jnp.ones_like(s1), kv=s1)
-        )
-        return jax.vmap(one)(qh, kh_, vh, seg)
+    def one(q1, k1, v1, seg=None):  # one row: [n, T', H], [k, T', H], [T']
+        ids = None if seg is None else sa.SegmentIds(q=jnp.ones_like(seg), kv=seg)
+        return kernel(q1, k1, v1, segment_ids=ids)
 
+    run = jax.vmap(one)
     if mesh is not None:
         x_spec = PartitionSpec(batch, heads, None, None)
-        run = jax.shard_map(
-            run,
-            mesh=mesh,
-            in_specs=(x_spec, x_spec, x_spec, PartitionSpec(batch, None)),
-            out_specs=x_spec,
-            check_vma=False,
-        )
-    y = run(qh, kh_, vh, seg)  # [B, N, T', H]
+        specs = (x_spec,) * 3 + (PartitionSpec(batch, None),) * (len(args) - 3)
+        run = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=x_spec, check_vma=False)
+    y = run(*args)  # [B, N, T', H]
     y = y.transpose(0, 2, 1, 3)[:, :t]
     return _zero_empty_rows(y, _has_key(key_mask, t, window))
