@@ -49,7 +49,7 @@ from rlhf_jax.stages import loop, setup
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
 
 
-def check_config(c, grad_accum: int) -> None:
+def check_config(c) -> None:
     """One clear sentence for a bad `config.dpo`."""
     if c.loss not in dpo.LOSSES:
         raise ValueError(f"unknown dpo.loss: {c.loss!r}; expected one of {dpo.LOSSES}")
@@ -62,8 +62,6 @@ def check_config(c, grad_accum: int) -> None:
             f"dpo.label_smoothing={c.label_smoothing} applies to dpo.loss='sigmoid' only, "
             f"not {c.loss!r}"
         )
-    if grad_accum != 1:
-        raise ValueError(f"train.grad_accum={grad_accum}: the dpo stage runs one pass per step")
 
 
 def response_logprobs(graphdef, params, tokens, mask, prompt_len):
@@ -97,11 +95,51 @@ def batch_loss(params, ref_params, batch, *, graphdef, c):
     )
 
 
-def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules):
-    """One optimizer step on a comparison batch (data/dpo_data.py layout)."""
+def _accumulate(fn, params, ref_params, batch, grad_accum: int):
+    """(loss, metrics, grads) of `batch` from `grad_accum` microbatches, equal to one pass.
+
+    Each microbatch's loss is weighted by its prompts with a pair (the loss's denominator), so
+    the summed weighted gradients over the summed weights are the full-batch gradient; pair
+    metrics are pooled over pairs, as one pass pools them.
+    """
+
+    def split(x):  # [b, ...] -> [A, b/A, ...], each device's rows kept local
+        return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
+
+    def weighted(p, mb):
+        loss, m = fn(p, ref_params, mb)
+        return loss * m["prompts"], m
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def one(mb):
+        mb = jax.tree.map(
+            lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
+        )
+        (lw, m), g = grad_fn(params, mb)
+        out = {"loss_w": lw, "grads": g, "prompts": m["prompts"], "pairs": m["pairs"]}
+        return {**out, **{k: m[k] * m["pairs"] for k in PAIR_MEANS}}
+
+    micro = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, first))
+    tot, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, one(mb)), None), zero, micro)
+    w, pairs = jnp.maximum(tot["prompts"], 1.0), jnp.maximum(tot["pairs"], 1.0)
+    metrics = {k: tot[k] / pairs for k in PAIR_MEANS}
+    metrics.update(pairs=tot["pairs"], prompts=tot["prompts"])
+    return tot["loss_w"] / w, metrics, jax.tree.map(lambda g: g / w, tot["grads"])
+
+
+def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules, grad_accum: int = 1):
+    """One optimizer step on a comparison batch (data/dpo_data.py layout); with `grad_accum`
+    > 1 as that many microbatches whose gradients combine exactly (`_accumulate`)."""
     with sharding.use_rules(mesh, rules):
         fn = functools.partial(batch_loss, graphdef=graphdef, c=c)
-        (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(state["params"], ref_params, batch)
+        if grad_accum == 1:
+            grad_fn = jax.value_and_grad(fn, has_aux=True)
+            (loss, m), grads = grad_fn(state["params"], ref_params, batch)
+        else:
+            loss, m, grads = _accumulate(fn, state["params"], ref_params, batch, grad_accum)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = {
@@ -145,7 +183,7 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
     kw = dict(graphdef=graphdef, c=config.dpo, mesh=mesh, rules=rules)
     train = jax.jit(
-        functools.partial(train_step, tx=tx, **kw),
+        functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
         in_shardings=(shardings, shardings["params"], batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -232,7 +270,7 @@ def run(config, mesh, workdir: str):
     """DPO training loop; resumes from `<workdir>/checkpoints` when it holds a checkpoint."""
     rules = config.sharding.rules
     t, c = config.train, config.dpo
-    check_config(c, t.grad_accum)
+    check_config(c)
     setup.check_batch(config, mesh, rules)
     tok = setup.load_tokenizer(config, workdir)
     model_cfg, _ = setup.resolve_model(config, tok)
