@@ -320,7 +320,7 @@ def run(config, mesh, workdir: str):
         meta={
             "config": config.to_dict(),
             "model": dataclasses.asdict(model_cfg),
-            "tokenizer": setup.TOKENIZER_FILE,
+            "tokenizer": tok.WORKDIR_NAME,
             "stage": "dpo",
         },
     )

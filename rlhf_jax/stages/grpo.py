@@ -180,7 +180,7 @@ def run(config, mesh, workdir: str):
         meta={
             "config": config.to_dict(),
             "model": dataclasses.asdict(policy_cfg),
-            "tokenizer": setup.TOKENIZER_FILE,
+            "tokenizer": tok.WORKDIR_NAME,
             "stage": "grpo",
             "reward_bias": bias,
         },
