@@ -44,20 +44,6 @@ _JSON_ITEMS = ("data", "meta")
 _CHECKPOINTS_SUBDIR = "checkpoints"
 _COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 
-# orbax writes a replicated array "replica-parallel": each replica saves a slice, cut by one small
-# compiled program per array shape and device. For slices under 1 MiB that costs more than it
-# saves (about 70 ms of compile per shape and device on CPU, 64 programs for a tiny model on 8
-# devices, paid again by every process that saves); larger arrays keep the parallel write.
-_MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
-        array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler
-    ),
-    override=True,
-)
-
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +57,22 @@ def _quiet_absl(active: bool):
         yield
     finally:
         logger.setLevel(old)
+
+
+# orbax writes a replicated array "replica-parallel": each replica saves a slice, cut by one small
+# compiled program per array shape and device. For slices under 1 MiB that costs more than it
+# saves (about 70 ms of compile per shape and device on CPU, 64 programs for a tiny model on 8
+# devices, paid again by every process that saves); larger arrays keep the parallel write.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+with _quiet_absl(True):  # orbax warns that a handler overrides its default, on every start
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES,
+            array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler
+        ),
+        override=True,
+    )
 
 
 class Checkpointer:
