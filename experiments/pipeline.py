@@ -3,8 +3,9 @@
   python -m launch.run --config experiments/pipeline.py --workdir runs/pipeline
 
 world -> pretrain -> SFT -> comparison collection (K samples per prompt from the SFT policy,
-ranked by a simulated labeler) -> RM -> PPO and PPO-ptx -> evaluation (gold score = the
-labeler's noiseless utility, held-out pretraining loss) -> runs/pipeline/report.md.
+ranked by a simulated labeler) -> RM -> PPO, PPO-ptx, best-of-K fine-tuning, DPO and GRPO-ptx
+-> a second round of PPO and PPO-ptx -> evaluation (gold score = the labeler's noiseless
+utility, KL from SFT, held-out pretraining loss) -> runs/pipeline/report.md.
 Mini models (0.89M parameters) on a 2-core CPU: see the README for the measured time.
 
 Every stage's full config lives under `stages.<name>` and can be overridden, e.g.
@@ -12,7 +13,7 @@ Every stage's full config lives under `stages.<name>` and can be overridden, e.g
 every stage and the labeler. Args (after the colon): size (tiny|small|...), family.
 """
 
-from experiments import common, ppo_ptx, pretrain, rm, rsft, sft
+from experiments import common, dpo, grpo, ppo_ptx, pretrain, rm, rsft, sft
 
 
 def get_config(arg=None):
@@ -26,7 +27,7 @@ def get_config(arg=None):
     # kept the held-out pretraining loss near the pretrained model's.
     c.ptx_coef = 1.0
     c.reuse = ""  # a finished pipeline run: take its pretrain, SFT, comparisons and RM
-    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft"
+    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft,dpo,grpo"
     # Iterated RLHF: rounds >= 2 label samples of the current policy, train a new RM (from the
     # previous RM, or "sft"; on all comparisons so far when accumulate) and continue PPO/PPO-ptx.
     c.rounds = 2
@@ -55,6 +56,8 @@ def get_config(arg=None):
         rm=rm.get_config(structural),
         ppo=ppo_ptx.get_config(structural),
         rsft=rsft.get_config(structural),
+        dpo=dpo.get_config(structural),
+        grpo=grpo.get_config(structural),
     )
     s = c.stages
     if arg.size in common.CPU_SIZES:
@@ -111,6 +114,33 @@ def get_config(arg=None):
             eval_every=10,
             eval_prompts=64,
         )
+        # DPO on the RM's 1,350 training comparisons: 2 epochs at the RM's batch and length.
+        s.dpo.train.update(
+            steps=80,
+            batch_size=32,
+            seq_len=48,
+            lr=1e-4,
+            warmup_steps=10,
+            log_every=10,
+            eval_every=40,
+            ckpt_every=40,
+        )
+        s.dpo.dpo.update(k_max=4, kl_prompts=64, kl_prompt_len=32, kl_max_new_tokens=24)
+        # GRPO-ptx with PPO's sample budget: 40 iterations of 64 samples (8 prompts x G = 8),
+        # 2 epochs of minibatch 16, PPO's policy lr, beta and pretraining batch.
+        s.grpo.train.update(steps=40, lr=1e-4, log_every=5, eval_every=10, ckpt_every=20)
+        s.grpo.grpo.update(
+            prompts=8,
+            group_size=8,
+            minibatch=16,
+            epochs=2,
+            beta=0.1,
+            prompt_len=32,
+            max_new_tokens=24,
+            ptx_batch=16,
+            ptx_seq_len=96,
+            eval_prompts=64,
+        )
     else:
         # GPU/TPU sizes (e.g. size=small, GPT-2 124M) on the same world: the world's text has a
         # few hundred distinct words, so the tokenizer stays small, and the stage lengths are
@@ -131,5 +161,13 @@ def get_config(arg=None):
         s.ppo.ppo.update(
             beta=0.1, rollout_batch=128, minibatch=32, epochs=2, prompt_len=32, max_new_tokens=24,
             ptx_seq_len=128, eval_every=20, eval_prompts=128,
+        )  # fmt: skip
+        s.dpo.train.update(steps=100, batch_size=64, seq_len=64, lr=1e-5, warmup_steps=10,
+                           eval_every=50, ckpt_every=50)  # fmt: skip
+        s.dpo.dpo.update(k_max=4, kl_prompts=128, kl_prompt_len=32, kl_max_new_tokens=24)
+        s.grpo.train.update(steps=100, lr=1e-5, eval_every=20, ckpt_every=50)
+        s.grpo.grpo.update(
+            prompts=16, group_size=8, minibatch=32, epochs=2, beta=0.1, prompt_len=32,
+            max_new_tokens=24, ptx_batch=32, ptx_seq_len=128, eval_prompts=128,
         )  # fmt: skip
     return c

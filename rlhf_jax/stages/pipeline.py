@@ -1,8 +1,13 @@
 """The whole InstructGPT pipeline on the bundled task world, one command, one report.
 
-  world -> pretrain -> SFT -> collect comparisons -> RM -> PPO, PPO-ptx and best-of-K fine-tuning
+  world -> pretrain -> SFT -> collect comparisons -> RM -> PPO, PPO-ptx, best-of-K fine-tuning,
+        DPO and GRPO-ptx
         [-> rounds 2..N: collect from the current policy -> new RM -> continue PPO / PPO-ptx]
         -> evaluate (+ best-of-K sampling) -> report
+
+Every round-1 method starts from SFT and keeps SFT as its KL reference. DPO trains on the
+round-1 comparisons (the RM's data) with no RM; GRPO-ptx is rewarded by the round-1 RM (with its
+normalisation bias) and has PPO-ptx's pretraining coefficient `config.ptx_coef`.
 
 Every step writes into its own sub-directory of the run directory in the project's standard
 formats (JSONL data, stage workdirs with checkpoints and metrics), so any intermediate can be
@@ -18,12 +23,13 @@ fresh samples of the current policy (`config.iterate.policy`, the previous round
 default) on the RM prompts, trains a new RM on them (plus the earlier rounds' comparisons when
 `iterate.accumulate`) starting from the previous RM or from SFT (`iterate.rm_init`), and
 continues PPO and PPO-ptx from the previous round's policies, the KL still measured against SFT.
-Round r lives in `round_<r>/`.
+Round r lives in `round_<r>/`. DPO and GRPO-ptx run in round 1 only: they are the alternatives
+to PPO on the same data, model and reward, and the iterated loop stays InstructGPT's.
 
 `config.reuse=DIR` takes the pretrained model, SFT model, comparisons and RM of a finished run in
 DIR (linked, not copied) and runs only what follows, which is how a sweep over PPO settings
-shares one SFT model and RM (experiments/sweeps/kl_overopt.py). `config.skip="ppo_ptx,rsft"`
-leaves steps out.
+shares one SFT model and RM (experiments/sweeps/kl_overopt.py).
+`config.skip="ppo_ptx,rsft,dpo,grpo"` leaves steps out.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ import jax
 
 from rlhf_jax.data import lm_data
 from rlhf_jax.infra import preemption, sharding
-from rlhf_jax.stages import lm, ppo, rm, rsft
+from rlhf_jax.stages import dpo, grpo, lm, ppo, rm, rsft
 from rlhf_jax.stages import pipeline_eval as ev
 from rlhf_jax.task import world_data
 
-STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "evaluate")
+STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "dpo", "grpo", "evaluate")
 # What `config.reuse` takes from a finished run: step -> the files and directories it produced.
 REUSABLE = {
     "pretrain": ("pretrain",),
@@ -155,6 +161,14 @@ def run(config, mesh, workdir: str):
         rl(name, name, at("sft"), at("rm"), name)
     rsft_over = {"data.train": paths["ppo_prompts"], "init_from": at("sft")}
     step("rsft", lambda: stage("rsft", s.rsft, rsft, **rsft_over, **{"rsft.reward_from": at("rm")}))
+    dpo_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
+    dpo_over["dpo.reference_from"] = at("sft")
+    step("dpo", lambda: stage("dpo", s.dpo, dpo, **dpo_over))
+    grpo_over = {"data.train": paths["ppo_prompts"], "data.ptx": paths["pretrain"]}
+    grpo_over |= {"init_from": at("sft"), "grpo.reference_from": at("sft")}
+    grpo_over |= {"grpo.reward_from": at("rm"), "grpo.ptx_coef": config.ptx_coef}
+    step("grpo", lambda: stage("grpo", s.grpo, grpo, **grpo_over))
+    grpo_label = "GRPO-ptx" if config.ptx_coef > 0 else "GRPO"
     # The best-of-K fine-tuned policy is its last round's (the stage iterates internally).
     rsft_sub = os.path.relpath(rsft.final_policy(at("rsft")), workdir) if "rsft" in timings else ""
     models = [
@@ -162,6 +176,8 @@ def run(config, mesh, workdir: str):
         dict(key="sft", label="SFT", method="sft", round=0, sub="sft"),
         *(dict(key=k, label=v, method=k, round=1, sub=k) for k, v in RL.items()),
         dict(key="rsft", label="Best-of-K fine-tuning", method="rsft", round=1, sub=rsft_sub),
+        dict(key="dpo", label="DPO", method="dpo", round=1, sub="dpo"),
+        dict(key="grpo", label=grpo_label, method="grpo", round=1, sub="grpo"),
     ]
     rounds = [dict(round=1, rm_dir="rm", comparisons="comparisons.jsonl")]
     current = {name: name for name in RL}  # each method's latest policy (sub-directory)

@@ -50,6 +50,8 @@ _SUMMARY_KEYS = {
     "ppo": ("ppo/score", "eval/score", "ppo/kl_per_seq"),
     "ppo_ptx": ("ppo/score", "eval/score", "ppo/kl_per_seq", "ppo/ptx_loss"),
     "rsft": ("rsft/selected_score", "rsft/candidate_score", "rsft/kept_fraction"),
+    "dpo": ("dpo/loss", "eval/accuracy", "eval/kl"),
+    "grpo": ("grpo/score", "eval/score", "grpo/kl_per_seq", "grpo/ptx_loss"),
 }
 
 
@@ -111,11 +113,13 @@ def build_report(run_dir: str) -> str:
 
 
 def aggregate(run_dirs: list[str]) -> str:
-    """A markdown table of gold score, held-out pretraining loss and KL from SFT over several runs.
+    """A markdown table of gold score, held-out pretraining loss, alignment tax and KL from SFT
+    over several runs.
 
     Each cell is `mean [min, max]` over the runs that evaluated that model: with a handful of seeds
-    the range shows every run, where a standard deviation would be a noisy estimate. Rows are the
-    union of the runs' models in first-seen order, then any of MODELS that no run evaluated.
+    the range shows every run, where a standard deviation would be a noisy estimate. The alignment
+    tax of an RLHF model is its held-out pretraining loss minus its own run's SFT loss. Rows are
+    the union of the runs' models in first-seen order, then any of MODELS that no run evaluated.
 
     Args:
         run_dirs: run directories (one per seed), each with an eval.json.
@@ -127,7 +131,7 @@ def aggregate(run_dirs: list[str]) -> str:
         ValueError: a run has no eval.json (a missing seed would silently narrow the table), or
             an eval.json is malformed.
     """
-    fields = ("gold_score", "heldout_pretrain_loss", "kl_from_sft")
+    fields = ("gold_score", "heldout_pretrain_loss", "tax", "kl_from_sft")
     values: dict[str, dict[str, list[float]]] = {}
     labels, runs, bound = {}, {}, {}
     for d in run_dirs:
@@ -135,27 +139,33 @@ def aggregate(run_dirs: list[str]) -> str:
         models, _ = read_eval(path)
         if models is None:
             raise ValueError(f"{path}: missing; every aggregated run needs its evaluation")
+        base = (models.get("sft") or {}).get("heldout_pretrain_loss")
         for key, m in models.items():
             labels.setdefault(key, m["label"])
             runs[key] = runs.get(key, 0) + 1
             bound[key] = bound.get(key, False) or m["kl_is_bound"]
             v = values.setdefault(key, {f: [] for f in fields})
-            for f in (f for f in fields if m[f] is not None):
+            loss = m["heldout_pretrain_loss"]
+            if m["method"] in RLHF_METHODS and loss is not None and base is not None:
+                m = m | {"tax": loss - base}
+            for f in (f for f in fields if m.get(f) is not None):
                 v[f].append(m[f])
     for key, label in MODELS.items():
         labels.setdefault(key, label)
     md = [
         "| model | runs | gold score, mean [min, max] | held-out pretrain loss, mean [min, max] "
+        "| alignment tax (loss - SFT's), mean [min, max] "
         "| KL from SFT (nats/seq), mean [min, max] |",
-        "|---|---:|---|---|---|",
+        "|---|---:|---|---|---|---|",
     ]
     for key, label in labels.items():
         cells = []
         for f in fields:
             v = values.get(key, {}).get(f)
             bounded = "≤ " if f == "kl_from_sft" and bound.get(key) else ""
-            cells.append(f"{bounded}{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v
-                         else "n/a" if runs.get(key) else "not run")  # fmt: skip
+            sign = "+" if f == "tax" else ""
+            cells.append(f"{bounded}{np.mean(v):{sign}.3f} [{min(v):{sign}.3f}, {max(v):{sign}.3f}]"
+                         if v else "n/a" if runs.get(key) else "not run")  # fmt: skip
         n = runs.get(key, 0)
         md.append(f"| {_cell(label)} | {n} of {len(run_dirs)} | " + " | ".join(cells) + " |")
     return "\n".join(md)

@@ -52,8 +52,10 @@ METHOD_STYLES = {
     "ppo_ptx": ("tab:orange", "^"),
     "rsft": ("tab:green", "D"),
     "best_of_k": ("tab:purple", "v"),
+    "dpo": ("tab:red", "P"),
+    "grpo": ("tab:brown", "*"),
 }
-_SPARE = (("tab:red", "P"), ("tab:brown", "*"), ("tab:pink", "h"), ("tab:olive", "<"))
+_SPARE = (("tab:pink", "h"), ("tab:olive", "<"), ("tab:cyan", ">"), ("gold", "p"))
 ROUND_LINES = ("-", "--", "-.", ":")  # round 1, 2, ... of the same run (cycled past 4)
 ROUND_MARKERS = ("o", "s", "^", "D")
 ROUND_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown")

@@ -4,7 +4,7 @@ This module owns what the report reads and how a bad file fails: the stages' met
 eval.json's models and meta (with defaults for files from older versions) and timings.json. The
 layout::
 
-    <run>/{pretrain,sft,rm,ppo,ppo_ptx,rsft}/metrics.jsonl   round 1's stages (see metrics.py)
+    <run>/{pretrain,sft,rm,ppo,ppo_ptx,rsft,dpo,grpo}/metrics.jsonl   round 1 (see metrics.py)
     <run>/round_{r}/{rm,ppo,ppo_ptx}/metrics.jsonl          round r >= 2 of iterated RLHF
     <run>/eval.json      {"models": {key: {"gold_score": ..., "kl_from_sft": ..., "label": ...,
                           "method": ..., "round": ...}}, "meta": {..., "rounds": [...]}}
@@ -29,13 +29,15 @@ from rlhf_jax.task.report_plots import is_number
 # The metrics.jsonl name and line contract are metrics.py's; it is not imported because it pulls
 # in jax and TensorBoard (seconds of start-up) for a command that only reads JSON.
 METRICS_FILE = "metrics.jsonl"
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft")  # round 1, in <run>/<stage>
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "dpo", "grpo")  # <run>/<stage>
 ROUND_STAGES = ("rm", "ppo", "ppo_ptx")  # round r >= 2, in <run>/round_{r}/<stage>
 # The models every pipeline run evaluates: rows say "not run" when eval.json lacks one.
 MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 # Display names of methods (table columns, legends), and of models whose entry has no label.
 METHODS = {**MODELS, "rsft": "Best-of-K fine-tuning", "best_of_k": "Best-of-K sampling"}
-RLHF_METHODS = ("ppo", "ppo_ptx", "rsft", "best_of_k")  # an alignment tax is reported for these
+METHODS |= {"dpo": "DPO", "grpo": "GRPO-ptx"}
+# An alignment tax is reported for these.
+RLHF_METHODS = ("ppo", "ppo_ptx", "rsft", "best_of_k", "dpo", "grpo")
 _NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
 _NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
 
