@@ -5,6 +5,15 @@ This module owns the architecture and numerics fields every other module reads (
 tiny..175b. It is plain Python (no jax, no NNX), so checkpoint metas, the HF mapping and the
 config layer can build and compare configs without touching a model; transformer.py builds the
 model a config describes.
+
+Families are the two decoder skeletons: `gpt2` (learned positions, LayerNorm, GELU MLP, biases)
+and `llama` (RoPE, RMSNorm, gated MLP). Qwen3, Gemma 2 and Gemma 3 are the llama family plus
+flags, not families of their own: each flag is one piece of math (q/k norm, (1 + w) norms,
+sandwich norms, GeGLU, embedding scale, soft-capping, query scaling, sliding windows), so a
+researcher can mix them, and `VARIANTS` names the flag sets of the published architectures
+(hf_map maps a Hugging Face `model_type` to and from them). Per-layer attention kinds
+(`window_pattern`) are a string, so configs stay hashable and JSON-friendly; `layer_kinds`
+expands it to one entry per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +23,19 @@ import functools
 import math
 
 FAMILIES = ("gpt2", "llama")
+MLPS = ("gelu", "swiglu", "geglu")
+
+# The flags each published llama-family architecture fixes (`dataclasses.replace(cfg, **v)`);
+# sizes, windows, soft-caps, query scaling and RoPE bases vary per checkpoint.
+VARIANTS: dict[str, dict] = {
+    "llama": {},  # also Mistral: the same math plus an optional sliding window on every layer
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+    "gemma2": dict(norm_plus_one=True, sandwich_norms=True, mlp="geglu", embed_scale=True),
+    "gemma3": dict(
+        norm_plus_one=True, sandwich_norms=True, mlp="geglu", embed_scale=True, qk_norm=True
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +57,19 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: the pre-extension context length
+    rope_local_theta: float = 0.0  # > 0: local layers' RoPE base, unscaled (Gemma 3: 10k)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2-style llama family)
+    qk_norm: bool = False  # RMSNorm over each head's q and k [H] before RoPE (Qwen3, Gemma 3)
     norm_eps: float = 1e-5
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w zero-initialised (Gemma)
+    sandwich_norms: bool = False  # also norm the attention and MLP outputs (Gemma 2/3)
+    mlp: str = ""  # gelu | swiglu | geglu (gelu-tanh gated); "" -> gelu (gpt2), swiglu (llama)
+    embed_scale: bool = False  # embeddings times sqrt(D) in the compute dtype (Gemma)
+    query_pre_attn_scalar: int = 0  # > 0: logits scaled by its -1/2 power, not H's (Gemma)
+    attn_softcap: float = 0.0  # > 0: attention logits become c * tanh(logits / c) (Gemma 2)
+    final_softcap: float = 0.0  # > 0: the same on the LM head's logits (Gemma 2)
+    sliding_window: int = 0  # > 0: local layers attend the last `sliding_window` keys only
+    window_pattern: str = ""  # per-layer L (local) / G (global), repeated; "" -> all local
     tie_embeddings: bool | None = None  # None -> family default (gpt2 tied, llama untied)
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
@@ -61,7 +94,24 @@ class ModelConfig:
             )
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"unknown model.head: {self.head!r}; expected lm or scalar")
+        if self.mlp not in ("",) + MLPS:
+            raise ValueError(f"unknown model.mlp: {self.mlp!r}; expected one of {MLPS}")
+        if set(self.window_pattern) - {"L", "G"}:
+            raise ValueError(
+                f"model.window_pattern={self.window_pattern!r} may hold only L (local) and "
+                "G (global), e.g. 'LG' or 'LLLLLG'"
+            )
+        gpt2_only = (self.family == "gpt2") and (
+            self.qk_norm or self.norm_plus_one or self.sandwich_norms or self.sliding_window
+        )
+        if gpt2_only or (self.family == "gpt2" and self.rope_local_theta):
+            raise ValueError(
+                "model.qk_norm, norm_plus_one, sandwich_norms, sliding_window and "
+                "rope_local_theta are llama-family options; set model.family=llama"
+            )
         set_ = functools.partial(object.__setattr__, self)
+        if not self.mlp:
+            set_("mlp", "gelu" if self.family == "gpt2" else "swiglu")
         if not self.n_kv_heads:
             set_("n_kv_heads", self.n_heads)
         if not self.head_dim:
@@ -82,6 +132,13 @@ class ModelConfig:
     @property
     def use_bias(self) -> bool:
         return self.family == "gpt2"
+
+    def layer_kinds(self) -> tuple[bool, ...]:
+        """Per layer: True where it is local (attends a sliding window), False where global."""
+        if not self.sliding_window:
+            return (False,) * self.n_layers
+        pattern = self.window_pattern or "L"
+        return tuple(pattern[i % len(pattern)] == "L" for i in range(self.n_layers))
 
 
 # GPT-2 sizes (Radford et al. 2019) and the InstructGPT policy sizes (GPT-3 1.3B, 6.7B, 175B;

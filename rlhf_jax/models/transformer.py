@@ -1,7 +1,8 @@
 """Decoder-only transformer, GPT-2 and LLaMA families, in Flax NNX used functionally.
 
-This module owns the NNX modules and the KV-cache layout; the model config and the size presets
-are config.py's, and how attention is computed (kernel choice, masks) is attention.py's. Stages
+This module owns attention, the block, the layer loop and the KV-cache layout; the norms, RoPE
+and MLP variants are layers.py's, the model config and the size presets config.py's, and how
+attention is computed (kernel choice, masks) is attention.py's. Stages
 split the model once (`nnx.split`) and merge it inside their jitted pure steps; nothing here
 builds a mesh or knows mesh axes: parameters carry *logical* axis names in their `axes` metadata
 and activations are constrained through `sharding.constrain` with logical names. It stays one
@@ -16,7 +17,14 @@ KV cache (explicit pytree, passed in and returned by `Transformer.__call__`):
   {"k": [L, B, S, K, H], "v": [L, B, S, K, H], "mask": [B, S] bool (slot holds a real token),
    "index": [] int32 (next slot to write)}
 Every row writes at the same `index`; left padding is expressed through `mask`, so a row's
-results do not depend on how much padding it carries.
+results do not depend on how much padding it carries. A local (sliding-window) layer keeps every
+slot too and masks keys more than `sliding_window` slots back: within a row, slots and positions
+advance together, so the window in slots is the window in positions.
+
+Local and global layers (`ModelConfig.layer_kinds`): unrolled, each block gets its kind as a
+Python bool; scanned, the kinds ride along as a scanned [L] bool array, RoPE tables are picked
+with `where` and the window with a `lax.cond` between two static windows (the fused kernels
+take a static window only).
 """
 
 from __future__ import annotations
@@ -29,78 +37,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
-from rlhf_jax.models import attention
+from rlhf_jax.models import attention, layers
 from rlhf_jax.models.config import ModelConfig
 
-
-def _dt(name: str):
-    return jnp.dtype(name)
-
-
-def _param(rngs, shape, axes, cfg, std=0.02, init="normal"):
-    """An `nnx.Param` with logical axis names; `init` is normal(std), zeros or ones."""
-    dtype = _dt(cfg.param_dtype)
-    if init == "normal":
-        value = std * jax.random.normal(rngs.params(), shape, dtype)
-    elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    elif init == "ones":
-        value = jnp.ones(shape, dtype)
-    else:
-        raise ValueError(f"unknown init: {init!r}")
-    return nnx.Param(value, axes=axes)
-
-
-class Norm(nnx.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.rms = cfg.family == "llama"
-        self.eps = cfg.norm_eps
-        self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, init="ones")
-        self.bias = None if self.rms else _param(rngs, (cfg.d_model,), ("norm",), cfg, init="zeros")
-
-    def __call__(self, x, out_dtype=None):
-        """Normalises x [..., D]; the result has `out_dtype` (default: x's dtype)."""
-        dtype = x.dtype if out_dtype is None else out_dtype
-        x = x.astype(jnp.float32)
-        if self.rms:
-            x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-            return (x * self.scale[...]).astype(dtype)
-        mean = jnp.mean(x, -1, keepdims=True)
-        x = x - mean
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-        return (x * self.scale[...] + self.bias[...]).astype(dtype)
-
-
-def rope_frequencies(cfg: ModelConfig):
-    """Inverse frequencies [H/2] of the rotary embedding, with the configured context scaling."""
-    h = cfg.head_dim
-    freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
-    if cfg.rope_scaling == "linear":
-        return freq / cfg.rope_factor
-    if cfg.rope_scaling == "llama3":
-        # Llama 3.1: long wavelengths are stretched by `factor`, short ones kept, and the band
-        # between interpolates smoothly (in wavelength measured against the original context).
-        wavelen = 2 * jnp.pi / freq
-        ratio = cfg.rope_original_max_len / wavelen
-        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        smooth = jnp.clip((ratio - lo) / (hi - lo), 0.0, 1.0)
-        return (1 - smooth) * freq / cfg.rope_factor + smooth * freq
-    return freq
-
-
-def rope(x, positions, freq):
-    """Rotary embedding, half-split layout (as LLaMA checkpoints store q/k).
-
-    x: [B, T, N, H]; positions: [B, T]; freq: [H/2] from `rope_frequencies`.
-    """
-    angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
-    cos = jnp.cos(angle)[:, :, None, :]
-    sin = jnp.sin(angle)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+_dt = layers.dtype_of
+_param = layers.param
+Norm, MLP, rope, rope_frequencies = layers.Norm, layers.MLP, layers.rope, layers.rope_frequencies
 
 
 class Attention(nnx.Module):
@@ -118,11 +60,15 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, init="zeros")
         if cfg.use_bias:
             self.o_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, rngs, dim=h)
+            self.k_norm = Norm(cfg, rngs, dim=h)
 
-    def __call__(self, x, positions, key_mask, kv):
+    def __call__(self, x, positions, key_mask, kv, local=False):
         """x: [B, T, D]; positions: [B, T]; key_mask: [B, S] bool or None;
         kv: None, or (k_all [L, B, S, K, H], v_all, layer, index): write this layer's new keys
-          and values at slot `index` of layer `layer`, then attend over that layer.
+          and values at slot `index` of layer `layer`, then attend over that layer;
+        local: this layer attends a sliding window (a bool, or a traced bool when scanned).
         Returns (y [B, T, D], (k, v) written cache or None)."""
         cfg = self.cfg
         dt = _dt(cfg.dtype)
@@ -133,8 +79,10 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.family == "llama":
-            freq = rope_frequencies(cfg)
+            freq = layers.layer_frequencies(cfg, local)  # [H/2]
             q = rope(q, positions, freq)
             k = rope(k, positions, freq)
         q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
@@ -152,61 +100,62 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             q_slot = index + jnp.arange(x.shape[1])  # cache slot of each query  [T]
-        y = attention.attend(q, k, v, q_slot=q_slot, key_mask=key_mask, impl=cfg.attention)
+        y = self._attend(q, k, v, q_slot, key_mask, local)
         y = jnp.einsum("btnh,nhd->btd", y, self.o[...].astype(dt))
         if cfg.use_bias:
             y = y + self.o_bias[...].astype(dt)
         return y, new_kv
 
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, f = cfg.d_model, cfg.d_ff
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
-        if cfg.family == "llama":
-            self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
-        if cfg.use_bias:
-            self.up_bias = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
-            self.down_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
-
-    def __call__(self, x):  # [B, T, D]
+    def _attend(self, q, k, v, q_slot, key_mask, local):
         cfg = self.cfg
-        dt = _dt(cfg.dtype)
-        h = x @ self.up[...].astype(dt)  # [B, T, F]
-        if cfg.use_bias:
-            h = h + self.up_bias[...].astype(dt)
-        if cfg.family == "llama":
-            h = jax.nn.silu(x @ self.gate[...].astype(dt)) * h
-        else:
-            h = jax.nn.gelu(h, approximate=True)
-        h = sharding.constrain(h, ("act_batch", "act_len", "act_mlp"))
-        y = h @ self.down[...].astype(dt)
-        if cfg.use_bias:
-            y = y + self.down_bias[...].astype(dt)
-        return y
+        attend = functools.partial(
+            attention.attend,
+            q,
+            k,
+            v,
+            q_slot=q_slot,
+            key_mask=key_mask,
+            impl=cfg.attention,
+            softcap=cfg.attn_softcap or None,
+            scale=cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None,
+        )
+        window = cfg.sliding_window or None
+        if window is None or isinstance(local, bool):
+            return attend(window=window if local else None)
+        # A scanned layer of a model with both kinds: one of two static windows, on device.
+        return jax.lax.cond(local, lambda: attend(window=window), lambda: attend(window=None))
 
 
 class Block(nnx.Module):
+    """Pre-norm residual block; `sandwich_norms` also norms each branch's output (Gemma 2/3):
+    x + post1(attn(ln1(x))), then + post2(mlp(ln2(.)))."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.ln1 = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.ln2 = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        if cfg.sandwich_norms:
+            self.post1 = Norm(cfg, rngs)
+            self.post2 = Norm(cfg, rngs)
+        self.sandwich = cfg.sandwich_norms
 
-    def __call__(self, x, positions, key_mask, kv):
-        y, new_kv = self.attn(self.ln1(x), positions, key_mask, kv)
+    def __call__(self, x, positions, key_mask, kv, local=False):
+        y, new_kv = self.attn(self.ln1(x), positions, key_mask, kv, local)
+        if self.sandwich:
+            y = self.post1(y)
         x = x + y
-        x = x + self.mlp(self.ln2(x))
+        y = self.mlp(self.ln2(x))
+        if self.sandwich:
+            y = self.post2(y)
+        x = x + y
         x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
         return x, new_kv
 
 
-def _run_block(graphdef, cfg: ModelConfig, layer_params, x, positions, key_mask, kv):
+def _run_block(graphdef, cfg: ModelConfig, local, layer_params, x, positions, key_mask, kv):
     """Applies one block given its params as a pytree (the unit that remat and scan wrap)."""
-    return nnx.merge(graphdef, layer_params)(x, positions, key_mask, kv)
+    return nnx.merge(graphdef, layer_params)(x, positions, key_mask, kv, local)
 
 
 def _remat(fn, cfg: ModelConfig):
@@ -271,6 +220,8 @@ class Transformer(nnx.Module):
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype, as Gemma computes it
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
         if cfg.family == "gpt2":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
         x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
@@ -281,26 +232,28 @@ class Transformer(nnx.Module):
             new_mask = key_mask if key_mask is not None else jnp.ones((b, t), bool)
             attn_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
 
+        kinds = cfg.layer_kinds()  # per layer: local (sliding window) or global
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
-            step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
+            mixed = len(set(kinds)) > 1
 
             # The cache rides in the carry (not xs/ys) so each layer updates it in place.
             def body(carry, layer):
                 x, kvs = carry
-                params, i = layer
+                params, i, local = layer
+                step = functools.partial(_run_block, graphdef, cfg, local if mixed else kinds[0])
                 kv = None if kvs is None else (*kvs, i, cache["index"])
-                x, new_kv = step(params, x, positions, attn_mask, kv)
+                x, new_kv = _remat(step, cfg)(params, x, positions, attn_mask, kv)
                 return (x, new_kv), None
 
             kvs = None if cache is None else (cache["k"], cache["v"])
-            xs = (stacked, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+            xs = (stacked, jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(kinds))
             (x, new_kvs), _ = jax.lax.scan(body, (x, kvs), xs)
         else:
             new_kvs = None if cache is None else (cache["k"], cache["v"])
             for i, block in enumerate(self.blocks):
                 graphdef, params = nnx.split(block)
-                step = _remat(functools.partial(_run_block, graphdef, cfg), cfg)
+                step = _remat(functools.partial(_run_block, graphdef, cfg, kinds[i]), cfg)
                 kv = None if cache is None else (*new_kvs, i, cache["index"])
                 x, layer_kv = step(params, x, positions, attn_mask, kv)
                 if cache is not None:
@@ -336,6 +289,8 @@ class Transformer(nnx.Module):
         """
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D, V]
         logits = x.astype(jnp.float32) @ w.astype(jnp.float32)
+        if cap := self.cfg.final_softcap:  # Gemma 2: every path's logits and log-probs see it
+            logits = cap * jnp.tanh(logits / cap)
         return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
 
