@@ -1,6 +1,7 @@
-"""Tests for rlhf_jax.task.report (and report_plots): tables hold the eval.json numbers in its order,
-plots are real PNGs, missing stages read "not run", iterated rounds and old-shape eval.json both
-report, malformed files name file:line, aggregate statistics, the CLI."""
+"""Tests for rlhf_jax.task.report (and report_plots): tables hold the eval.json numbers in its
+order, plots are real PNGs, missing stages read "not run", iterated rounds, DPO and GRPO-ptx, and
+old-shape eval.json all report, malformed files name file:line, aggregate statistics with the
+alignment tax, the CLI."""
 
 import json
 import os
@@ -64,6 +65,8 @@ def _new_models():
         "ppo": _new(0.75, 3.5, 2.125, "PPO", "ppo", 1, n=64),
         "ppo_ptx": _new(0.625, 3.3, 1.5, "PPO-ptx", "ppo_ptx", 1),
         "rsft": _new(0.375, 3.375, 0.5, "Best-of-K fine-tuning", "rsft", 1),
+        "dpo": _new(0.5, 3.5, 1.0, "DPO", "dpo", 1, n=64),
+        "grpo": _new(0.625, 3.125, 2.0, "GRPO-ptx", "grpo", 1),
         "ppo_r2": _new(1.0, 3.625, 3.0, "PPO, round 2", "ppo", 2),
         "ppo_ptx_r2": _new(0.875, 3.375, 2.5, "PPO-ptx, round 2", "ppo_ptx", 2),
     }
@@ -133,8 +136,14 @@ def _fake_run(run, stages=report_read.STAGES[:5], models=report_read.MODELS):
 
 
 def _iterated_run(run):
-    """A run with best-of-K, rsft and a second round (round_2/{rm,ppo,ppo_ptx})."""
+    """A run with best-of-K, rsft, DPO, GRPO-ptx and a second round (round_2/{rm,ppo,ppo_ptx})."""
     _fake_run(run, stages=report_read.STAGES)
+    dpo = [{"step": 0, "eval/accuracy": 0.5, "eval/kl": 0.0}]
+    dpo += [{"step": 10, "dpo/loss": 0.625}, {"step": 10, "eval/accuracy": 0.75, "eval/kl": 1.5}]
+    _jsonl(os.path.join(run, "dpo", "metrics.jsonl"), dpo)
+    grpo = [{"step": s, "grpo/score": 0.25 * s, "grpo/kl_per_seq": s, "grpo/ptx_loss": 3.0}
+            for s in (1, 2)]  # fmt: skip
+    _jsonl(os.path.join(run, "grpo", "metrics.jsonl"), [*grpo, {"step": 2, "eval/score": 0.375}])
     rm = [{"step": s, "eval/accuracy": 0.5 + s / 40} for s in (0, 5)]
     _jsonl(os.path.join(run, "round_2", "rm", "metrics.jsonl"), rm)
     for name in ("ppo", "ppo_ptx"):
@@ -208,7 +217,7 @@ def test_missing_stages_and_models_are_not_run(tmp_path):
         os.remove(os.path.join(run, name, "metrics.jsonl"))
     _write_eval(run, {"sft": _model(0.25, 0.125, 3.25)})
     md = Path(report.build_report(run)).read_text()
-    for stage in ("rm", "ppo", "ppo_ptx", "rsft"):
+    for stage in ("rm", "ppo", "ppo_ptx", "rsft", "dpo", "grpo"):
         assert _row(md, stage)[1] == "not run"
     assert _row(md, "PPO")[1] == "not run" and _row(md, "Pretrained")[1] == "not run"
     assert "over SFT): PPO n/a, PPO-ptx n/a." in md
@@ -273,18 +282,28 @@ def test_iterated_run_new_models_kl_and_rounds(tmp_path):
     # the alignment tax of every RLHF model, in table order
     assert (
         "over SFT): Best-of-4 sampling (SFT + RM) +0.000, PPO +0.250, PPO-ptx +0.050, "
-        "Best-of-K fine-tuning +0.125, PPO, round 2 +0.375, PPO-ptx, round 2 +0.125."
+        "Best-of-K fine-tuning +0.125, DPO +0.250, GRPO-ptx -0.125, PPO, round 2 +0.375, "
+        "PPO-ptx, round 2 +0.125."
     ) in md
     assert "![Gold score vs KL from SFT](report_gold_kl.png)" in results
     assert "log K - (K-1)/K" in results
+    # DPO and GRPO-ptx are points of the gold-vs-KL plot, each in a colour of its own
+    points = report_plots.gold_kl_points(report_read.read_eval(os.path.join(run, "eval.json"))[0])
+    assert {p["label"]: (p["kl"], p["gold"]) for p in points}["DPO"] == (1.0, 0.5)
+    assert {p["label"]: p["kl"] for p in points}["GRPO-ptx"] == 2.0
+    colours = [c for c, _ in report_plots.METHOD_STYLES.values()]
+    assert len(set(colours)) == len(colours)
+    assert not set(colours) & {c for c, _ in report_plots._SPARE}
     # rounds: RM accuracy, comparisons and each method's gold score per round
     rounds = _section(md, "Rounds")
     assert rounds.splitlines()[0] == (
         "| round | RM held-out accuracy | comparisons | Best-of-K sampling gold | PPO gold "
-        "| PPO-ptx gold | Best-of-K fine-tuning gold |"
+        "| PPO-ptx gold | Best-of-K fine-tuning gold | DPO gold | GRPO-ptx gold |"
     )
-    assert _row(rounds, "1") == ["1", "0.850", "1095", "0.500", "0.750", "0.625", "0.375"]
-    assert _row(rounds, "2") == ["2", "0.800", "2100", "not run", "1.000", "0.875", "not run"]
+    gold_r1 = ["0.500", "0.750", "0.625", "0.375", "0.500", "0.625"]
+    assert _row(rounds, "1") == ["1", "0.850", "1095", *gold_r1]
+    gold_r2 = ["not run", "1.000", "0.875", *["not run"] * 3]
+    assert _row(rounds, "2") == ["2", "0.800", "2100", *gold_r2]
     for name in (report.GOLD_KL_PLOT, report.ROUNDS_PLOT, *report.PLOTS):
         data = Path(run, name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
@@ -293,6 +312,10 @@ def test_iterated_run_new_models_kl_and_rounds(tmp_path):
     training = _section(md, "Training")
     rsft = "rsft/selected_score 1, rsft/candidate_score 0.25, rsft/kept_fraction 0.5"
     assert _row(training, "rsft")[1:] == ["ran", "2", rsft]
+    dpo = "dpo/loss 0.625, eval/accuracy 0.75, eval/kl 1.5"
+    assert _row(training, "dpo")[1:] == ["ran", "10", dpo]
+    grpo = "grpo/score 0.5, eval/score 0.375, grpo/kl_per_seq 2, grpo/ptx_loss 3"
+    assert _row(training, "grpo")[1:] == ["ran", "2", grpo]
     assert _row(training, "round_2/rm")[1:] == ["ran", "5", "eval/accuracy 0.625"]
     assert _row(training, "round_2/ppo_ptx")[1:3] == ["ran", "30"]
     assert "rounds 2, 3, 4: dashed" in training
@@ -309,7 +332,7 @@ def test_iterated_run_new_models_kl_and_rounds(tmp_path):
     os.rmdir(os.path.join(run, "round_2"))
     md = Path(report.build_report(run)).read_text()
     rounds = _section(md, "Rounds")
-    assert _row(rounds, "1") == ["1", "0.650", "1095", "0.500", "0.750", "0.625", "0.375"]
+    assert _row(rounds, "1") == ["1", "0.650", "1095", *gold_r1]
     assert "one round: no per-round plot" in rounds and "| 2 |" not in rounds
     assert not os.path.exists(os.path.join(run, report.ROUNDS_PLOT))
     assert "round_2" not in md
@@ -318,7 +341,7 @@ def test_iterated_run_new_models_kl_and_rounds(tmp_path):
     _write_eval(run, models)
     md = Path(report.build_report(run)).read_text()
     rounds = _section(md, "Rounds")
-    assert _row(rounds, "2") == ["2", "n/a", "n/a", "not run", "not run", "not run", "not run"]
+    assert _row(rounds, "2") == ["2", "n/a", "n/a", *["not run"] * 6]
     assert _row(_section(md, "Training"), "round_2/ppo")[1] == "not run"
     assert Path(run, report.ROUNDS_PLOT).read_bytes().startswith(PNG_MAGIC)
 
@@ -361,11 +384,12 @@ def test_aggregate_mean_and_range(tmp_path):
     runs = _seed_runs(tmp_path)
     md = report.aggregate(runs)
     assert "mean [min, max]" in md.splitlines()[0]
+    # the alignment tax: each run's PPO loss minus the same run's SFT loss
     assert _row(md, "PPO") == ["PPO", "3 of 3", "0.750 [0.500, 1.000]", "3.333 [3.000, 3.750]",
-                               "n/a"]  # fmt: skip
+                               "+0.333 [+0.000, +0.750]", "n/a"]  # fmt: skip
     assert _row(md, "SFT") == ["SFT", "3 of 3", "0.100 [0.000, 0.200]", "3.000 [3.000, 3.000]",
-                               "n/a"]  # fmt: skip
-    assert _row(md, "PPO-ptx") == ["PPO-ptx", "0 of 3", "not run", "not run", "not run"]
+                               "n/a", "n/a"]  # fmt: skip
+    assert _row(md, "PPO-ptx") == ["PPO-ptx", "0 of 3", *["not run"] * 4]
     os.remove(os.path.join(runs[1], "eval.json"))
     with pytest.raises(ValueError, match="seed1.*eval.json: missing"):
         report.aggregate(runs)
@@ -388,9 +412,10 @@ def test_aggregate_new_models_and_kl(tmp_path):
     labels = [ln.split("|")[1].strip() for ln in md.splitlines()[2:]]
     assert labels == [m["label"] for m in _new_models().values()] + ["PPO, round 3"]
     assert _row(md, "PPO")[1:] == ["2 of 2", "0.750 [0.750, 0.750]", "3.500 [3.500, 3.500]",
-                                   "2.625 [2.125, 3.125]"]  # fmt: skip
-    assert _row(md, "Best-of-4 sampling (SFT + RM)")[4] == "≤ 0.784 [0.784, 0.784]"
-    assert _row(md, "Pretrained")[4] == "n/a"
+                                   "+0.250 [+0.250, +0.250]", "2.625 [2.125, 3.125]"]  # fmt: skip
+    assert _row(md, "GRPO-ptx")[4] == "-0.125 [-0.125, -0.125]"
+    assert _row(md, "Best-of-4 sampling (SFT + RM)")[5] == "≤ 0.784 [0.784, 0.784]"
+    assert _row(md, "Pretrained")[4:] == ["n/a", "n/a"]
     assert _row(md, "PPO-ptx, round 2")[1:3] == ["1 of 2", "0.875 [0.875, 0.875]"]
     assert _row(md, "PPO, round 3")[1] == "1 of 2"
 
