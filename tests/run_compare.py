@@ -14,7 +14,7 @@ import sys
 import time
 
 import numpy as np
-from test_multiprocess import env_with
+from test_multiprocess import env_with, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,33 +26,48 @@ def one_process(workdir, *flags, module="launch.run"):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def two_processes(workdir, *flags, module="launch.run"):
+def two_processes(workdir, *flags, module="launch.run") -> str:
+    """Runs 2 processes x 4 devices through launch.local; -> their output."""
     cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices_per_process", "4"]
     cmd += ["--module", module, "--", *flags]
     cmd += ["--workdir", str(workdir)] if workdir is not None else []
     proc = subprocess.run(cmd, cwd=ROOT, env=env_with(4), capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
 
 
-def sigterm_after_first_log(workdir, *flags) -> int:
-    """Starts 2 processes, SIGTERMs them after the first logged step; -> the step they saved."""
-    cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices_per_process", "4"]
-    cmd += ["--", *flags, "--workdir", str(workdir)]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def sigterm_one_after_first_log(workdir, *flags) -> int:
+    """Starts 2 processes (jax.distributed on localhost) and, once the first step is logged,
+    SIGTERMs process 1 only, as a cluster that preempts one host does: both must agree on a
+    step, save it and exit 75. -> the step they saved."""
+    port = free_port()
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-m", "launch.run", *flags, "--workdir", str(workdir)]
+        cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env_with(4),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
     log = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
+    while procs[0].poll() is None and time.time() < deadline:
         if os.path.exists(log) and os.path.getsize(log) > 0:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 75, out[-4000:]
-    saved = re.findall(r"preempted at step (\d+)", out)
-    assert len(saved) == 2 and saved[0] == saved[1], out[-4000:]
-    return int(saved[0])
+    assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], (outs[0][-2000:], outs[1][-2000:])
+    saved = [re.findall(r"preempted at step (\d+)", out) for out in outs]
+    assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], outs
+    return int(saved[0][0])
 
 
 def read_jsonl(path) -> list[dict]:

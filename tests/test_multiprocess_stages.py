@@ -5,9 +5,9 @@ Pod slices are always several processes, and a stage that fetches an array spann
 (a samples table, a reward function's inputs, an eval) crashes only there. The other stages (SFT
 with eval samples, the RM with its normalisation, PPO and PPO-ptx with the RM, best-of-K
 fine-tuning, collection and evaluation) are compared the same way as the whole 2-process pipeline
-in test_pipeline.py. Here: PPO-ptx scored by a reward function, SIGTERM after its first iteration
-(exit 75, a checkpoint on both processes), the same command resuming, every logged number and
-sampled text equal to one uninterrupted process; and each tool through
+in test_pipeline.py. Here: PPO-ptx scored by a reward function, SIGTERM to one of the two
+processes after the first iteration (both agree on a step, checkpoint it and exit 75), the same
+command resuming, every logged number and sampled text equal to one uninterrupted process; and each tool through
 `launch.local --module rlhf_jax.tools.NAME` writing what one process writes.
 """
 
@@ -21,7 +21,7 @@ from run_compare import (
     metrics,
     one_process,
     read_jsonl,
-    sigterm_after_first_log,
+    sigterm_one_after_first_log,
     two_processes,
 )
 
@@ -63,15 +63,20 @@ def test_ppo_reward_fn_preempted_two_processes_match_one(chain, tmp_path):
     # A reward function instead of the RM's score (the value head still starts from the RM).
     ppo += ["--config.ppo.reward_fn=tests.ppo_rewards:count_apples"]
     one_process(r / "ppo1", *PPO, *ppo)
-    # SIGTERM once the first iteration is logged (launch.local passes it to both processes, as a
-    # cluster does): exit 75 with a checkpoint; the same command resumes.
-    stopped = sigterm_after_first_log(r / "ppo2", *PPO, *ppo)
+    # SIGTERM to process 1 only, once the first iteration is logged: both processes agree on a
+    # step, checkpoint it and exit 75; the same command (here through launch.local) resumes.
+    stopped = sigterm_one_after_first_log(r / "ppo2", *PPO, *ppo)
     assert stopped in (1, 2)
-    two_processes(r / "ppo2", *PPO, *ppo)
+    assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == [str(s) for s in range(1, stopped + 1)]
+    out = two_processes(r / "ppo2", *PPO, *ppo)
+    assert f"starting at {stopped}" in out
     assert_same_run(r / "ppo1", r / "ppo2")
     m = metrics(r / "ppo2")
     assert (2, "ppo/samples") in m and (2, "eval/score") in m
     assert sorted(os.listdir(r / "ppo2" / "checkpoints")) == ["1", "2", "3"]  # keep_ckpts=3
+    info = [json.loads(ln) for ln in (r / "ppo2" / "run_info.jsonl").read_text().splitlines()]
+    assert [i["processes"] for i in info] == [2, 2] and info[0]["devices"] == 8
+    assert info[0]["config_hash"] == info[1]["config_hash"]
 
 
 def test_tools_two_processes_match_one(chain, tmp_path):
