@@ -320,7 +320,7 @@ MISTRAL_7B = dict(
     max_position_embeddings=32768,
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
-    sliding_window=None,  # v0.1 says 4096 (a warning); v0.2 and later say null
+    sliding_window=None,  # v0.1 says 4096 (tests/test_hf_families.py); v0.2 and later say null
     vocab_size=32000,
 )
 QWEN2_05B = dict(

@@ -140,7 +140,7 @@ def test_import_maps_the_features(hf_dirs, kind):
     cfg = hf_map.config_from_hf(hf.read_config(hf_dirs(kind)[0]))
     want = {
         "qwen3": dict(qk_norm=True, head_dim=32, sliding_window=0, tie_embeddings=False),
-        "mistral": dict(sliding_window=WINDOW, window_pattern="", mlp="swiglu"),
+        "mistral": dict(sliding_window=WINDOW, window_pattern="", mlp_kind="swiglu"),
         "gemma2": dict(
             sliding_window=WINDOW,
             window_pattern="LG",

@@ -10,6 +10,18 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 
 FAMILIES = [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)]
+# Gemma 3 style: local (window 3) and global layers, q/k and sandwich norms, GeGLU, soft-caps.
+GEMMA = dict(
+    **model_config.VARIANTS["gemma3"],
+    head_dim=32,
+    sliding_window=3,
+    window_pattern="LG",
+    rope_local_theta=1e4,
+    rope_theta=1e6,
+    attn_softcap=0.05,
+    final_softcap=0.5,
+    query_pre_attn_scalar=24,
+)
 
 
 def jitted(m):
@@ -74,9 +86,11 @@ def test_causality(family, scan):
         assert not np.allclose(out[:, t], base[:, t])
 
 
-@pytest.mark.parametrize("family,scan", FAMILIES)
-def test_cached_decoding_matches_full_forward(family, scan):
-    cfg = tiny(family, scan)
+@pytest.mark.parametrize(
+    "family,scan,kw", [(f, s, {}) for f, s in FAMILIES] + [("llama", True, GEMMA)]
+)
+def test_cached_decoding_matches_full_forward(family, scan, kw):
+    cfg = tiny(family, scan, **kw)
     m = jitted(M.build(cfg, seed=1))
     toks = jax.random.randint(jax.random.key(1), (3, 9), 0, 512)
     full, _ = m(toks)
@@ -105,10 +119,11 @@ def test_left_padding_does_not_change_logits(family):
     np.testing.assert_allclose(out[:, pad:], ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_scan_layers_equals_unrolled(family):
-    unrolled = M.build(tiny(family), seed=3)
-    scanned = M.build(tiny(family, scan=True), seed=3)
+@pytest.mark.parametrize("family,kw", [("gpt2", {}), ("llama", {}), ("llama", GEMMA)])
+def test_scan_layers_equals_unrolled(family, kw):
+    """Also where layers differ (local vs global): the scan picks each layer's window/RoPE."""
+    unrolled = M.build(tiny(family, **kw), seed=3)
+    scanned = M.build(tiny(family, scan=True, **kw), seed=3)
     _, p_unrolled = nnx.split(unrolled, nnx.Param)
     g_scanned, p_scanned = nnx.split(scanned, nnx.Param)
     p = nnx.to_pure_dict(p_unrolled)
@@ -119,6 +134,18 @@ def test_scan_layers_equals_unrolled(family):
     a, _ = jitted(unrolled)(toks)
     b, _ = jitted(nnx.merge(g_scanned, q))(toks)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sliding_window_bounds_what_a_position_sees(scan):
+    """Every layer local with window 3 (keys t-2..t): after 2 layers position t sees tokens
+    t-4..t, so changing token 0 changes the logits at 0..4 and none after."""
+    m = jitted(M.build(tiny("llama", scan, sliding_window=3), seed=5))
+    toks = jax.random.randint(jax.random.key(5), (1, 9), 0, 512)
+    base, _ = m(toks)
+    out, _ = m(toks.at[:, 0].set((toks[:, 0] + 7) % 512))
+    changed = np.abs(np.asarray(out - base)).max(-1)[0] > 1e-6  # [T]
+    assert changed.tolist() == [True] * 5 + [False] * 4
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -17,10 +17,27 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.sampling import sampler
 
-# Two models cover both families, GQA, and scanned and unrolled layers.
+# Two models cover both families, GQA, and scanned and unrolled layers; the third is Gemma 3
+# style (q/k and sandwich norms, GeGLU, decoupled head dim) with one local layer (a window of 4,
+# crossed by the prompts of 8 and the 10 new tokens) and one global layer in a scan, soft-caps
+# that bend these small logits, and a query scale that is not H.
 CONFIGS = {
     "gpt2": dict(family="gpt2"),
     "llama_gqa_scan": dict(family="llama", n_kv_heads=2, scan_layers=True),
+    "gemma_window_scan": dict(
+        family="llama",
+        **model_config.VARIANTS["gemma3"],
+        n_kv_heads=2,
+        head_dim=32,
+        sliding_window=4,
+        window_pattern="LG",
+        rope_local_theta=10000.0,
+        rope_theta=1000000.0,
+        attn_softcap=0.05,
+        final_softcap=0.5,
+        query_pre_attn_scalar=24,
+        scan_layers=True,
+    ),
 }
 NAMES = list(CONFIGS)
 PAD, T_NEW, V = 0, 10, 512

@@ -110,8 +110,6 @@ class ModelConfig:
                 "rope_local_theta are llama-family options; set model.family=llama"
             )
         set_ = functools.partial(object.__setattr__, self)
-        if not self.mlp:
-            set_("mlp", "gelu" if self.family == "gpt2" else "swiglu")
         if not self.n_kv_heads:
             set_("n_kv_heads", self.n_heads)
         if not self.head_dim:
@@ -132,6 +130,12 @@ class ModelConfig:
     @property
     def use_bias(self) -> bool:
         return self.family == "gpt2"
+
+    @property
+    def mlp_kind(self) -> str:
+        """The MLP computed: `mlp`, or the family's default. `mlp` itself stays "" by default
+        so checkpoints written before the field existed still compare equal."""
+        return self.mlp or ("gelu" if self.family == "gpt2" else "swiglu")
 
     def layer_kinds(self) -> tuple[bool, ...]:
         """Per layer: True where it is local (attends a sliding window), False where global."""

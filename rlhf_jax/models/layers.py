@@ -126,7 +126,7 @@ class MLP(nnx.Module):
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual-projection scaling
         self.up = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.down = param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
-        if cfg.mlp != "gelu":
+        if cfg.mlp_kind != "gelu":
             self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
         if cfg.use_bias:
             self.up_bias = param(rngs, (f,), ("mlp",), cfg, init="zeros")
@@ -138,9 +138,9 @@ class MLP(nnx.Module):
         h = x @ self.up[...].astype(dt)  # [B, T, F]
         if cfg.use_bias:
             h = h + self.up_bias[...].astype(dt)
-        if cfg.mlp == "swiglu":
+        if cfg.mlp_kind == "swiglu":
             h = jax.nn.silu(x @ self.gate[...].astype(dt)) * h
-        elif cfg.mlp == "geglu":
+        elif cfg.mlp_kind == "geglu":
             h = jax.nn.gelu(x @ self.gate[...].astype(dt), approximate=True) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
