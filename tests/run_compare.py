@@ -14,7 +14,7 @@ import sys
 import time
 
 import numpy as np
-from test_multiprocess import env_with, free_port
+from test_multiprocess import env_with, free_port, start_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,21 +40,7 @@ def sigterm_one_after_first_log(workdir, *flags) -> int:
     """Starts 2 processes (jax.distributed on localhost) and, once the first step is logged,
     SIGTERMs process 1 only, as a cluster that preempts one host does: both must agree on a
     step, save it and exit 75. -> the step they saved."""
-    port = free_port()
-    procs = []
-    for i in range(2):
-        cmd = [sys.executable, "-m", "launch.run", *flags, "--workdir", str(workdir)]
-        cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=env_with(4),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-        )
+    procs = start_processes(workdir, [[], []], free_port(), run=list(flags))
     log = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while procs[0].poll() is None and time.time() < deadline:

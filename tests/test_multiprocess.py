@@ -42,10 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(workdir, extra_per_process, port):
+def start_processes(workdir, extra_per_process, port, run=RUN):
+    """One `launch.run` process per entry of `extra_per_process` (its own extra flags), joined
+    through jax.distributed on localhost:`port`, 4 CPU devices each."""
     procs = []
     for i, extra in enumerate(extra_per_process):
-        cmd = [sys.executable, "-m", "launch.run", *RUN, "--workdir", str(workdir), *extra]
+        cmd = [sys.executable, "-m", "launch.run", *run, "--workdir", str(workdir), *extra]
         cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
         procs.append(
             subprocess.Popen(
@@ -138,7 +140,8 @@ def test_local_runner_dry_run_prints_one_command_per_process():
     assert len(lines) == 3
     for i, line in enumerate(lines):
         assert line.startswith(
-            f"JAX_PLATFORMS=cpu PYTHONPATH={ROOT} XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+            f"JAX_PLATFORMS=cpu PYTHONPATH={ROOT} "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=2 "
         )
         assert line.endswith(
             "-m launch.run --config c.py --workdir w --coordinator_address=localhost:1234 "
