@@ -1,1 +1,2 @@
-"""Command-line tools: generate, score, best_of_k, convert, bench (python -m rlhf_jax.tools.NAME)."""
+"""Command-line tools (`python -m rlhf_jax.tools.NAME`): generate, score, best_of_k, convert,
+convert_data, bench."""

@@ -1,7 +1,8 @@
 """Best-of-K: sample K responses per prompt from a policy, keep the one the reward model likes best.
 
   python -m rlhf_jax.tools.best_of_k --policy SFT_WORKDIR --reward RM_WORKDIR \
-      --prompts prompts.jsonl --k 8 --out best.jsonl [--temperature 1.0] [--max-new-tokens 128] [--seed 0]
+      --prompts prompts.jsonl --k 8 --out best.jsonl \
+      [--temperature 1.0] [--max-new-tokens 128] [--seed 0]
 
 The usual inference-time baseline for RLHF (and the sampling half of rejection-sampling
 fine-tuning, stages/rsft.py). Sampling is `generate`'s: the same prompt formatting, padding and
@@ -37,6 +38,7 @@ import numpy as np
 from rlhf_jax.data import lm_data
 from rlhf_jax.infra import cli, distributed
 from rlhf_jax.sampling import best_of_k, load
+from rlhf_jax.tools import generate
 
 
 def _check_args(args):
@@ -103,15 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", required=True, help='JSONL file, {"prompt": "..."} per line')
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 disables nucleus sampling")
-    p.add_argument("--batch-size", type=int, default=64, help="rows (prompt x sample) per batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--template", default=None, help="format string with {prompt} (default: the policy's)"
-    )
+    generate.add_sampling_flags(p, batch_size=64)
     distributed.add_flags(p)
     return p.parse_args(argv)
 

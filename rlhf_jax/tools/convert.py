@@ -5,8 +5,9 @@
 
 `import` writes a normal checkpoint workdir (step 0, params only) whose meta holds the model
 config, plus the tokenizer found beside the weights (`tokenizer.model`, else `tokenizer.json` and
-its configs as `tokenizer/`), so `init_from=runs/llama1b` works like any stage's workdir. `export` restores a workdir's params with its stored model config and writes
-a directory `transformers` loads; a reward or value model (scalar head) becomes
+its configs as `tokenizer/`), so `init_from=runs/llama1b` works like any stage's workdir.
+`export` restores a workdir's params with its stored model config and writes a directory
+`transformers` loads; a reward or value model (scalar head) becomes
 `*ForSequenceClassification` with one label (see hf_map.py), with the RM's normalisation bias kept
 as config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf_map.py, reading and
 writing safetensors directories in hf.py.

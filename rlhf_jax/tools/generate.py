@@ -60,20 +60,27 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="stage workdir (or its checkpoints/)")
     p.add_argument("--prompts", required=True, help='JSONL, {"prompt"} or {"messages"} rows')
     p.add_argument("--out", required=True, help="output JSONL file")
+    add_sampling_flags(p, batch_size=32)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    distributed.add_flags(p)
+    return p.parse_args(argv)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The sampling settings every sampling tool takes (generate, best_of_k)."""
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--top-p", type=float, default=1.0, help="1 disables nucleus sampling")
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--batch-size", type=int, default=32, help="rows (prompt x sample) per batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument(
-        "--template", default=None, help="format string with {prompt} (default: the config's)"
+        "--batch-size", type=int, default=batch_size, help="rows (prompt x sample) per batch"
     )
-    distributed.add_flags(p)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--template", default=None, help="format string with {prompt} (default: the policy's)"
+    )
 
 
 def main(argv=None):

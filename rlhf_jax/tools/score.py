@@ -4,8 +4,8 @@
 
 Each line of the output is the input object plus `"score"`: the RM's read-out at the last token
 of [bos] + template(prompt) + response + [eos] (the template stored with the RM's config), plus
-the RM's normalisation bias unless `--no-bias`. The output of `python -m rlhf_jax.tools.generate` can
-be scored directly. The output file is written atomically.
+the RM's normalisation bias unless `--no-bias`. The output of
+`python -m rlhf_jax.tools.generate` can be scored directly. The output file is written atomically.
 """
 
 from __future__ import annotations
