@@ -40,6 +40,7 @@ from rlhf_jax.infra import sharding
 from rlhf_jax.models import attention, layers
 from rlhf_jax.models.config import ModelConfig
 
+# The per-position pieces live in layers.py; these names stay importable from here.
 _dt = layers.dtype_of
 _param = layers.param
 Norm, MLP, rope, rope_frequencies = layers.Norm, layers.MLP, layers.rope, layers.rope_frequencies
