@@ -7,7 +7,8 @@ away from HF's init), GeGLU, soft-caps small enough to bend the logits, a query_
 that is not H, and a sliding window of 5 inside sequences of 16 (prompts of 6 plus 10 generated
 tokens, so the decode path runs past the window). Checks per family: logits on one device,
 greedy generation token for token, and on an 8-device mesh with scanned layers (local and global
-layers in one scan) the logits, then export -> transformers -> the same logits.
+layers in one scan) the logits, then export -> transformers -> the same logits; the convert CLI
+keeps every flag through a workdir.
 """
 
 import contextlib
@@ -22,11 +23,13 @@ transformers = pytest.importorskip("transformers")
 
 from jax.sharding import Mesh  # noqa: E402
 
-from rlhf_jax.infra import sharding  # noqa: E402
+from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.infra import state as state_lib  # noqa: E402
+from rlhf_jax.models import config as model_config  # noqa: E402
 from rlhf_jax.models import hf, hf_map  # noqa: E402
 from rlhf_jax.models import transformer as model_lib  # noqa: E402
 from rlhf_jax.sampling import sampler  # noqa: E402
+from rlhf_jax.tools import convert  # noqa: E402
 
 V, D, T, WINDOW = 256, 64, 16, 5
 RULES = sharding.DEFAULT_RULES
@@ -209,6 +212,20 @@ def test_eight_devices_scanned_then_export_reloads(hf_dirs, kind, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(reloaded) is type(model)
     np.testing.assert_allclose(_hf_logits(reloaded, tokens), want, atol=1e-5, rtol=0)
+
+
+def test_cli_import_then_export_keeps_every_flag(hf_dirs, tmp_path):
+    """The workdir's meta carries the Gemma flags (what init_from=WORKDIR builds), and the
+    exported directory is the same model to transformers."""
+    path, model = hf_dirs("gemma2")
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    convert.main(["import", "--hf", path, "--out", work])
+    cfg = model_config.ModelConfig(**checkpoint.read_meta(work)["model"])
+    assert cfg == hf_map.config_from_hf(hf.read_config(path))
+    convert.main(["export", "--checkpoint", work, "--out", out])
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = _tokens(seed=3)
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens), _hf_logits(model, tokens), atol=1e-5)
 
 
 def test_window_and_caps_change_the_logits(hf_dirs):
