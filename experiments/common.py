@@ -99,6 +99,7 @@ def ppo_config() -> mlc.ConfigDict:
             reward_fn="",  # or "module:function(prompts, responses) -> scores"
             reference_from="",  # KL reference workdir; "" -> init_from (the SFT policy)
             value_init="rm",  # rm (InstructGPT) | sft (fresh scalar head on the SFT backbone)
+            frozen_dtype="",  # reference and reward params: "" -> model.param_dtype; bfloat16
             rollout_batch=64,  # prompts per iteration (global)
             minibatch=16,  # rows per gradient step (global)
             epochs=4,  # passes over each rollout

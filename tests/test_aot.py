@@ -120,6 +120,43 @@ def test_rm_and_ppo_plans_account_every_model():
     assert all(r["fits"] and r["roofline_s"] > 0 for r in rows.values())
 
 
+def _ppo_parts(rm_size="", **ppo):
+    config = ppo_ptx.get_config(f"fsdp={FSDP}")
+    config.ppo.update(ppo)
+    mesh = mesh_lib.build_mesh(config.mesh, plan.topology_devices(TOPOLOGY))
+    fns = {fn.name: fn for fn in aot.functions(config, mesh, rm_size)}
+    score = fns["score"].parts
+    return {
+        k: plan.chip_bytes(score[part][k])
+        for part, k in [
+            ("frozen", "ref"),
+            ("frozen", "reward"),
+            ("params", "policy"),
+            ("params", "value"),
+        ]
+    }
+
+
+def test_ppo_frozen_models_in_bf16_and_a_smaller_value_model():
+    # Nothing compiled: the argument bytes per chip come from shapes and shardings alone.
+    split, full, k = _tiny_counts()
+    head = k["d"] // FSDP + 1  # the scalar head [D] (over fsdp) and its bias
+    f32 = _ppo_parts()
+    assert f32["ref"] == f32["policy"] == 4 * (split // FSDP + full)
+    assert f32["reward"] == f32["value"] == f32["policy"] + 4 * head
+    bf16 = _ppo_parts(frozen_dtype="bfloat16")
+    assert bf16["ref"] == f32["ref"] // 2 and bf16["reward"] == f32["reward"] // 2
+    assert (bf16["policy"], bf16["value"]) == (f32["policy"], f32["value"])  # still trained in f32
+    # A value (and reward) model of another preset than the policy's (InstructGPT: 1.3B and
+    # 175B policies, 6B RM and value); `ppo.value_init=sft` makes the value the policy's size.
+    mini = _ppo_parts("mini")  # D = 128, 4 layers, vocab and context the policy's
+    d, f, v, t_max, layers = 128, 512, 512, 256, 4
+    mini_split = v * d + t_max * d + layers * (4 * d * d + 2 * d * f)
+    mini_full = layers * (9 * d + f) + 2 * d + 1  # as _tiny_counts' `full`, and the bias
+    assert mini["value"] == mini["reward"] == 4 * ((mini_split + d) // FSDP + mini_full)
+    assert _ppo_parts("mini", value_init="sft")["value"] == f32["value"]
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "launch.aot", *args],

@@ -15,7 +15,7 @@ from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
-from rlhf_jax.stages import lm, ppo, ppo_steps
+from rlhf_jax.stages import lm, ppo, ppo_steps, setup
 
 # Every test here trains or samples a real stage in-process (tens of seconds).
 pytestmark = pytest.mark.slow
@@ -81,6 +81,28 @@ def test_ratio_is_one_at_first_minibatch(tmp_path, sft_dir):
     assert any(
         r["ppo/clipfrac"] > 0 or r["ppo/ratio_max"] != 1.0 for r in rows(tmp_path, "ppo/clipfrac")
     )  # later minibatches did move
+
+
+def test_frozen_models_held_in_bf16(tmp_path, sft_dir):
+    """`ppo.frozen_dtype=bfloat16`: the reference is the SFT params cast to bf16, sharded as the
+    policy; the policy and value stay float32; the stage runs on it."""
+    config = ppo_config(sft_dir, frozen_dtype="bfloat16")
+    mesh = mesh_lib.build_mesh(config.mesh, jax.devices()[:2])
+    tok = setup.load_tokenizer(config, str(tmp_path / "tok"))
+    rules = config.sharding.rules
+    cfgs, _, params, frozen, _ = ppo.build_models(config, tok, mesh, rules)
+    assert cfgs["ref"].param_dtype == "bfloat16" and cfgs["policy"].param_dtype == "float32"
+    pairs = zip(jax.tree.leaves(params["policy"]), jax.tree.leaves(frozen["ref"]), strict=True)
+    for p, r in pairs:
+        assert p.dtype == jnp.float32 and r.dtype == jnp.bfloat16 and r.sharding == p.sharding
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params["value"]))
+    config.train.update(steps=2, ckpt_every=2)
+    run(config, tmp_path / "run")
+    kl = [r["ppo/kl_per_seq"] for r in rows(tmp_path / "run", "ppo/kl_per_seq")]
+    assert kl and all(np.isfinite(kl))
+    with pytest.raises(ValueError, match="unknown ppo.frozen_dtype"):
+        setup.frozen_configs(cfgs, "int8")
 
 
 def test_kill_and_resume_reproduces_the_run(tmp_path, sft_dir, monkeypatch):

@@ -105,6 +105,21 @@ def test_grad_accumulation_equals_full_batch():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_eval_in_microbatches_equals_one_pass():
+    """The eval step runs a batch in the train step's grad_accum pieces (its logits are then a
+    microbatch's); summed NLL and token count equal the one-pass eval's."""
+    mesh = mesh_of((2, 1, 1))
+    cfg = model_config.preset("tiny", family="llama", n_kv_heads=2, dtype="float32")
+    tx = optax.sgd(1.0)
+    graphdef, state, shardings = S.create_train_state(cfg, tx, mesh, RULES, seed=0)
+    b = sharding.put_batch(batch(), mesh, RULES)
+    outs = [lm.compile_steps(graphdef, tx, shardings, mesh, RULES, a)[1] for a in (1, 4)]
+    (nll1, n1), (nll4, n4) = (jax.device_get(ev(state["params"], b)) for ev in outs)
+    assert n1 == n4 == 8 * 13  # 3 masked targets per row
+    np.testing.assert_allclose(nll4, nll1, rtol=1e-6)
+    assert "while" in outs[1].lower(state["params"], b).as_text()  # really a loop over pieces
+
+
 def test_put_batch_places_rows_across_batch_axes():
     mesh = mesh_of((2, 2, 2))
     out = sharding.put_batch(batch(), mesh, RULES)

@@ -203,23 +203,29 @@ def _describe(cfg, params) -> str:
 
 
 def _ppo_models(config, rm_size: str):
+    """The four models as `ppo.build_models` holds them: the reward model from a
+    `ppo.reward_from` workdir here, else the `rm_size` preset (default: the policy's); the value
+    model the reward model's (`ppo.value_init=rm`) or the policy's (`sft`); the frozen ones in
+    `ppo.frozen_dtype`."""
     policy = model_config_of(config)
-    value = None
+    reward = None
     reward_from = config.ppo.reward_from
     if reward_from and os.path.isdir(reward_from):
         stored = _stored_model(reward_from, policy)
-        value = stored and dataclasses.replace(stored, dtype=policy.dtype)
-    if value is None:
+        reward = stored and dataclasses.replace(stored, dtype=policy.dtype)
+    if reward is None:
         base = policy
         if rm_size:
             kw = {k: getattr(policy, k) for k in ("family", "vocab_size", "max_len")}
             kw.update({k: getattr(policy, k) for k in setup.NUMERICS + ("scan_layers",)})
+            kw["param_dtype"] = policy.param_dtype
             base = model_config.preset(rm_size, **kw)
-        value = dataclasses.replace(base, head="scalar")
-    cfgs = {"policy": policy, "ref": policy, "value": value, "reward": value}
+        reward = dataclasses.replace(base, head="scalar")
+    value = reward if config.ppo.value_init == "rm" else dataclasses.replace(policy, head="scalar")
+    cfgs = {"policy": policy, "ref": policy, "value": value, "reward": reward}
     if config.ppo.reward_fn:
         del cfgs["reward"]
-    return cfgs
+    return setup.frozen_configs(cfgs, config.ppo.frozen_dtype)
 
 
 def _ppo(config, mesh, rules, rm_size: str) -> list[Function]:

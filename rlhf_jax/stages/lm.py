@@ -54,12 +54,7 @@ def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
         if grad_accum == 1:
             (loss_sum, n), grads = grad_fn(params, batch)
         else:
-            # [B, T] -> [A, B/A, T] keeping each device's rows local (row-major split, then swap).
-            def split(x):
-                x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
-                return jnp.swapaxes(x, 0, 1)
-
-            micro = jax.tree.map(split, batch)
+            micro = _microbatches(batch, grad_accum)  # [A, B/A, T]
 
             def body(carry, mb):
                 mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
@@ -85,14 +80,34 @@ def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
         return new_state, out
 
 
-def eval_step(params, batch, *, graphdef, mesh, rules):
-    """(summed NLL, token count) of one eval batch."""
+def _microbatches(batch, n: int):
+    """[B, ...] -> [n, B/n, ...] keeping each device's rows local (row-major split, then swap)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def eval_step(params, batch, *, graphdef, mesh, rules, microbatches: int = 1):
+    """(summed NLL, token count) of one eval batch, in `microbatches` sequential pieces (the
+    train step's, so the eval's logits and activations are never larger than a microbatch's)."""
     with sharding.use_rules(mesh, rules):
-        return lm_loss(params, batch, graphdef)
+        if microbatches == 1:
+            return lm_loss(params, batch, graphdef)
+
+        def body(carry, mb):
+            mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
+            return jax.tree.map(jnp.add, carry, lm_loss(params, mb, graphdef)), None
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        return jax.lax.scan(body, zero, _microbatches(batch, microbatches))[0]
 
 
 def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
-    """The jitted train and eval steps with explicit shardings; state donated."""
+    """The jitted train and eval steps with explicit shardings; state donated. Both run a batch
+    in `grad_accum` microbatches."""
     batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in ("inputs", "targets", "mask")}
     train = jax.jit(
         functools.partial(
@@ -103,7 +118,9 @@ def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, mesh=mesh, rules=rules),
+        functools.partial(
+            eval_step, graphdef=graphdef, mesh=mesh, rules=rules, microbatches=grad_accum
+        ),
         in_shardings=(shardings["params"], batch_sh),
         out_shardings=sharding.replicated(mesh),
     )

@@ -98,8 +98,10 @@ def load_reward_fn(spec: str):
         raise ValueError(f"ppo.reward_fn={spec!r} cannot be loaded: {e}") from None
 
 
-def _restore(workdir, cfg, mesh, rules):
-    return setup.restore_init_params(workdir, state_lib.abstract_params(cfg, mesh, rules))
+def _restore(workdir, cfg, mesh, rules, held=None):
+    """Params of `workdir` as stored (`cfg`), held in `held.param_dtype` when given."""
+    abstract = state_lib.abstract_params(cfg, mesh, rules)
+    return setup.restore_init_params(workdir, abstract, held and held.param_dtype)
 
 
 def build_models(config, tok, mesh, rules, fresh: bool = True):
@@ -121,12 +123,14 @@ def build_models(config, tok, mesh, rules, fresh: bool = True):
         cfgs["value"] = dataclasses.replace(policy_cfg, head="scalar")
     else:
         raise ValueError(f"unknown ppo.value_init: {c.value_init!r}; expected 'rm' or 'sft'")
-    graphdefs = {k: model_lib.abstract(v)[0] for k, v in cfgs.items()}
+    held = setup.frozen_configs(cfgs, c.frozen_dtype)
+    graphdefs = {k: model_lib.abstract(v)[0] for k, v in held.items()}
     # The KL reference is the SFT policy even when the policy starts elsewhere (a later round
     # of iterated RLHF continues from the previous round's policy).
-    frozen = {"ref": _restore(c.reference_from or config.init_from, policy_cfg, mesh, rules)}
+    ref_from = c.reference_from or config.init_from
+    frozen = {"ref": _restore(ref_from, policy_cfg, mesh, rules, held["ref"])}
     if "reward" in cfgs:
-        frozen["reward"] = _restore(c.reward_from, cfgs["reward"], mesh, rules)
+        frozen["reward"] = _restore(c.reward_from, cfgs["reward"], mesh, rules, held["reward"])
     params = None
     if fresh:
         params = {"policy": _restore(config.init_from, policy_cfg, mesh, rules)}
@@ -136,7 +140,7 @@ def build_models(config, tok, mesh, rules, fresh: bool = True):
             meta = {"model": dataclasses.asdict(policy_cfg)}
             params["value"] = rm_stage.backbone_params(config, cfgs["value"], mesh, rules, meta)
     bias = float((reward_meta or {}).get("reward_bias", 0.0))
-    return cfgs, graphdefs, params, frozen, bias
+    return held, graphdefs, params, frozen, bias
 
 
 def train_state_shardings(cfgs, tx, mesh, rules):

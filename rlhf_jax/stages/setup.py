@@ -60,11 +60,38 @@ def read_init_meta(path: str) -> dict | None:
     return checkpoint.read_meta(path)
 
 
-def restore_init_params(path: str, abstract_params):
-    """Params of an `init_from` source, straight into the shardings `abstract_params` asks."""
+def restore_init_params(path: str, abstract_params, dtype: str | None = None):
+    """Params of an `init_from` source, straight into the shardings `abstract_params` asks
+    (its dtypes, the stored ones), then cast leaf by leaf to `dtype` when given."""
     if hf_init.is_hf_path(path):
-        return hf_init.restore_params(path, abstract_params)
-    return checkpoint.restore_params(path, abstract_params)
+        params = hf_init.restore_params(path, abstract_params)
+    else:
+        params = checkpoint.restore_params(path, abstract_params)
+    if not dtype:
+        return params
+
+    def cast(x):
+        if x.dtype == dtype:
+            return x
+        y = x.astype(dtype)  # keeps x's sharding
+        x.delete()  # the stored-dtype copy is never whole in HBM beside the cast one
+        return y
+
+    return jax.tree.map(cast, params)
+
+
+def frozen_configs(cfgs: dict, dtype: str) -> dict:
+    """`cfgs` with the frozen models (reference "ref", "reward") held in `dtype`
+    (`ppo.frozen_dtype`; "" keeps model.param_dtype): they get no gradient, so float32 master
+    weights buy them nothing, and they compute in `model.dtype` either way."""
+    if not dtype:
+        return cfgs
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown ppo.frozen_dtype: {dtype!r}; expected '', float32 or bfloat16")
+    frozen = ("ref", "reward")
+    return {
+        k: dataclasses.replace(v, param_dtype=dtype) if k in frozen else v for k, v in cfgs.items()
+    }
 
 
 def _tokenizer_in(directory: str) -> str | None:
