@@ -46,11 +46,14 @@ def get_config(arg=None):
         c.rm.k_max = 4
     else:
         # InstructGPT 6B RM: one epoch over the comparisons, lr 9e-6, cosine decay, batch of
-        # 64 prompts (up to 2304 pairs) per step.
+        # 64 prompts (up to 2304 pairs) per step, in 16 microbatches of 4 prompts x K = 9
+        # responses (in one pass GPT-2 124M needs 96.9 GiB per v5e chip: BENCHMARKS.md). With
+        # more than 4 data-parallel chips, set train.grad_accum to 64 / their number or less.
         c.train.update(
             steps=2000,
             batch_size=64,
             seq_len=1024,
+            grad_accum=16,
             lr=9e-6,
             warmup_steps=0,
             min_lr_ratio=0.1,
