@@ -17,13 +17,13 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.sampling import sampler
 
-# Two models cover both families, GQA, and scanned and unrolled layers; the third is Gemma 3
-# style (q/k and sandwich norms, GeGLU, decoupled head dim) with one local layer (a window of 4,
-# crossed by the prompts of 8 and the 10 new tokens) and one global layer in a scan, soft-caps
-# that bend these small logits, and a query scale that is not H.
+# Two models cover both families, unrolled and scanned layers: GPT-2 (learned positions, unrolled)
+# and a LLaMA-family model in the Gemma 3 style, the one that exercises the most of the decode
+# path: GQA, RoPE with a local and a global base, q/k and sandwich norms, GeGLU, a decoupled head
+# dim, one local layer (a window of 4, crossed by the prompts of 8 and the 10 new tokens) and one
+# global layer in a scan, soft-caps that bend these small logits, a query scale that is not H.
 CONFIGS = {
     "gpt2": dict(family="gpt2"),
-    "llama_gqa_scan": dict(family="llama", n_kv_heads=2, scan_layers=True),
     "gemma_window_scan": dict(
         family="llama",
         **model_config.VARIANTS["gemma3"],
