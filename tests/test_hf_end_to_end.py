@@ -10,6 +10,7 @@ steps each: the test is about the hand-offs (params, tokenizer, template, eos id
 
 import json
 import os
+import socket
 
 import jax
 import pytest
@@ -170,7 +171,25 @@ def _our_greedy(workdir: str, root, messages: list[dict], mesh):
     return ids, got["response"][0, : got["lengths"][0]].tolist()
 
 
-def test_hf_qwen3_sft_rm_ppo_export_generates_as_transformers(tmp_path):
+@pytest.fixture
+def offline(monkeypatch):
+    """Any network connection (a download by transformers, tokenizers or a stage) fails the test."""
+
+    def refuse(sock, address, *args):
+        if sock.family == socket.AF_UNIX:
+            return real(sock, address)
+        raise AssertionError(f"network access to {address!r} during the test")
+
+    def lookup(host, *args, **kw):
+        raise AssertionError(f"network lookup of {host!r} during the test")
+
+    real = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
+def test_hf_qwen3_sft_rm_ppo_export_generates_as_transformers(tmp_path, offline):
     hf_dir = _hf_qwen3(str(tmp_path / "qwen3"))
     data = _data(tmp_path)
     mesh = mesh_lib.build_mesh(sft.get_config().mesh, jax.devices()[:2])
