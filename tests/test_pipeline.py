@@ -2,8 +2,10 @@
 output exists and the report is produced; a second run resumes and skips finished steps; the same
 pipeline as 2 processes x 4 devices (`launch.local`) writes what the 1-process 8-device run wrote:
 every logged number and sampled text of every stage (SFT with eval samples, the RM with its final
-normalisation, PPO and PPO-ptx with samples tables and held-out eval, best-of-K fine-tuning), the
-collected comparisons, best-of-K and the evaluation (tests/run_compare.py has the tolerances)."""
+normalisation, PPO and PPO-ptx with samples tables and held-out eval, best-of-K fine-tuning, DPO
+with its held-out comparisons and KL eval, GRPO-ptx with its pretraining term and held-out eval),
+the collected comparisons, best-of-K and the evaluation (tests/run_compare.py has the
+tolerances)."""
 
 import json
 import os
@@ -46,6 +48,22 @@ SMALL = [
     "--config.stages.rsft.rsft.prompts_per_round=8",
     "--config.stages.rsft.train.batch_size=8",
     "--config.stages.rsft.rsft.finished_only=False",  # tiny models rarely finish
+    "--config.stages.dpo.train.steps=2",
+    "--config.stages.dpo.train.batch_size=8",
+    "--config.stages.dpo.train.log_every=1",
+    "--config.stages.dpo.train.warmup_steps=0",  # step 2 off the exact ties of the reference
+    "--config.stages.dpo.train.eval_every=2",
+    "--config.stages.dpo.dpo.kl_prompts=8",
+    "--config.stages.dpo.dpo.kl_max_new_tokens=8",
+    "--config.stages.grpo.train.steps=2",
+    "--config.stages.grpo.train.log_every=1",
+    "--config.stages.grpo.train.eval_every=2",
+    "--config.stages.grpo.grpo.prompts=4",
+    "--config.stages.grpo.grpo.group_size=4",
+    "--config.stages.grpo.grpo.minibatch=8",
+    "--config.stages.grpo.grpo.max_new_tokens=8",
+    "--config.stages.grpo.grpo.eval_prompts=4",
+    "--config.stages.grpo.grpo.ptx_batch=8",
     "--config.evaluate.best_of_k=2",
     "--config.rounds=2",
     "--config.collect.k=3",
@@ -87,7 +105,7 @@ def pipeline_run(tmp_path_factory):
 @pytest.mark.slow
 def test_pipeline_end_to_end(pipeline_run):
     tmp_path = pipeline_run
-    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy"):
+    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy", "dpo", "grpo"):
         assert os.path.isdir(tmp_path / sub / "checkpoints"), sub
         assert os.path.getsize(tmp_path / sub / "metrics.jsonl") > 0, sub
     for sub in ("rm", "ppo", "ppo_ptx"):  # round 2: a new RM, PPO continued from round 1
@@ -96,6 +114,16 @@ def test_pipeline_end_to_end(pipeline_run):
     assert r2["init_from"] == str(tmp_path / "ppo_ptx")
     assert r2["ppo"]["reference_from"] == str(tmp_path / "sft")
     assert r2["ppo"]["reward_from"] == str(tmp_path / "round_2" / "rm")
+    dpo = checkpoint.read_meta(str(tmp_path / "dpo"))["config"]
+    assert dpo["init_from"] == dpo["dpo"]["reference_from"] == str(tmp_path / "sft")
+    assert dpo["data"]["train"] == str(tmp_path / "comparisons.jsonl")
+    grpo = checkpoint.read_meta(str(tmp_path / "grpo"))
+    assert grpo["config"]["init_from"] == grpo["config"]["grpo"]["reference_from"]
+    assert grpo["config"]["grpo"]["reward_from"] == str(tmp_path / "rm")  # round 1's RM
+    assert grpo["config"]["grpo"]["ptx_coef"] == 1.0  # PPO-ptx's gamma
+    rm_bias = json.loads((tmp_path / "rm" / "reward_norm.json").read_text())["reward_bias"]
+    assert grpo["reward_bias"] == pytest.approx(rm_bias) and rm_bias != 0.0
+    assert not os.path.exists(tmp_path / "round_2" / "dpo")  # round 1 only
     rm2 = checkpoint.read_meta(str(tmp_path / "round_2" / "rm"))["config"]
     assert rm2["init_from"] == str(tmp_path / "rm")
     assert rm2["data"]["train"].split(",") == [
@@ -108,21 +136,26 @@ def test_pipeline_end_to_end(pipeline_run):
     assert comps and all({"prompt", "responses", "ranking"} <= set(json.loads(c)) for c in comps)
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert list(ev["models"]) == [
-        *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "ppo_r2", "ppo_ptx_r2")
+        *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "dpo", "grpo"),
+        *("ppo_r2", "ppo_ptx_r2"),
     ]
+    assert ev["models"]["grpo"]["label"] == "GRPO-ptx" and ev["models"]["dpo"]["round"] == 1
     for m in ev["models"].values():
         assert -1.0 <= m["gold_score"] <= 1.0 and m["heldout_pretrain_loss"] > 0
     assert ev["models"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-4)
     assert [r["round"] for r in ev["meta"]["rounds"]] == [1, 2]
     report = (tmp_path / "report.md").read_text()
     assert "PPO-ptx" in report and (tmp_path / "report_ppo.png").exists()
+    assert "| DPO |" in report and "| GRPO-ptx |" in report
+    tax = next(line for line in report.splitlines() if line.startswith("**Alignment tax**"))
+    assert ", DPO " in tax and ", GRPO-ptx " in tax
     again = launch(tmp_path)  # everything is done: every step is skipped
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("skipping") == 12
+    assert again.stdout.count("skipping") == 14
 
     # A PPO-only run on top of the finished one: links its SFT model and RM, runs PPO only.
     ppo_only = tmp_path / "ppo_only"
-    skip = "--config.skip=ppo_ptx,rsft"
+    skip = "--config.skip=ppo_ptx,rsft,dpo,grpo"
     proc = launch(
         ppo_only, f"--config.reuse={os.path.relpath(tmp_path, ROOT)}", skip, "--config.rounds=1",
         "--config.evaluate.best_of_k=0",
@@ -142,10 +175,14 @@ def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
     one_run = pipeline_run
     proc = launch(tmp_path, "--config.rounds=1", processes=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "rsft/round_1/policy"):
+    subs = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "rsft/round_1/policy", "dpo", "grpo")
+    for sub in subs:
         assert_same_run(one_run / sub, tmp_path / sub)
     assert [v for (_, k), v in metrics(tmp_path / "sft").items() if k == "eval/samples"]
     assert (2, "ppo/samples") in metrics(tmp_path / "ppo_ptx")
+    dpo, grpo = metrics(tmp_path / "dpo"), metrics(tmp_path / "grpo")
+    assert {(2, "eval/kl"), (2, "eval/accuracy"), (2, "dpo/accuracy")} <= dpo.keys()
+    assert {(2, "eval/score"), (2, "grpo/ptx_loss"), (2, "grpo/first_ratio_max")} <= grpo.keys()
     norm = [json.loads((d / "rm" / "reward_norm.json").read_text()) for d in (one_run, tmp_path)]
     for k in ("reward_bias", "raw_std"):
         np.testing.assert_allclose(norm[1][k], norm[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
@@ -160,7 +197,7 @@ def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
     ).read_text()
     one = json.loads((one_run / "eval.json").read_text())["models"]
     two = json.loads((tmp_path / "eval.json").read_text())["models"]
-    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft"]
+    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "dpo", "grpo"]
     for name in two:
         a, b = numbers(one[name]), numbers(two[name])
         assert a.keys() == b.keys(), name
