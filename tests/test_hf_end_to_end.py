@@ -110,7 +110,7 @@ def _data(root) -> dict:
         "pairs": _write(root / "pairs.jsonl", pairs),
         "prompts": _write(root / "prompts.jsonl", prompts),
         "text": _write(root / "text.jsonl", text),
-        "chat": _conversation(4)[:-1],
+        "chat": _conversation(3)[:-1],  # system, user, assistant, user
     }
 
 
