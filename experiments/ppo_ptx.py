@@ -14,6 +14,15 @@ Plain PPO (gamma = 0) is `experiments/ppo_ptx.py:ptx=0` (or `--config.ppo.ptx_co
 A rule-based reward instead of the RM: `--config.ppo.reward_fn=my_module:my_reward`.
 
 Args (after the colon): size, family, fsdp, tensor, ptx (0 = plain PPO, 1 = PPO-ptx).
+
+Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCHMARKS.md):
+  InstructGPT's 1.3B policy with a 6B reward and value model, the frozen reference and reward
+  models in bf16 (`ppo.frozen_dtype`), v5e:4x4: the update 11.65 of 15.75 GiB per chip; a
+  v5e:2x4 is refused (`error: update needs 19.19 GiB per chip, v5e:2x4 chips have 15.75 GiB`):
+  python -m launch.aot --config experiments/ppo_ptx.py:size=1.3b,fsdp=16 --topology v5e:4x4 \
+      --rm_size 6b --config.model.scan_layers=True --config.model.remat=full \
+      --config.ppo.frozen_dtype=bfloat16
+  (`--rm_size` sizes the models a run reads from `ppo.reward_from`.)
 """
 
 import os

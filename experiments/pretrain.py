@@ -10,6 +10,12 @@ GPT-2 124M on your own corpus, one GPU:
 
 Args (after the colon): size (tiny|small|medium|large|xl|1.3b|6b|175b), family (gpt2|llama),
 fsdp and tensor (mesh axis sizes; data parallelism fills the remaining devices).
+
+Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCHMARKS.md):
+  GPT-2 124M, v5e:2x2: train step 4.0, eval step 0.9 of 15.75 GiB per chip (the eval runs in
+  the train step's 40 microbatches):
+  python -m launch.aot --config experiments/pretrain.py:size=small,fsdp=4 --topology v5e:2x2 \
+      --config.model.scan_layers=True
 """
 
 import os

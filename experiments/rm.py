@@ -14,6 +14,11 @@ Your own comparisons (K-way {"prompt", "responses", "ranking"} or {"prompt", "ch
       --config.init_from=runs/sft_small --config.data.train=comparisons.jsonl
 
 Args (after the colon): size, family, fsdp, tensor, batching (per_prompt|per_pair).
+
+Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCHMARKS.md):
+  GPT-2 124M, v5e:2x2, the recipe's 16 microbatches: train step 8.2 of 15.75 GiB per chip:
+  python -m launch.aot --config experiments/rm.py:size=small,fsdp=4 --topology v5e:2x2 \
+      --config.model.scan_layers=True
 """
 
 import os

@@ -13,6 +13,17 @@ Your own demonstrations ({"prompt", "response"} JSONL), GPT-2 124M:
 
 Args (after the colon): size, family, fsdp, tensor, as in experiments/pretrain.py. With
 init_from set, the architecture comes from that checkpoint.
+
+Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCHMARKS.md):
+  GPT-2 124M, v5e:2x2: train step 10.1 of 15.75 GiB per chip:
+  python -m launch.aot --config experiments/sft.py:size=small,fsdp=4 --topology v5e:2x2 \
+      --config.model.scan_layers=True
+  GPT-2 350M, v5e:2x2, with remat (without it the train step needs 19.5 GiB): 4.5 GiB per chip:
+  python -m launch.aot --config experiments/sft.py:size=medium,fsdp=4 --topology v5e:2x2 \
+      --config.model.scan_layers=True --config.model.remat=full
+  175B (GPT-3), v5p:4x4x4, train step 57.0 of 95.7 GiB per chip (a v5p:2x2x4 is refused):
+  python -m launch.aot --config experiments/sft.py:size=175b,fsdp=16,tensor=4 \
+      --topology v5p:4x4x4 --config.model.scan_layers=True --config.model.remat=full
 """
 
 import os
