@@ -22,6 +22,11 @@ Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCH
   python -m launch.aot --config experiments/ppo_ptx.py:size=1.3b,fsdp=16 --topology v5e:4x4 \
       --rm_size 6b --config.model.scan_layers=True --config.model.remat=full \
       --config.ppo.frozen_dtype=bfloat16
+  6B policy, 6B reward and value models, v5p:2x2x4: the update 21.5 of 95.7 GiB per chip
+  (13.98 GiB with `--rm_size 1.3b`, a value model smaller than the policy):
+  python -m launch.aot --config experiments/ppo_ptx.py:size=6b,fsdp=16 --topology v5p:2x2x4 \
+      --rm_size 6b --config.model.scan_layers=True --config.model.remat=full \
+      --config.ppo.frozen_dtype=bfloat16
   (`--rm_size` sizes the models a run reads from `ppo.reward_from`.)
 """
 
