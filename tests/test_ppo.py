@@ -69,8 +69,16 @@ def rows(workdir, key):
     return [r for r in metrics.read_metrics(str(workdir / "metrics.jsonl")) if key in r]
 
 
-def test_ratio_is_one_at_first_minibatch(tmp_path, sft_dir):
-    run(ppo_config(sft_dir), tmp_path)
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, sft_dir):
+    """One uninterrupted run of `ppo_config`: -> (workdir, final state). The first-minibatch
+    test reads its metrics, the kill-and-resume test compares a killed run with it."""
+    workdir = tmp_path_factory.mktemp("ppo_straight")
+    return workdir, jax.device_get(run(ppo_config(sft_dir), workdir))
+
+
+def test_ratio_is_one_at_first_minibatch(straight_run):
+    tmp_path = straight_run[0]
     for r in rows(tmp_path, "ppo/first_ratio_max"):
         # One in exact arithmetic; the score and update programs are compiled apart, so XLA may
         # fuse them differently (a few float32 ulps, CPU-model dependent). An off-policy ratio
@@ -105,9 +113,9 @@ def test_frozen_models_held_in_bf16(tmp_path, sft_dir):
         setup.frozen_configs(cfgs, "int8")
 
 
-def test_kill_and_resume_reproduces_the_run(tmp_path, sft_dir, monkeypatch):
+def test_kill_and_resume_reproduces_the_run(tmp_path, sft_dir, straight_run, monkeypatch):
     config = ppo_config(sft_dir)
-    straight = run(config, tmp_path / "a")
+    straight_dir, straight = straight_run
 
     class Crash(Exception):
         pass
@@ -126,12 +134,12 @@ def test_kill_and_resume_reproduces_the_run(tmp_path, sft_dir, monkeypatch):
     assert checkpoint.Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 2
     resumed = run(config, tmp_path / "b")
     for a, b in zip(
-        jax.tree.leaves(jax.device_get(straight)),
+        jax.tree.leaves(straight),
         jax.tree.leaves(jax.device_get(resumed)),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-    sa = [r["ppo/score"] for r in rows(tmp_path / "a", "ppo/score")]
+    sa = [r["ppo/score"] for r in rows(straight_dir, "ppo/score")]
     sb = [r["ppo/score"] for r in rows(tmp_path / "b", "ppo/score")]
     assert sa == sb and len(sa) == 4
 
@@ -214,11 +222,9 @@ def grads(setup, cfg, with_ptx=True):
 
 def loss_of(setup, cfg, with_ptx=True):
     graphdefs, params, mb, ptx, p = setup
-    return float(
-        ppo_steps.ppo_loss(
-            params, mb, ptx if with_ptx else None, graphdefs=graphdefs, cfg=cfg, p=p
-        )[0]
-    )
+    fn = functools.partial(ppo_steps.ppo_loss, graphdefs=graphdefs, cfg=cfg, p=p)
+    # Compiled: op by op, a transformer forward dispatches (and compiles) every primitive.
+    return float(jax.jit(lambda pr: fn(pr, mb, ptx if with_ptx else None)[0])(params))
 
 
 def test_gamma_zero_is_plain_ppo(tiny_loss_setup):
