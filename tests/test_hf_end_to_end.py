@@ -228,3 +228,35 @@ def test_hf_qwen3_sft_rm_ppo_export_generates_as_transformers(tmp_path, offline)
     ours_prompt, ours = _our_greedy(work["ppo"], tmp_path, data["chat"], mesh)
     assert ours_prompt == prompt
     assert ours == theirs, (hf_tok.decode(ours), hf_tok.decode(theirs))
+
+
+def test_pipeline_starts_from_an_hf_model(tmp_path, offline):
+    """`config.init_from=hf:DIR`: the pipeline's pretrain step imports the model (no training),
+    and its SFT step fine-tunes the import, with the model's own tokenizer, on the world's demos."""
+    from experiments import pipeline as pipeline_exp
+    from rlhf_jax.infra import checkpoint
+    from rlhf_jax.stages import pipeline
+
+    hf_dir = _hf_qwen3(str(tmp_path / "hf"))
+    c = pipeline_exp.get_config("size=tiny")
+    c.init_from = f"hf:{hf_dir}"
+    c.skip = "collect,rm,ppo,ppo_ptx,rsft,dpo,grpo,evaluate"
+    c.rounds = 1
+    c.world.sizes.update(pretrain=40, heldout=8, demos=32, rm_prompts=8, ppo_prompts=8)
+    c.world.sizes.eval_prompts = 8
+    c.stages.sft.sft.eval_samples = 0
+    c.stages.sft.train.update(epochs=0.0, steps=2, batch_size=8, eval_every=0, log_every=1)
+    run = tmp_path / "run"
+    pipeline.run(c, mesh_lib.build_mesh(c.mesh, jax.devices()[:2]), str(run))
+    imported = checkpoint.read_meta(str(run / "pretrain"))
+    assert imported["stage"] == "import" and imported["config"]["hf"] == hf_dir
+    assert not os.path.exists(run / "pretrain" / "metrics.jsonl")  # imported, not trained
+    assert os.path.isfile(run / "pretrain" / "tokenizer" / "tokenizer.json")
+    sft_meta = checkpoint.read_meta(str(run / "sft"))
+    assert sft_meta["config"]["init_from"] == str(run / "pretrain")
+    assert sft_meta["model"]["vocab_size"] == imported["model"]["vocab_size"]
+    assert os.path.isfile(run / "sft" / "tokenizer" / "tokenizer.json")
+    assert [r["step"] for r in metrics.read_metrics(str(run / "sft" / "metrics.jsonl"))][-1] == 2
+    with pytest.raises(ValueError, match="takes hf:DIR"):
+        c.init_from = str(tmp_path / "hf")
+        pipeline.run(c, mesh_lib.build_mesh(c.mesh, jax.devices()[:2]), str(tmp_path / "bad"))

@@ -26,6 +26,10 @@ continues PPO and PPO-ptx from the previous round's policies, the KL still measu
 Round r lives in `round_<r>/`. DPO and GRPO-ptx run in round 1 only: they are the alternatives
 to PPO on the same data, model and reward, and the iterated loop stays InstructGPT's.
 
+`config.init_from=hf:DIR` starts from a Hugging Face model instead of pretraining one: the pretrain
+step imports it into `pretrain/` (models/hf_import.py), so SFT, the evaluation's "pretrained" row
+and the ptx reference read it like a trained one; the world's text is encoded with its tokenizer.
+
 `config.reuse=DIR` takes the pretrained model, SFT model, comparisons and RM of a finished run in
 DIR (linked, not copied) and runs only what follows, which is how a sweep over PPO settings
 shares one SFT model and RM (experiments/sweeps/kl_overopt.py).
@@ -43,6 +47,7 @@ import jax
 
 from rlhf_jax.data import lm_data
 from rlhf_jax.infra import preemption, sharding
+from rlhf_jax.models import hf_import, hf_init
 from rlhf_jax.stages import dpo, grpo, lm, ppo, rm, rsft
 from rlhf_jax.stages import pipeline_eval as ev
 from rlhf_jax.task import world_data
@@ -138,7 +143,16 @@ def run(config, mesh, workdir: str):
         cfg.seed = config.seed
         module.run(cfg, mesh, at(sub))
 
-    step("pretrain", lambda: stage("pretrain", s.pretrain, lm, **{"data.train": paths["pretrain"]}))
+    if config.init_from:  # a Hugging Face model as the pretrained policy: imported, not trained
+        hf_path = config.init_from
+        if not hf_init.is_hf_path(hf_path):
+            raise ValueError(f"config.init_from={hf_path!r}: the pipeline takes hf:DIR here")
+        scan = s.pretrain.model.scan_layers
+        step("pretrain", lambda: hf_import.import_to_workdir(
+            hf_path, at("pretrain"), mesh, rules, scan_layers=scan))  # fmt: skip
+    else:
+        pretrain_over = {"data.train": paths["pretrain"]}
+        step("pretrain", lambda: stage("pretrain", s.pretrain, lm, **pretrain_over))
     sft_over = {"data.train": paths["demos"], "init_from": at("pretrain")}
     step("sft", lambda: stage("sft", s.sft, lm, **sft_over))
     step(

@@ -18,7 +18,6 @@ writing safetensors directories in hf.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 
@@ -27,77 +26,9 @@ import jax
 from rlhf_jax.infra import cli
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf, hf_init
-
-HF_TOKENIZER_DIR = "tokenizer"  # a tokenizer.json and its configs, as the stages keep it
+from rlhf_jax.models.hf_import import HF_TOKENIZER_DIR, check_tokenizer, import_to_workdir
 
 # ----------------------------------------------------------------------------- workdirs
-
-
-def _check_tokenizer(file: str, vocab_size: int) -> str | None:
-    """Why the stages cannot use this tokenizer yet, or None when they can."""
-    from rlhf_jax.data import tokenizer as tok_lib
-
-    try:
-        tok_lib.load_tokenizer(file).check_model_vocab(vocab_size)
-    except (FileNotFoundError, ValueError) as e:
-        return str(e)
-    return None
-
-
-def import_to_workdir(
-    hf_path: str,
-    workdir: str,
-    mesh,
-    rules,
-    *,
-    dtype="bfloat16",
-    param_dtype="float32",
-    scan_layers=False,
-) -> dict:
-    """Imports a HF directory into a checkpoint workdir usable as `init_from`; returns its meta.
-
-    `dtype` is the compute dtype recorded for tools that read the workdir alone (generate,
-    score); stages take theirs from their own config.
-    """
-    from rlhf_jax.infra import checkpoint
-
-    directory = hf_init.hf_dir(hf_path)
-    cfg, params = hf.import_hf(
-        directory, mesh, rules, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers
-    )
-    meta = hf_init.init_meta(directory, scan_layers=scan_layers)
-    meta.update(
-        model=dataclasses.asdict(cfg),
-        stage="import",
-        config={"hf": os.path.abspath(directory), "param_dtype": param_dtype},
-    )
-    tok = hf_init.tokenizer_path(directory)
-    hf_tok = tok is None and os.path.isfile(os.path.join(directory, "tokenizer.json"))
-    if hf_tok:
-        meta["tokenizer"] = HF_TOKENIZER_DIR
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        problem = None
-        if tok:
-            shutil.copyfile(tok, os.path.join(workdir, hf_init.TOKENIZER_FILE))
-            problem = _check_tokenizer(tok, cfg.vocab_size)
-        elif hf_tok:
-            problem = _check_tokenizer(directory, cfg.vocab_size)
-            if problem is None:
-                from rlhf_jax.data import tokenizer as tok_lib
-
-                tok_lib.load_tokenizer(directory).save(os.path.join(workdir, HF_TOKENIZER_DIR))
-        else:
-            print(
-                f"warning: no tokenizer ({hf_init.TOKENIZER_FILE} or tokenizer.json) beside the "
-                "weights; the stages need one (config.tokenizer.path) to train from this workdir",
-                flush=True,
-            )
-        if problem:
-            print(f"warning: the stages cannot use this tokenizer yet: {problem}", flush=True)
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
-        ckpt.save(0, {"params": params}, meta=meta, force=True)
-    return meta
 
 
 def export_workdir(
@@ -116,7 +47,7 @@ def export_workdir(
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
     tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
     tok = tok if os.path.isfile(tok) else os.path.join(workdir, HF_TOKENIZER_DIR)
-    usable = os.path.exists(tok) and _check_tokenizer(tok, cfg.vocab_size) is None
+    usable = os.path.exists(tok) and check_tokenizer(tok, cfg.vocab_size) is None
     if not ids and usable:
         from rlhf_jax.data import tokenizer as tok_lib
 
