@@ -5,7 +5,6 @@ Every parameter is perturbed away from HF's init (unit norms, zero biases) so a 
 dropped tensor changes the logits.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jax.sharding import Mesh  # noqa: E402
+import hf_parity  # noqa: E402  (tests/ is on sys.path; needs torch)
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
@@ -83,55 +82,11 @@ def _hf_model(kind: str):
         model = t.Qwen2ForCausalLM(t.Qwen2Config(tie_word_embeddings=True, **llama))
     else:
         raise ValueError(kind)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return hf_parity.perturbed(model)
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """kind -> (directory, transformers model); built lazily, once per module."""
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            model = _hf_model(kind)
-            path = str(tmp_path_factory.mktemp(kind))
-            model.save_pretrained(path, safe_serialization=True)
-            cache[kind] = (path, model)
-        return cache[kind]
-
-    return get
-
-
-def _mesh(n: int) -> Mesh:
-    shape = (2, 2, 2) if n == 8 else (1, 1, 1)
-    return Mesh(np.array(jax.devices()[:n]).reshape(shape), ("data", "fsdp", "tensor"))
-
-
-_FORWARDS = {}
-
-
-def _logits(cfg, params, tokens, mesh=None):
-    """Our logits (or scores) [B, T, ...] as numpy, through one jitted forward per config."""
-    key = (cfg, mesh)
-    if key not in _FORWARDS:
-        graphdef = model_lib.abstract(cfg)[0]
-
-        def forward(params, tokens):
-            rules = sharding.use_rules(mesh, RULES) if mesh else contextlib.nullcontext()
-            with rules:
-                return state_lib.merge(graphdef, params)(tokens)[0]
-
-        _FORWARDS[key] = jax.jit(forward)
-    return np.asarray(_FORWARDS[key](params, tokens))
-
-
-def _hf_logits(model, tokens, **kw):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens)), **kw).logits.float().numpy()
+hf_dirs = hf_parity.dirs_fixture(_hf_model)
+_mesh, _logits, _hf_logits = hf_parity.mesh, hf_parity.logits, hf_parity.hf_logits
 
 
 def _tokens(seed=0, shape=(2, T)):

@@ -11,7 +11,6 @@ layers in one scan) the logits, then export -> transformers -> the same logits; 
 keeps every flag through a workdir.
 """
 
-import contextlib
 import dataclasses
 
 import jax
@@ -21,10 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jax.sharding import Mesh  # noqa: E402
+import hf_parity  # noqa: E402  (tests/ is on sys.path; needs torch)
 
 from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
-from rlhf_jax.infra import state as state_lib  # noqa: E402
 from rlhf_jax.models import config as model_config  # noqa: E402
 from rlhf_jax.models import hf, hf_map  # noqa: E402
 from rlhf_jax.models import transformer as model_lib  # noqa: E402
@@ -87,50 +85,11 @@ def _hf_model(kind: str):
         model = t.Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(kind)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return hf_parity.perturbed(model)
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """kind -> (directory, transformers model); built lazily, once per module."""
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            model = _hf_model(kind)
-            path = str(tmp_path_factory.mktemp(kind))
-            model.save_pretrained(path, safe_serialization=True)
-            cache[kind] = (path, model)
-        return cache[kind]
-
-    return get
-
-
-def _mesh(n: int) -> Mesh:
-    shape = (2, 2, 2) if n == 8 else (1, 1, 1)
-    return Mesh(np.array(jax.devices()[:n]).reshape(shape), ("data", "fsdp", "tensor"))
-
-
-def _logits(cfg, params, tokens, mesh=None):
-    """Our logits [B, T, V] as numpy, through one jitted forward."""
-    graphdef = model_lib.abstract(cfg)[0]
-
-    @jax.jit
-    def forward(params, tokens):
-        rules = sharding.use_rules(mesh, RULES) if mesh else contextlib.nullcontext()
-        with rules:
-            return state_lib.merge(graphdef, params)(tokens)[0]
-
-    return np.asarray(forward(params, tokens))
-
-
-def _hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+hf_dirs = hf_parity.dirs_fixture(_hf_model)
+_mesh, _logits, _hf_logits = hf_parity.mesh, hf_parity.logits, hf_parity.hf_logits
 
 
 def _tokens(seed=0, shape=(2, T)):
