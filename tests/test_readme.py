@@ -33,6 +33,11 @@ SHORTEN = {
     "experiments/rsft.py": "--config.rsft.rounds=1 --config.rsft.prompts_per_round=4 "
     "--config.rsft.k=2 --config.rsft.max_new_tokens=8 --config.rsft.finished_only=False "
     "--config.train.batch_size=4",
+    "experiments/dpo.py": "--config.train.steps=2 --config.train.batch_size=4 "
+    "--config.train.eval_every=2 --config.dpo.kl_prompts=4 --config.dpo.kl_max_new_tokens=8",
+    "experiments/grpo.py": "--config.train.steps=1 --config.train.eval_every=1 "
+    "--config.grpo.prompts=2 --config.grpo.group_size=4 --config.grpo.minibatch=8 "
+    "--config.grpo.max_new_tokens=8 --config.grpo.eval_prompts=4 --config.grpo.ptx_batch=4",
     "rlhf_jax.tools.generate": "--max-new-tokens 8",
     "rlhf_jax.tools.score": "",
     "rlhf_jax.tools.best_of_k": "--max-new-tokens 8 --k 2",
@@ -55,10 +60,14 @@ def stage_lines() -> list[str]:
     """The lines this test runs, in README order: every stage, then the tools on their output."""
     keep = []
     for ln in readme_commands():
-        if "launch.run" in ln and re.search(r"experiments/(pretrain|sft|rm|ppo_ptx|rsft)\.py", ln):
+        if "launch.run" in ln and re.search(
+            r"experiments/(pretrain|sft|rm|ppo_ptx|rsft|dpo|grpo)\.py", ln
+        ):
             if "size=" not in ln and "tiny" in ln:
                 keep.append(ln)
-        elif re.match(r"python -m rlhf_jax\.tools\.(generate|score|best_of_k) ", ln) and "tiny" in ln:
+        elif (
+            re.match(r"python -m rlhf_jax\.tools\.(generate|score|best_of_k) ", ln) and "tiny" in ln
+        ):
             keep.append(ln)
     order = [
         "/pretrain.py",
@@ -66,6 +75,8 @@ def stage_lines() -> list[str]:
         "/rm.py",
         "/ppo_ptx.py",
         "/rsft.py",
+        "/dpo.py",
+        "/grpo.py",
         "generate",
         "score",
         "best",
@@ -82,7 +93,8 @@ def shorten(line: str) -> str:
 
 def test_readme_lists_every_stage_with_relative_paths():
     lines = stage_lines()
-    for what in ("/pretrain.py", "/sft.py", "/rm.py", "/ppo_ptx.py --", "ptx=0", "/rsft.py"):
+    stages = ("/pretrain.py", "/sft.py", "/rm.py", "/ppo_ptx.py --", "ptx=0", "/rsft.py", "/dpo.py")
+    for what in (*stages, "/grpo.py"):
         assert any(what in ln for ln in lines), what
     for tool in ("generate", "score", "best_of_k"):
         assert any(f"rlhf_jax.tools.{tool} " in ln for ln in lines), tool
@@ -111,11 +123,13 @@ def test_readme_stage_commands_run_verbatim_from_a_copy(tmp_path):
         )
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     runs = repo / "runs"
-    for name in ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny", "rsft_tiny"):
+    done = ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny", "rsft_tiny")
+    for name in (*done, "dpo_tiny", "grpo_tiny"):
         assert (runs / name / "metrics.jsonl").stat().st_size > 0, name
         assert (runs / name / "config.json").exists(), name
-    for name in ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny"):
+    for name in ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny", "dpo_tiny"):
         assert os.listdir(runs / name / "checkpoints"), name
+    assert os.listdir(runs / "grpo_tiny" / "checkpoints")
     assert (runs / "pretrain_tiny" / "tokenizer.model").exists()
     assert (runs / "rm_tiny" / "reward_norm.json").exists()
     assert (runs / "rsft_tiny" / "round_1" / "selected.jsonl").exists()
