@@ -126,22 +126,9 @@ def run(config, mesh, workdir: str):
         ex, batch_size=c.prompts // pc, seed=config.seed, process_index=pi, process_count=pc
     )
     n_mb = rows // c.minibatch
-    ptx_it = None
     if c.ptx_coef > 0:
-        if not config.data.ptx:
-            raise ValueError("grpo.ptx_coef > 0 needs config.data.ptx (pretraining text files)")
         sharding.check_batch(c.ptx_batch, "grpo.ptx_batch", mesh, rules)
-        ptx_it, _, _ = lm_data.build_text_data(
-            config.data.ptx,
-            tok,
-            seq_len=c.ptx_seq_len,
-            batch_size=c.ptx_batch // pc,
-            eval_fraction=0.0,
-            seed=config.seed,
-            process_index=pi,
-            process_count=pc,
-            cache_dir=f"{workdir}/cache",
-        )
+    ptx_it = ppo.ptx_data(config, tok, workdir, stage="grpo")
     data = RolloutData(prompt_it, c.group_size, ptx_it, c.epochs * n_mb)
 
     optim = state_lib.OptimConfig(

@@ -174,11 +174,13 @@ def prompt_data(config, tok):
     )
 
 
-def ptx_data(config, tok, n_batches: int, workdir: str):
-    c = config.ppo
+def ptx_data(config, tok, workdir: str, stage: str = "ppo"):
+    """The pretraining-text iterator of the ptx term (`config.<stage>.ptx_*`, shared by PPO and
+    GRPO), or None when the term is off."""
+    c = config[stage]
     if c.ptx_coef == 0 or not config.data.ptx:
         if c.ptx_coef != 0:
-            raise ValueError("ppo.ptx_coef > 0 needs config.data.ptx (pretraining text files)")
+            raise ValueError(f"{stage}.ptx_coef > 0 needs config.data.ptx (pretraining text files)")
         return None
     pc, pi = jax.process_count(), jax.process_index()
     it, _, _ = lm_data.build_text_data(
@@ -323,7 +325,7 @@ def run(config, mesh, workdir: str):
     shardings, abstract_params, abstract_opt = train_state_shardings(cfgs, tx, mesh, rules)
     prompt_it, eval_prompts, info = prompt_data(config, tok)
     n_updates = ppo_cfg.epochs * ppo_cfg.updates_per_epoch
-    ptx_it = ptx_data(config, tok, n_updates, workdir)
+    ptx_it = ptx_data(config, tok, workdir)
     kl_coef = float(c.beta)
     if start is not None:
         # The policy is saved as "params" so a PPO workdir serves `generate`, `init_from` and
