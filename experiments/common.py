@@ -166,10 +166,11 @@ def base_config() -> mlc.ConfigDict:
             ptx="",  # PPO-ptx: pretraining text files for the gamma term
         )
     )
-    # Dialogue rows (`{"messages": [...]}`, rlhf_jax/data/chat.py): each turn is its role marker then
-    # its content; an assistant turn ends with EOS. `prompt` rows keep data.prompt_template. The
-    # markers are reserved pieces of a tokenizer the pretrain stage trains (reserve_tokens=False
-    # trains the single-turn tokenizer of before, which cannot encode messages rows).
+    # Dialogue rows (`{"messages": [...]}`, rlhf_jax/data/chat.py): each turn is its role marker
+    # then its content; an assistant turn ends with EOS. `prompt` rows keep data.prompt_template.
+    # The markers are reserved pieces of a tokenizer the pretrain stage trains
+    # (reserve_tokens=False trains the single-turn tokenizer of before, which cannot encode
+    # messages rows).
     c.chat = mlc.ConfigDict(
         dict(
             system="<|system|>",

@@ -1,4 +1,5 @@
-"""Tests for rlhf_jax.infra.checkpoint: round trips, resharding, retention, atomicity, clear errors."""
+"""Tests for rlhf_jax.infra.checkpoint: round trips, resharding, retention, atomicity, clear
+errors."""
 
 import shutil
 

@@ -1,4 +1,5 @@
-"""Tests for rlhf_jax.data.lm_data: readers, splitting, packing, tokenizing cache, grain iterators."""
+"""Tests for rlhf_jax.data.lm_data: readers, splitting, packing, tokenizing cache, grain
+iterators."""
 
 import json
 import random

@@ -1,4 +1,5 @@
-"""Tests for rlhf_jax.infra.metrics: JSONL content, resume truncation, TensorBoard, process 0 only."""
+"""Tests for rlhf_jax.infra.metrics: JSONL content, resume truncation, TensorBoard, process 0
+only."""
 
 import json
 import os

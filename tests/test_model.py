@@ -148,6 +148,27 @@ def test_sliding_window_bounds_what_a_position_sees(scan):
     assert changed.tolist() == [True] * 5 + [False] * 4
 
 
+def test_flop_counts_cap_attention_at_the_window():
+    """MFU and the planner count attention keys per layer: all T of them on global layers, at
+    most the window on local ones (Gemma 2's alternation, Mistral's every-layer window)."""
+    from rlhf_jax.infra import plan
+    from rlhf_jax.stages import setup
+
+    kw = dict(family="llama", d_model=32, n_layers=4, n_heads=2, vocab_size=64)  # H D = 32
+    full = model_config.ModelConfig(**kw)
+    gemma2 = model_config.ModelConfig(**kw, sliding_window=4, window_pattern="LG")
+    mistral = model_config.ModelConfig(**kw, sliding_window=4)
+    assert full.attended_keys(16) == 64 and gemma2.attended_keys(16) == 40
+    assert mistral.attended_keys(16) == 16 and mistral.attended_keys(3) == 12  # ctx < window
+    assert setup.flops_per_token(full, 1000, 16) == 6000 + 12 * 32 * 64
+    assert setup.flops_per_token(gemma2, 1000, 16) == 6000 + 12 * 32 * 40
+    params = {"blocks": {"w": jax.ShapeDtypeStruct((10, 10), jnp.float32)}}  # 100 weights
+    # 2 per weight and token, 4 (H D) per token, key and layer: 5 tokens, 16 keys in view
+    assert plan.forward_flops(mistral, params, 5, 16) == 2 * 100 * 5 + 2 * 64 * 32 * 5 + (
+        4 * 32 * 5 * 16
+    )
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_same_gradients(remat):
     toks = jax.random.randint(jax.random.key(4), (2, 8), 0, 512)

@@ -7,8 +7,8 @@ with eval samples, the RM with its normalisation, PPO and PPO-ptx with the RM, b
 fine-tuning, collection and evaluation) are compared the same way as the whole 2-process pipeline
 in test_pipeline.py. Here: PPO-ptx scored by a reward function, SIGTERM to one of the two
 processes after the first iteration (both agree on a step, checkpoint it and exit 75), the same
-command resuming, every logged number and sampled text equal to one uninterrupted process; and each tool through
-`launch.local --module rlhf_jax.tools.NAME` writing what one process writes.
+command resuming, every logged number and sampled text equal to one uninterrupted process; and
+each tool through `launch.local --module rlhf_jax.tools.NAME` writing what one process writes.
 """
 
 import json

@@ -5,8 +5,8 @@ Two line formats (DESIGN.md section 4), which may be mixed within a file:
     indices best first, and an entry that is a list of indices marks a tie, e.g. `[2, [0, 3], 1]`.
   * pairwise: `{"prompt", "chosen", "rejected"}`, read as K = 2 with `chosen` ranked first.
 Either may give a conversation instead of a prompt: `{"messages": [... ending with a user turn],
-...}` (rlhf_jax/data/chat.py); its responses are the final assistant turn, and its "prompt" is then the
-hashable `chat.Messages`, so splitting, pairing and encoding treat both forms alike.
+...}` (rlhf_jax/data/chat.py); its responses are the final assistant turn, and its "prompt" is
+then the hashable `chat.Messages`, so splitting, pairing and encoding treat both forms alike.
 Published forms (HH-RLHF transcripts, message-list pairs, scored K-way rows) and Parquet files are
 read too: data/pref_formats.py turns each row into one of the two forms above.
 Every comparison is normalised to `{"prompt", "responses", "ranks", "source"}` where `ranks[j]` is

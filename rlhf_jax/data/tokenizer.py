@@ -200,8 +200,9 @@ class Tokenizer:
     Attributes:
       path: the `.model` file this tokenizer was loaded from.
       chat_template: how `messages` rows are rendered with this tokenizer (a
-        `rlhf_jax.data.chat.ChatTemplate`; None means chat.DEFAULT). Stages bind it from config.chat,
-        as a Hugging Face tokenizer carries its chat template, so every encoder sees one format.
+        `rlhf_jax.data.chat.ChatTemplate`; None means chat.DEFAULT). Stages bind it from
+        config.chat, as a Hugging Face tokenizer carries its chat template, so every encoder
+        sees one format.
     """
 
     WORKDIR_NAME = "tokenizer.model"  # a stage workdir keeps its copy as this file

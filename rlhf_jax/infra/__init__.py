@@ -1,1 +1,2 @@
-"""What every stage stands on: mesh, processes, sharding, state, checkpoints, metrics, preemption, provenance."""
+"""What every stage stands on: mesh, processes, sharding, state, checkpoints, metrics,
+preemption, provenance."""

@@ -20,7 +20,8 @@ AXES = ("data", "fsdp", "tensor")
 
 
 def config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
-    """`config.mesh`: ICI (within a slice / node) and DCN (across slices / nodes) shapes; -1 fills."""
+    """`config.mesh`: ICI (within a slice / node) and DCN (across slices / nodes) shapes;
+    -1 fills."""
     return mlc.ConfigDict(
         dict(ici=dict(data=data, fsdp=fsdp, tensor=tensor), dcn=dict(data=1, fsdp=1, tensor=1))
     )

@@ -201,12 +201,13 @@ def matmul_params(cfg: model_config.ModelConfig, params) -> tuple[int, int]:
 
 def forward_flops(cfg, params, tokens: int, ctx: int, head_tokens: int | None = None) -> float:
     """FLOPs of one forward pass over `tokens` tokens attending to `ctx` keys each, with the
-    head applied to `head_tokens` of them (default all): 2 per weight and token, and 4 L (N H)
-    per token and key for the scores and the weighted sum. Training is 3x this (the backward
-    pass is twice the forward), as in `stages/setup.flops_per_token`."""
+    head applied to `head_tokens` of them (default all): 2 per weight and token, and 4 (N H)
+    per token and key for the scores and the weighted sum in each layer, a sliding-window layer
+    counting at most its window of keys. Training is 3x this (the backward pass is twice the
+    forward), as in `stages/setup.flops_per_token`."""
     body, head = matmul_params(cfg, params)
     head_tokens = tokens if head_tokens is None else head_tokens
-    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * tokens * ctx
+    attn = 4 * cfg.n_heads * cfg.head_dim * tokens * cfg.attended_keys(ctx)
     return 2 * body * tokens + 2 * head * head_tokens + attn
 
 

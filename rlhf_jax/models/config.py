@@ -144,6 +144,13 @@ class ModelConfig:
         pattern = self.window_pattern or "L"
         return tuple(pattern[i % len(pattern)] == "L" for i in range(self.n_layers))
 
+    def attended_keys(self, ctx: int) -> int:
+        """Keys one query attends with `ctx` keys in view, summed over layers: a local layer sees
+        at most `sliding_window` of them. What FLOP counts multiply the attention cost by (the
+        PaLM convention: every key in view counts, the causal mask's zeros included)."""
+        w = self.sliding_window
+        return sum(min(ctx, w) if local else ctx for local in self.layer_kinds())
+
 
 # GPT-2 sizes (Radford et al. 2019) and the InstructGPT policy sizes (GPT-3 1.3B, 6.7B, 175B;
 # Brown et al. 2020, Table 2.1). Vocabulary 50257 padded to 50304 (a multiple of 128).

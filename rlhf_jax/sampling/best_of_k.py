@@ -90,7 +90,8 @@ def sample_candidates(
     lines = list(range(1, len(prompts) + 1))
     ids = load.encode_prompts(list(prompts), lines, "prompts", tok, template, room)
 
-    # The prompt width and batch shape completions.write_completions picks, so the rows come out the same.
+    # The prompt width and batch shape completions.write_completions picks, so the rows come out
+    # the same.
     width = 8 * math.ceil(max(map(len, ids)) / 8)
     width = min(width, room) if room is not None else width
     rows = [(i, s) for i in range(len(ids)) for s in range(k)]

@@ -28,8 +28,9 @@ HF_TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer copied into a workdir
 
 
 def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12 L (N H) T for attention scores."""
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    """Training FLOPs per token: 6N for the weights plus 12 (N H) T per layer for the attention
+    scores and the weighted sum, T capped at the window on sliding-window layers."""
+    return 6 * n_params + 12 * cfg.n_heads * cfg.head_dim * cfg.attended_keys(seq_len)
 
 
 def optim_config_from(train_cfg, total_steps: int) -> state_lib.OptimConfig:
