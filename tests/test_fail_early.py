@@ -1,5 +1,6 @@
 """Bad input found before training starts, each as one line naming what is wrong and where."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,10 +9,11 @@ import jax
 import pytest
 from cpu_env import cpu_env
 
-from experiments import ppo_ptx, sft
+from experiments import common, ppo_ptx, pretrain, sft
 from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.infra import paths, sharding
-from rlhf_jax.stages import lm, loop, ppo
+from rlhf_jax.models import config as model_config
+from rlhf_jax.stages import lm, loop, ppo, setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,3 +97,34 @@ def test_put_global_and_to_host_round_trip():
     assert g["x"].sharding.spec[0] == ("data", "fsdp") or g["x"].sharding.spec[0] == "data"
     assert (sharding.to_host(g["x"]) == x).all()
     assert (jax.random.key_data(g["k"]) == jax.random.key_data(keys)).all()
+
+
+class _Tok:
+    vocab_size = 500
+
+    def check_model_vocab(self, n):
+        assert n >= self.vocab_size
+
+
+def test_every_architecture_field_is_a_config_key_and_reaches_the_model(monkeypatch):
+    """A ModelConfig field the experiments cannot set would leave a model family unreachable
+    from pretraining; with init_from, a set field the stored model contradicts is one error."""
+    assert set(common.ARCH_FIELDS) == set(setup.ARCH_FIELDS)
+    c = pretrain.get_config()
+    unset = setup.model_config_from(c, 500)
+    preset = model_config.preset("tiny")
+    assert all(getattr(unset, f) == getattr(preset, f) for f in setup.ARCH_FIELDS)
+    c.model.update(family="llama", sliding_window=8, window_pattern="LG", qk_norm=True)
+    c.model.rope_theta = 1e6
+    cfg = setup.model_config_from(c, 500)
+    assert (cfg.sliding_window, cfg.qk_norm, cfg.rope_theta) == (8, True, 1e6)
+    assert cfg.layer_kinds() == (True, False) * (cfg.n_layers // 2)
+
+    stored = dataclasses.asdict(model_config.preset("tiny", family="llama", vocab_size=512))
+    monkeypatch.setattr(setup, "read_init_meta", lambda path: {"model": stored})
+    c = sft.get_config()
+    c.init_from, c.model.qk_norm = "runs/pretrain", False  # the stored value: fine
+    assert setup.resolve_model(c, _Tok())[0].qk_norm is False
+    c.model.sliding_window = 8
+    with pytest.raises(ValueError, match=r"^config.model.sliding_window=8 but init_from "):
+        setup.resolve_model(c, _Tok())

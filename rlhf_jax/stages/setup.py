@@ -154,8 +154,11 @@ def load_tokenizer(config, workdir: str):
     return tok_lib.load_tokenizer(_tokenizer_in(workdir), chat_template=chat.from_config(config))
 
 
-def model_config_from(config, vocab_size: int | None = None) -> model_config.ModelConfig:
-    """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128."""
+def model_config_from(
+    config, vocab_size: int | None = None, arch: bool = True
+) -> model_config.ModelConfig:
+    """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128.
+    `arch=False` leaves the ARCH_FIELDS at the preset's (init_from's model replaces them)."""
     m = config.model
     vocab = m.vocab_size or (128 * math.ceil(vocab_size / 128) if vocab_size else None)
     return model_config.preset(
@@ -169,16 +172,28 @@ def model_config_from(config, vocab_size: int | None = None) -> model_config.Mod
         scan_layers=m.scan_layers,
         remat=m.remat,
         attention=m.attention,
+        # the experiments' ARCH_FIELDS: None (unset, or a config from before they existed) keeps
+        # the preset's value
+        **{f: m.get(f) if arch else None for f in ARCH_FIELDS},
     )
 
 
 # Options that change numerics or speed but not parameter shapes or names.
 NUMERICS = ("dtype", "remat", "attention")
+# ModelConfig's architecture fields that `config.model` may set beside size, family, vocab_size,
+# max_len and n_kv_heads (experiments/common.ARCH_FIELDS): everything but the numerics above,
+# the param dtype, the layer layout and the head, which a stage picks.
+ARCH_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(model_config.ModelConfig)
+    if f.name not in (*NUMERICS, "family", "vocab_size", "max_len", "n_kv_heads")
+    and f.name not in ("param_dtype", "scan_layers", "head")
+)
 
 
 def resolve_model(config, tok) -> tuple[model_config.ModelConfig, dict | None]:
     """The run's ModelConfig and, when `init_from` is set, that checkpoint's meta."""
-    current = model_config_from(config, tok.vocab_size)
+    current = model_config_from(config, tok.vocab_size, arch=not config.init_from)
     init_meta = None
     if config.init_from:
         init_meta = read_init_meta(config.init_from) or {}
@@ -192,10 +207,25 @@ def resolve_model(config, tok) -> tuple[model_config.ModelConfig, dict | None]:
                 f"init_from {config.init_from!r} stores params with model.scan_layers="
                 f"{stored.get('scan_layers')}; set --config.model.scan_layers to match"
             )
+        _check_set_fields_match(config, stored)
         stored = {**stored, **{k: getattr(current, k) for k in NUMERICS}}
         current = model_config.ModelConfig(**stored)
     tok.check_model_vocab(current.vocab_size)
     return current, init_meta
+
+
+def _check_set_fields_match(config, stored: dict) -> None:
+    """With init_from the stored architecture is the model; an architecture field the config sets
+    to something else would be ignored, so it is an error instead."""
+    defaults = {f.name: f.default for f in dataclasses.fields(model_config.ModelConfig)}
+    for k in ARCH_FIELDS:
+        want = config.model.get(k)
+        have = stored.get(k, defaults[k])
+        if want is not None and want != have:
+            raise ValueError(
+                f"config.model.{k}={want!r} but init_from {config.init_from!r} stores a model "
+                f"with {k}={have!r}; an initialised model keeps its architecture (unset the key)"
+            )
 
 
 def check_same_model(meta: dict | None, model_cfg: model_config.ModelConfig, where) -> None:
