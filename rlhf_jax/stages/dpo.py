@@ -29,7 +29,6 @@ temperature 1 (`eval/kl_sem` its standard error).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -317,12 +316,7 @@ def run(config, mesh, workdir: str):
         init_params=(lambda a: setup.restore_init_params(config.init_from, a))
         if config.init_from
         else None,
-        meta={
-            "config": config.to_dict(),
-            "model": dataclasses.asdict(model_cfg),
-            "tokenizer": tok.WORKDIR_NAME,
-            "stage": "dpo",
-        },
+        meta=setup.checkpoint_meta(config, model_cfg, tok, "dpo"),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     train_fn, eval_fn = compile_steps(graphdef, tx, shardings, config, mesh, rules)

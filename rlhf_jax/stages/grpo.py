@@ -164,13 +164,7 @@ def run(config, mesh, workdir: str):
         loss_key="grpo/loss",
         tokens_per_step=rows * (p + c.max_new_tokens),
         init_params=lambda a: setup.restore_init_params(config.init_from, a),
-        meta={
-            "config": config.to_dict(),
-            "model": dataclasses.asdict(policy_cfg),
-            "tokenizer": tok.WORKDIR_NAME,
-            "stage": "grpo",
-            "reward_bias": bias,
-        },
+        meta=setup.checkpoint_meta(config, policy_cfg, tok, "grpo", reward_bias=bias),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     update = jax.jit(

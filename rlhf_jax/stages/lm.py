@@ -13,7 +13,6 @@ there stops the run naming the step, before any checkpoint of a later step is wr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -207,12 +206,7 @@ def run(config, mesh, workdir: str):
         loss_key="train/loss",
         tokens_per_step=t.batch_size * t.seq_len,
         init_params=init_params,
-        meta={
-            "config": config.to_dict(),
-            "model": dataclasses.asdict(model_cfg),
-            "tokenizer": tok.WORKDIR_NAME,
-            "stage": config.stage,
-        },
+        meta=setup.checkpoint_meta(config, model_cfg, tok, config.stage),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     train_fn, eval_fn = compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum)

@@ -358,14 +358,14 @@ def run(config, mesh, workdir: str):
         }
     step = Iteration(config, tok, cfgs, graphdefs, tx, shardings, mesh, rules, ppo_cfg)
     evals = _eval_batches(eval_prompts[: c.eval_prompts], tok, config)
-    meta = {
-        "config": config.to_dict(),
-        "stage": "ppo",
-        "tokenizer": tok.WORKDIR_NAME,
-        "model": dataclasses.asdict(cfgs["policy"]),
-        "value_model": dataclasses.asdict(cfgs["value"]),
-        "reward_bias": bias,
-    }
+    meta = setup.checkpoint_meta(
+        config,
+        cfgs["policy"],
+        tok,
+        "ppo",
+        value_model=dataclasses.asdict(cfgs["value"]),
+        reward_bias=bias,
+    )
     writer = metrics.MetricsWriter(workdir, total_steps=t.steps, start_step=start, desc="ppo")
     if jax.process_index() == 0:
         print(

@@ -285,12 +285,7 @@ def run(config, mesh, workdir: str):
         init_params=(lambda _: backbone_params(config, model_cfg, mesh, rules, init_meta))
         if config.init_from
         else None,
-        meta={
-            "config": config.to_dict(),
-            "model": dataclasses.asdict(model_cfg),
-            "tokenizer": tok.WORKDIR_NAME,
-            "stage": "rm",
-        },
+        meta=setup.checkpoint_meta(config, model_cfg, tok, "rm"),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     s.step_fn, eval_fn = compile_steps(graphdef, tx, shardings, config, mesh, rules)

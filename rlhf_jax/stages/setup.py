@@ -33,6 +33,18 @@ def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) 
     return 6 * n_params + 12 * cfg.n_heads * cfg.head_dim * cfg.attended_keys(seq_len)
 
 
+def checkpoint_meta(config, model_cfg, tok, stage: str, **extra) -> dict:
+    """What every stage's checkpoints carry: the resolved config, the model (what `init_from`
+    rebuilds), the tokenizer file and the stage, plus stage extras (a reward bias, a KL coef)."""
+    return {
+        "config": config.to_dict(),
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer": tok.WORKDIR_NAME,
+        "stage": stage,
+        **extra,
+    }
+
+
 def optim_config_from(train_cfg, total_steps: int) -> state_lib.OptimConfig:
     t = train_cfg
     return state_lib.OptimConfig(
