@@ -7,11 +7,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from jax.sharding import Mesh
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import hf
 from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.sampling import sampler
 
 RULES = sharding.DEFAULT_RULES
 
@@ -71,3 +74,35 @@ def logits(cfg, params, tokens, mesh=None):
 def hf_logits(model, tokens, **kw):
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens)), **kw).logits.float().numpy()
+
+
+def tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def greedy_both(model, cfg, params, prompts, new_tokens: int):
+    """(ours, theirs): `new_tokens` greedy tokens after `prompts` [B, P] from our sampler and
+    from transformers' generate, EOS off so both run the full length, [B, P + new_tokens]."""
+    graphdef = model_lib.abstract(cfg)[0]
+    sample = sampler.make_sampler(graphdef, max_new_tokens=new_tokens, eos_id=-1, pad_id=0)
+    keys = jax.random.split(jax.random.key(0), prompts.shape[0])
+    ours = sample(params, prompts, np.ones_like(prompts, bool), keys, greedy=True)["tokens"]
+    with torch.no_grad():
+        theirs = model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    return np.asarray(ours), theirs
+
+
+def export_and_reload(params, cfg, path: str, like):
+    """Exports to `path`, reloads it with transformers and checks it is `like`'s class."""
+    hf.export_hf(params, cfg, path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(reloaded) is type(like)
+    return reloaded

@@ -25,8 +25,6 @@ from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.infra import state as state_lib  # noqa: E402
 from rlhf_jax.models import config as model_config  # noqa: E402
 from rlhf_jax.models import hf, hf_init, hf_map  # noqa: E402
-from rlhf_jax.models import transformer as model_lib  # noqa: E402
-from rlhf_jax.sampling import sampler  # noqa: E402
 from rlhf_jax.tools import convert  # noqa: E402
 
 V, D, L, T = 128, 64, 2, 16
@@ -90,7 +88,7 @@ _mesh, _logits, _hf_logits = hf_parity.mesh, hf_parity.logits, hf_parity.hf_logi
 
 
 def _tokens(seed=0, shape=(2, T)):
-    return np.random.RandomState(seed).randint(0, V, shape).astype(np.int32)
+    return hf_parity.tokens(V, shape, seed)
 
 
 @pytest.mark.parametrize("kind", FAMILIES + [LLAMA3])
@@ -106,32 +104,16 @@ def test_logits_match_transformers(hf_dirs, kind):
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     path, model = hf_dirs(kind)
     cfg, params = hf.import_hf(path, _mesh(1), RULES)
-    prompts = _tokens(seed=1, shape=(2, 6))
-    graphdef = model_lib.abstract(cfg)[0]
-    sample = sampler.make_sampler(graphdef, max_new_tokens=20, eos_id=-1, pad_id=0)
-    keys = jax.random.split(jax.random.key(0), 2)
-    ours = sample(params, prompts, np.ones_like(prompts, bool), keys, greedy=True)["tokens"]
-    with torch.no_grad():
-        theirs = model.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    ours, theirs = hf_parity.greedy_both(model, cfg, params, _tokens(seed=1, shape=(2, 6)), 20)
     assert theirs.shape == (2, 26)
-    np.testing.assert_array_equal(np.asarray(ours), theirs)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_export_reloads_in_transformers(hf_dirs, kind, tmp_path):
     path, model = hf_dirs(kind)
     cfg, params = hf.import_hf(path, _mesh(8), RULES, scan_layers=True)  # stacked + sharded
-    hf.export_hf(params, cfg, str(tmp_path))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    assert type(reloaded) is type(model)
+    reloaded = hf_parity.export_and_reload(params, cfg, str(tmp_path), model)
     tokens = _tokens(seed=2)
     np.testing.assert_allclose(
         _hf_logits(reloaded, tokens), _hf_logits(model, tokens), atol=1e-5, rtol=0

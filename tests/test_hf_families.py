@@ -13,7 +13,6 @@ keeps every flag through a workdir.
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,8 +24,6 @@ import hf_parity  # noqa: E402  (tests/ is on sys.path; needs torch)
 from rlhf_jax.infra import checkpoint, sharding  # noqa: E402
 from rlhf_jax.models import config as model_config  # noqa: E402
 from rlhf_jax.models import hf, hf_map  # noqa: E402
-from rlhf_jax.models import transformer as model_lib  # noqa: E402
-from rlhf_jax.sampling import sampler  # noqa: E402
 from rlhf_jax.tools import convert  # noqa: E402
 
 V, D, T, WINDOW = 256, 64, 16, 5
@@ -93,7 +90,7 @@ _mesh, _logits, _hf_logits = hf_parity.mesh, hf_parity.logits, hf_parity.hf_logi
 
 
 def _tokens(seed=0, shape=(2, T)):
-    return np.random.RandomState(seed).randint(0, V, shape).astype(np.int32)
+    return hf_parity.tokens(V, shape, seed)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -140,24 +137,10 @@ def test_logits_match_transformers(hf_dirs, kind):
 def test_greedy_generation_matches_transformers_past_the_window(hf_dirs, kind):
     path, model = hf_dirs(kind)
     cfg, params = hf.import_hf(path, _mesh(1), RULES)
-    prompts = _tokens(seed=1, shape=(2, 6))
-    t_new = T - 6  # the last steps attend keys the window has left behind
-    graphdef = model_lib.abstract(cfg)[0]
-    sample = sampler.make_sampler(graphdef, max_new_tokens=t_new, eos_id=-1, pad_id=0)
-    keys = jax.random.split(jax.random.key(0), 2)
-    ours = sample(params, prompts, np.ones_like(prompts, bool), keys, greedy=True)["tokens"]
-    with torch.no_grad():
-        theirs = model.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=t_new,
-            min_new_tokens=t_new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    # T - 6 new tokens: the last steps attend keys the window has left behind
+    ours, theirs = hf_parity.greedy_both(model, cfg, params, _tokens(seed=1, shape=(2, 6)), T - 6)
     assert theirs.shape == (2, T)
-    np.testing.assert_array_equal(np.asarray(ours), theirs)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -167,9 +150,7 @@ def test_eight_devices_scanned_then_export_reloads(hf_dirs, kind, tmp_path):
     tokens = _tokens(seed=2, shape=(8, T))
     want = _hf_logits(model, tokens)
     np.testing.assert_allclose(_logits(cfg, params, tokens, _mesh(8)), want, atol=1e-4)
-    hf.export_hf(params, cfg, str(tmp_path))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    assert type(reloaded) is type(model)
+    reloaded = hf_parity.export_and_reload(params, cfg, str(tmp_path), model)
     np.testing.assert_allclose(_hf_logits(reloaded, tokens), want, atol=1e-5, rtol=0)
 
 
