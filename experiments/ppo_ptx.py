@@ -27,6 +27,11 @@ Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCH
   python -m launch.aot --config experiments/ppo_ptx.py:size=6b,fsdp=16 --topology v5p:2x2x4 \
       --rm_size 6b --config.model.scan_layers=True --config.model.remat=full \
       --config.ppo.frozen_dtype=bfloat16
+  InstructGPT's 175B policy with a 6B reward and value model, v5p:4x4x4 (64 chips): the update
+  80.1 of 95.7 GiB per chip; a v5p:2x4x4 is refused (`error: update needs 128.46 GiB per chip`):
+  python -m launch.aot --config experiments/ppo_ptx.py:size=175b,fsdp=16,tensor=4 \
+      --topology v5p:4x4x4 --rm_size 6b --config.model.scan_layers=True \
+      --config.model.remat=full --config.ppo.frozen_dtype=bfloat16
   (`--rm_size` sizes the models a run reads from `ppo.reward_from`.)
 """
 
