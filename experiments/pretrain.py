@@ -9,7 +9,11 @@ GPT-2 124M on your own corpus, one GPU:
       --workdir runs/pretrain_small
 
 Args (after the colon): size (tiny|small|medium|large|xl|1.3b|6b|175b), family (gpt2|llama),
-fsdp and tensor (mesh axis sizes; data parallelism fills the remaining devices).
+fsdp and tensor (mesh axis sizes; data parallelism fills the remaining devices). Every other
+architecture field is a `config.model` key (experiments/common.ARCH_FIELDS), e.g. Gemma-2-style
+alternating windows with Qwen3's q/k norms on the tiny llama:
+  python -m launch.run --config experiments/pretrain.py:family=llama --workdir runs/pretrain_lg \
+      --config.model.sliding_window=64 --config.model.window_pattern=LG --config.model.qk_norm=True
 
 Planned for TPU (`python -m launch.aot`, no TPU needed; the numbers are in BENCHMARKS.md):
   GPT-2 124M, v5e:2x2: train step 4.0, eval step 0.9 of 15.75 GiB per chip (the eval runs in
