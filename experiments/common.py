@@ -11,6 +11,7 @@ import ml_collections as mlc
 from rlhf_jax.data import sft_data
 from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.infra import sharding
+from rlhf_jax.models import config as arch_lib
 
 # One prompt format for every stage after pretraining: the policy sees this text before it
 # responds, in SFT, in RM scoring, in PPO rollouts and in `generate`.
@@ -44,43 +45,14 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     return mlc.ConfigDict(out)
 
 
-# Every other architecture field of rlhf_jax/models/config.py's ModelConfig, with its type: unset
-# (None) takes the preset's value, so `--config.model.sliding_window=4096
-# --config.model.window_pattern=LLLLLG --config.model.qk_norm=True` pretrains a Gemma-3-shaped
-# model from a llama preset. With init_from the stored model decides; setting one to another
-# value is then an error (stages/setup.resolve_model).
-ARCH_FIELDS = {
-    "d_model": int,
-    "n_layers": int,
-    "n_heads": int,
-    "head_dim": int,
-    "d_ff": int,
-    "rope_theta": float,
-    "rope_scaling": str,
-    "rope_factor": float,
-    "rope_low_freq_factor": float,
-    "rope_high_freq_factor": float,
-    "rope_original_max_len": int,
-    "rope_local_theta": float,
-    "qkv_bias": bool,
-    "qk_norm": bool,
-    "norm_eps": float,
-    "norm_plus_one": bool,
-    "sandwich_norms": bool,
-    "mlp": str,
-    "embed_scale": bool,
-    "query_pre_attn_scalar": int,
-    "attn_softcap": float,
-    "final_softcap": float,
-    "sliding_window": int,
-    "window_pattern": str,
-    "tie_embeddings": bool,
-}
-
-
 def model_config(size: str = "tiny") -> mlc.ConfigDict:
-    """`size` picks a preset from rlhf_jax/models/config.py; the other keys override it when set."""
-    arch = {k: mlc.config_dict.placeholder(kind) for k, kind in ARCH_FIELDS.items()}
+    """`size` picks a preset from rlhf_jax/models/config.py; the other keys override it when set.
+    Every other architecture field (ARCH_FIELDS there: d_model, qk_norm, sliding_window,
+    window_pattern, ...) is a typed key too, unset (None) keeping the preset's value, so
+    `--config.model.sliding_window=4096 --config.model.window_pattern=LLLLLG` pretrains a
+    Gemma-3-shaped model from a llama preset; with init_from the stored model decides, and setting
+    one to another value is an error (stages/setup.resolve_model)."""
+    arch = {k: mlc.config_dict.placeholder(t) for k, t in arch_lib.ARCH_FIELDS.items()}
     return mlc.ConfigDict(
         dict(
             **arch,

@@ -10,8 +10,8 @@ GPT-2 124M on your own corpus, one GPU:
 
 Args (after the colon): size (tiny|small|medium|large|xl|1.3b|6b|175b), family (gpt2|llama),
 fsdp and tensor (mesh axis sizes; data parallelism fills the remaining devices). Every other
-architecture field is a `config.model` key (experiments/common.ARCH_FIELDS), e.g. Gemma-2-style
-alternating windows with Qwen3's q/k norms on the tiny llama:
+architecture field is a `config.model` key (ARCH_FIELDS in rlhf_jax/models/config.py), e.g.
+Gemma-2-style alternating windows with Qwen3's q/k norms on the tiny llama:
   python -m launch.run --config experiments/pretrain.py:family=llama --workdir runs/pretrain_lg \
       --config.model.sliding_window=64 --config.model.window_pattern=LG --config.model.qk_norm=True
 

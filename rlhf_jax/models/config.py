@@ -152,6 +152,18 @@ class ModelConfig:
         return sum(min(ctx, w) if local else ctx for local in self.layer_kinds())
 
 
+# The architecture fields a run may set beside a preset (`config.model.<field>`, None keeping the
+# preset's), with their types: all but the family, sizes and layout the experiments name
+# themselves and the head a stage picks, the numerics (dtype, remat, attention) and param dtype.
+_NOT_ARCH = ("family", "vocab_size", "max_len", "n_kv_heads", "dtype", "param_dtype",
+             "scan_layers", "remat", "attention", "head")  # fmt: skip
+ARCH_FIELDS: dict[str, type] = {
+    f.name: bool if f.default is None else type(f.default)  # tie_embeddings: None -> bool
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in _NOT_ARCH
+}
+
+
 # GPT-2 sizes (Radford et al. 2019) and the InstructGPT policy sizes (GPT-3 1.3B, 6.7B, 175B;
 # Brown et al. 2020, Table 2.1). Vocabulary 50257 padded to 50304 (a multiple of 128).
 PRESETS: dict[str, dict] = {

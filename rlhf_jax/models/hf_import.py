@@ -18,8 +18,6 @@ import jax
 
 from rlhf_jax.models import hf, hf_init
 
-HF_TOKENIZER_DIR = "tokenizer"  # a tokenizer.json and its configs, as the stages keep it
-
 
 def check_tokenizer(file: str, vocab_size: int) -> str | None:
     """Why the stages cannot use this tokenizer yet, or None when they can."""
@@ -62,7 +60,7 @@ def import_to_workdir(
     tok = hf_init.tokenizer_path(directory)
     hf_tok = tok is None and os.path.isfile(os.path.join(directory, "tokenizer.json"))
     if hf_tok:
-        meta["tokenizer"] = HF_TOKENIZER_DIR
+        meta["tokenizer"] = hf_init.HF_TOKENIZER_DIR
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         problem = None
@@ -74,7 +72,8 @@ def import_to_workdir(
             if problem is None:
                 from rlhf_jax.data import tokenizer as tok_lib
 
-                tok_lib.load_tokenizer(directory).save(os.path.join(workdir, HF_TOKENIZER_DIR))
+                out = os.path.join(workdir, hf_init.HF_TOKENIZER_DIR)
+                tok_lib.load_tokenizer(directory).save(out)
         else:
             print(
                 f"warning: no tokenizer ({hf_init.TOKENIZER_FILE} or tokenizer.json) beside the "

@@ -16,7 +16,8 @@ import jax
 from rlhf_jax.models import hf, hf_map
 from rlhf_jax.models import transformer as model_lib
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a sentencepiece tokenizer, in a workdir or beside weights
+HF_TOKENIZER_DIR = "tokenizer"  # a tokenizer.json and its configs, as a workdir keeps them
 HF_PREFIX = "hf:"
 
 

@@ -23,8 +23,7 @@ from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf_init
 
-TOKENIZER_FILE = "tokenizer.model"
-HF_TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer copied into a workdir
+TOKENIZER_FILE, HF_TOKENIZER_DIR = hf_init.TOKENIZER_FILE, hf_init.HF_TOKENIZER_DIR
 
 
 def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) -> float:
@@ -170,7 +169,8 @@ def model_config_from(
     config, vocab_size: int | None = None, arch: bool = True
 ) -> model_config.ModelConfig:
     """`config.model` -> ModelConfig. A zero vocab takes the tokenizer's, rounded up to 128.
-    `arch=False` leaves the ARCH_FIELDS at the preset's (init_from's model replaces them)."""
+    `arch=False` leaves model_config.ARCH_FIELDS at the preset's (init_from's model replaces
+    them)."""
     m = config.model
     vocab = m.vocab_size or (128 * math.ceil(vocab_size / 128) if vocab_size else None)
     return model_config.preset(
@@ -184,23 +184,14 @@ def model_config_from(
         scan_layers=m.scan_layers,
         remat=m.remat,
         attention=m.attention,
-        # the experiments' ARCH_FIELDS: None (unset, or a config from before they existed) keeps
+        # models/config.ARCH_FIELDS: None (unset, or a config from before they existed) keeps
         # the preset's value
-        **{f: m.get(f) if arch else None for f in ARCH_FIELDS},
+        **{f: m.get(f) if arch else None for f in model_config.ARCH_FIELDS},
     )
 
 
 # Options that change numerics or speed but not parameter shapes or names.
 NUMERICS = ("dtype", "remat", "attention")
-# ModelConfig's architecture fields that `config.model` may set beside size, family, vocab_size,
-# max_len and n_kv_heads (experiments/common.ARCH_FIELDS): everything but the numerics above,
-# the param dtype, the layer layout and the head, which a stage picks.
-ARCH_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(model_config.ModelConfig)
-    if f.name not in (*NUMERICS, "family", "vocab_size", "max_len", "n_kv_heads")
-    and f.name not in ("param_dtype", "scan_layers", "head")
-)
 
 
 def resolve_model(config, tok) -> tuple[model_config.ModelConfig, dict | None]:
@@ -230,7 +221,7 @@ def _check_set_fields_match(config, stored: dict) -> None:
     """With init_from the stored architecture is the model; an architecture field the config sets
     to something else would be ignored, so it is an error instead."""
     defaults = {f.name: f.default for f in dataclasses.fields(model_config.ModelConfig)}
-    for k in ARCH_FIELDS:
+    for k in model_config.ARCH_FIELDS:
         want = config.model.get(k)
         have = stored.get(k, defaults[k])
         if want is not None and want != have:

@@ -26,7 +26,7 @@ import jax
 from rlhf_jax.infra import cli
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf, hf_init
-from rlhf_jax.models.hf_import import HF_TOKENIZER_DIR, check_tokenizer, import_to_workdir
+from rlhf_jax.models.hf_import import check_tokenizer, import_to_workdir
 
 # ----------------------------------------------------------------------------- workdirs
 
@@ -46,7 +46,7 @@ def export_workdir(
     params = checkpoint.restore_params(workdir, abstract, step=step)
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
     tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
-    tok = tok if os.path.isfile(tok) else os.path.join(workdir, HF_TOKENIZER_DIR)
+    tok = tok if os.path.isfile(tok) else os.path.join(workdir, hf_init.HF_TOKENIZER_DIR)
     usable = os.path.exists(tok) and check_tokenizer(tok, cfg.vocab_size) is None
     if not ids and usable:
         from rlhf_jax.data import tokenizer as tok_lib
