@@ -40,7 +40,8 @@ def dpo_config() -> mlc.ConfigDict:
     return mlc.ConfigDict(
         dict(
             beta=0.1,  # KL coefficient of the implicit reward (DPO paper); IPO's tau
-            loss="sigmoid",  # sigmoid (DPO) | ipo | plackett_luce (listwise)
+            loss="sigmoid",  # sigmoid (DPO) | ipo | plackett_luce (listwise) | simpo
+            simpo_gamma=0.0,  # SimPO's target reward margin (experiments/simpo.py sets it)
             label_smoothing=0.0,  # conservative DPO: assumed fraction of flipped labels
             reference_from="",  # frozen reference workdir; "" -> init_from (the SFT policy)
             k_max=9,  # responses per prompt at most (InstructGPT: 4 to 9)

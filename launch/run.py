@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax import methods
 from rlhf_jax.infra import cli, distributed, paths, preemption, provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,40 +37,9 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "rsft", "dpo", "grpo", "pipeline")
-
-
 def dispatch(config, mesh, workdir):
-    stage = config.stage
-    if stage in ("pretrain", "sft"):
-        from rlhf_jax.stages import lm
-
-        return lm.run(config, mesh, workdir)
-    if stage == "rm":
-        from rlhf_jax.stages import rm
-
-        return rm.run(config, mesh, workdir)
-    if stage == "ppo":
-        from rlhf_jax.stages import ppo
-
-        return ppo.run(config, mesh, workdir)
-    if stage == "rsft":
-        from rlhf_jax.stages import rsft
-
-        return rsft.run(config, mesh, workdir)
-    if stage == "dpo":
-        from rlhf_jax.stages import dpo
-
-        return dpo.run(config, mesh, workdir)
-    if stage == "grpo":
-        from rlhf_jax.stages import grpo
-
-        return grpo.run(config, mesh, workdir)
-    if stage == "pipeline":
-        from rlhf_jax.stages import pipeline
-
-        return pipeline.run(config, mesh, workdir)
-    raise ValueError(f"unknown config.stage: {stage!r}; expected one of {STAGES}")
+    """Runs the stage module the method table (rlhf_jax/methods.py) names for config.stage."""
+    return methods.stage_module(config.stage).run(config, mesh, workdir)
 
 
 def main(argv):
@@ -83,12 +54,25 @@ def main(argv):
     # Paths as users type them: resolved against the current directory once, here (paths.py).
     workdir = paths.absolute(_WORKDIR.value)
     paths.resolve_config(_CONFIG.value)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        print(f"error: --workdir {workdir} exists and is not a directory", file=sys.stderr)
+        sys.exit(2)
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     try:
         cli.run_or_exit(start, _CONFIG.value, workdir)
     except preemption.Preempted as e:
         print(f"{e}; exit code {preemption.EXIT_CODE}", file=sys.stderr, flush=True)
         sys.exit(preemption.EXIT_CODE)
+    except BaseException:
+        # A start that failed before training (bad input) leaves no workdir behind when this
+        # command created it, so the retry does not meet a half-made run (nor reuse a tokenizer
+        # trained under the bad flags). Anything more (metrics, checkpoints, a pipeline's stage
+        # directories) means work was done: that stays, to be read or resumed.
+        unstarted = {"config.json", "run_info.jsonl", "tokenizer.model", "tokenizer"}
+        if created and os.path.isdir(workdir) and set(os.listdir(workdir)) <= unstarted:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def check_same_run(config_hash: str, source_hash: str):
@@ -117,8 +101,10 @@ def start(config, workdir: str):
     import jax
 
     from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.stages import setup
 
     paths.check_sources(config)
+    setup.check_counts(config)  # every stage's, nested pipeline stages' too
     config_hash = provenance.config_hash(config.to_dict())
     version = provenance.code_version()
     check_same_run(config_hash, version["source_hash"])

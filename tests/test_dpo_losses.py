@@ -186,3 +186,27 @@ def test_training_direction_raises_the_winner():
 def test_unknown_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown pairwise dpo loss"):
         dpo.pair_losses(jnp.zeros(2), loss="hinge", beta=0.1)
+
+
+@pytest.mark.parametrize("beta,gamma,eps", [(2.0, 1.0, 0.0), (2.5, 0.5, 0.1)])
+def test_simpo_matches_numpy(beta, gamma, eps):
+    """SimPO: reward beta * logp / |y| (no reference), pair loss -log sigmoid(z - gamma)."""
+    logp, _ = batch(3)
+    lengths = np.random.default_rng(3).integers(1, 30, RANKS.shape).astype(np.int32)
+    loss, m = jax.jit(dpo.simpo_loss)(
+        logp, lengths, RANKS, KMASK, beta=beta, gamma=gamma, label_smoothing=eps
+    )
+    r = [[beta * float(logp[p, k]) / lengths[p, k] for k in range(4)] for p in range(5)]
+    per_prompt = []
+    for p in range(RANKS.shape[0]):
+        pairs = naive_pairs(p)
+        if pairs:
+            z = [r[p][i] - r[p][j] - gamma for i, j in pairs]
+            per_prompt.append(np.mean([naive_pair_loss(x, "sigmoid", beta, eps) for x in z]))
+    np.testing.assert_allclose(float(loss), np.mean(per_prompt), rtol=1e-5)
+    z_all = [r[p][i] - r[p][j] for p in range(5) for i, j in naive_pairs(p)]
+    np.testing.assert_allclose(m["accuracy"], np.mean([x > 0 for x in z_all]), rtol=1e-6)
+    np.testing.assert_allclose(m["margin"], np.mean(z_all), rtol=1e-5)
+    # Length normalisation is the point: doubling every length halves the rewards.
+    _, m2 = jax.jit(dpo.simpo_loss)(logp, 2 * lengths, RANKS, KMASK, beta=beta, gamma=gamma)
+    np.testing.assert_allclose(m2["margin"], np.mean(z_all) / 2, rtol=1e-5)

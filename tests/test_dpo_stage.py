@@ -153,6 +153,9 @@ def test_grad_accum_equals_the_full_batch_gradient():
     mask = np.arange(n)[None, None, :] < lengths[:, :, None]
     ranks = np.tile(np.array([0, 1, 2], np.int32), (b, 1))
     ranks[::2, 2] = -1  # every other row: K = 2
+    # Rows 0 and 4 (microbatch 0 of their devices) have no response at all: no pair, so the two
+    # microbatches weigh unequally (6 vs 8 prompts with a pair, 6 vs 24 pairs).
+    ranks[[0, 4]] = -1
     host = {
         "tokens": np.where(mask, rng.integers(3, cfg.vocab_size, (b, k, n)), 0).astype(np.int32),
         "mask": mask,
@@ -175,6 +178,7 @@ def test_grad_accum_equals_the_full_batch_gradient():
     g1, m1 = step(1)
     g2, m2 = step(2)
     assert m1["dpo/loss"] != pytest.approx(math.log(2))  # policy != reference
+    assert m1["dpo/prompts"] == 14 and m1["dpo/pairs"] == 6 * 1 + 8 * 3
     for key in m1:
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for a, x in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):

@@ -43,7 +43,7 @@ from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import dpo, losses
 from rlhf_jax.sampling import sampler
-from rlhf_jax.stages import loop, setup
+from rlhf_jax.stages import accumulate, loop, setup
 
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
 
@@ -56,18 +56,24 @@ def check_config(c) -> None:
         raise ValueError(f"dpo.beta must be > 0, got {c.beta}")
     if not 0.0 <= c.label_smoothing < 0.5:
         raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {c.label_smoothing}")
-    if c.label_smoothing and c.loss != "sigmoid":
+    if c.label_smoothing and c.loss not in ("sigmoid", "simpo"):
         raise ValueError(
-            f"dpo.label_smoothing={c.label_smoothing} applies to dpo.loss='sigmoid' only, "
-            f"not {c.loss!r}"
+            f"dpo.label_smoothing={c.label_smoothing} applies to dpo.loss='sigmoid' or 'simpo' "
+            f"only, not {c.loss!r}"
+        )
+    if c.loss in dpo.REFERENCE_FREE and c.reference_from:
+        raise ValueError(
+            f"dpo.loss={c.loss!r} uses no reference model; dpo.reference_from="
+            f"{c.reference_from!r} would be ignored (clear it)"
         )
 
 
-def response_logprobs(graphdef, params, tokens, mask, prompt_len):
+def response_logprobs(graphdef, params, tokens, mask, prompt_len, with_lengths=False):
     """log pi(response | prompt) [P, K] of comparison rows tokens [P, K, L] (right-padded).
 
     Sums the float32 log-probs of the tokens at positions >= prompt_len [P] where `mask` is
-    True. Causal attention keeps right padding out of every real token, so no key mask.
+    True. Causal attention keeps right padding out of every real token, so no key mask. With
+    `with_lengths`, also the number of summed tokens [P, K] (SimPO's |y|).
     """
     p, k, n = tokens.shape
     flat = tokens.reshape(p * k, n)
@@ -76,69 +82,40 @@ def response_logprobs(graphdef, params, tokens, mask, prompt_len):
     logp = losses.token_logprobs(model.unembed(hidden[:, :-1]), flat[:, 1:])  # [PK, L-1]
     start = jnp.repeat(prompt_len, k)[:, None]  # [PK, 1]
     scored = mask.reshape(p * k, n)[:, 1:] & (jnp.arange(1, n)[None, :] >= start)
-    return jnp.where(scored, logp, 0.0).sum(axis=-1).reshape(p, k)
+    total = jnp.where(scored, logp, 0.0).sum(axis=-1).reshape(p, k)
+    if with_lengths:
+        return total, scored.sum(axis=-1).reshape(p, k)
+    return total
 
 
 def batch_loss(params, ref_params, batch, *, graphdef, c):
+    """(loss, metrics) of a comparison batch under `c.loss`; SimPO never reads `ref_params`."""
     args = (batch["tokens"], batch["mask"], batch["prompt_len"])
+    ranks, kmask = batch["ranks"], batch["kmask"]
+    if c.loss == "simpo":
+        logp, lengths = response_logprobs(graphdef, params, *args, with_lengths=True)
+        return dpo.simpo_loss(
+            logp, lengths, ranks, kmask, beta=c.beta, gamma=c.simpo_gamma,
+            label_smoothing=c.label_smoothing,
+        )  # fmt: skip
     logp = response_logprobs(graphdef, params, *args)
     logp_ref = response_logprobs(graphdef, ref_params, *args)
     return dpo.dpo_loss(
-        logp,
-        logp_ref,
-        batch["ranks"],
-        batch["kmask"],
-        beta=c.beta,
-        loss=c.loss,
+        logp, logp_ref, ranks, kmask, beta=c.beta, loss=c.loss,
         label_smoothing=c.label_smoothing,
-    )
-
-
-def _accumulate(fn, params, ref_params, batch, grad_accum: int):
-    """(loss, metrics, grads) of `batch` from `grad_accum` microbatches, equal to one pass.
-
-    Each microbatch's loss is weighted by its prompts with a pair (the loss's denominator), so
-    the summed weighted gradients over the summed weights are the full-batch gradient; pair
-    metrics are pooled over pairs, as one pass pools them.
-    """
-
-    def split(x):  # [b, ...] -> [A, b/A, ...], each device's rows kept local
-        return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
-
-    def weighted(p, mb):
-        loss, m = fn(p, ref_params, mb)
-        return loss * m["prompts"], m
-
-    grad_fn = jax.value_and_grad(weighted, has_aux=True)
-
-    def one(mb):
-        mb = jax.tree.map(
-            lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
-        )
-        (lw, m), g = grad_fn(params, mb)
-        out = {"loss_w": lw, "grads": g, "prompts": m["prompts"], "pairs": m["pairs"]}
-        return {**out, **{k: m[k] * m["pairs"] for k in PAIR_MEANS}}
-
-    micro = jax.tree.map(split, batch)
-    first = jax.tree.map(lambda x: x[0], micro)
-    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, first))
-    tot, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, one(mb)), None), zero, micro)
-    w, pairs = jnp.maximum(tot["prompts"], 1.0), jnp.maximum(tot["pairs"], 1.0)
-    metrics = {k: tot[k] / pairs for k in PAIR_MEANS}
-    metrics.update(pairs=tot["pairs"], prompts=tot["prompts"])
-    return tot["loss_w"] / w, metrics, jax.tree.map(lambda g: g / w, tot["grads"])
+    )  # fmt: skip
 
 
 def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules, grad_accum: int = 1):
     """One optimizer step on a comparison batch (data/dpo_data.py layout); with `grad_accum`
-    > 1 as that many microbatches whose gradients combine exactly (`_accumulate`)."""
+    > 1 as that many microbatches whose gradients combine exactly (stages/accumulate.py: each
+    microbatch's loss weighs by its prompts with a pair, pair metrics pool over pairs)."""
     with sharding.use_rules(mesh, rules):
-        fn = functools.partial(batch_loss, graphdef=graphdef, c=c)
-        if grad_accum == 1:
-            grad_fn = jax.value_and_grad(fn, has_aux=True)
-            (loss, m), grads = grad_fn(state["params"], ref_params, batch)
-        else:
-            loss, m, grads = _accumulate(fn, state["params"], ref_params, batch, grad_accum)
+        fn = lambda p, mb: batch_loss(p, ref_params, mb, graphdef=graphdef, c=c)  # noqa: E731
+        means = dict.fromkeys(PAIR_MEANS, "pairs")
+        loss, m, grads = accumulate.accumulate(
+            fn, state["params"], batch, grad_accum, weight="prompts", means=means
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = {
@@ -178,28 +155,31 @@ def summarize(sums: list[dict]) -> dict:
 
 
 def compile_steps(graphdef, tx, shardings, config, mesh, rules):
-    """The jitted train and eval steps with explicit shardings; state donated, reference not."""
+    """The jitted train and eval steps with explicit shardings; state donated, reference not.
+    A reference-free loss (SimPO) takes an empty reference `{}`: nothing of it is held."""
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
+    ref_sh = None if config.dpo.loss in dpo.REFERENCE_FREE else shardings["params"]
     kw = dict(graphdef=graphdef, c=config.dpo, mesh=mesh, rules=rules)
     train = jax.jit(
         functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
-        in_shardings=(shardings, shardings["params"], batch_sh),
+        in_shardings=(shardings, ref_sh, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     evaluate = jax.jit(
         functools.partial(eval_step, **kw),
-        in_shardings=(shardings["params"], shardings["params"], batch_sh),
+        in_shardings=(shardings["params"], ref_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
     )
     return train, evaluate
 
 
-def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules):
+def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules, section="dpo"):
     """(params) -> {"eval/kl", "eval/kl_sem", "eval/response_length"} on held-out prompts, or
     None when there are none. The same prompts and sampling keys at every eval, so the curve
-    moves with the policy, not with the draw; every process holds the whole batch."""
-    c = config.dpo
+    moves with the policy, not with the draw; every process holds the whole batch. The keys
+    (kl_prompts, kl_prompt_len, kl_max_new_tokens) are `config.<section>`'s."""
+    c = config[section]
     prompts = prompts[: c.kl_prompts]
     if not prompts:
         return None
@@ -251,41 +231,44 @@ def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules):
     return evaluate
 
 
-def reference_params(config, model_cfg, mesh, rules):
-    """The frozen reference: `dpo.reference_from`, else `init_from`, else the seeded init."""
+def reference_params(config, model_cfg, mesh, rules, section="dpo"):
+    """The frozen reference: `<section>.reference_from`, else `init_from`, else the seeded
+    init (tests)."""
     _, _, p_shard = state_lib.param_shardings(model_cfg, mesh, rules)
-    src = config.dpo.reference_from or config.init_from
+    ref_from = config[section].reference_from
+    src = ref_from or config.init_from
     if not src:
         return state_lib.init_params(model_cfg, config.seed, p_shard)
-    if config.dpo.reference_from:
+    if ref_from:
         meta = setup.read_init_meta(src) or {}
         setup.check_same_model(meta, model_cfg, src)
         if meta.get("model", {}).get("head", "lm") != "lm":
-            raise ValueError(f"dpo.reference_from {src!r} is not an LM-head model")
+            raise ValueError(f"{section}.reference_from {src!r} is not an LM-head model")
     return setup.restore_init_params(src, state_lib.abstract_params(model_cfg, mesh, rules))
 
 
-def run(config, mesh, workdir: str):
-    """DPO training loop; resumes from `<workdir>/checkpoints` when it holds a checkpoint."""
+def prepare(config, mesh, workdir: str, section: str, build_data):
+    """What a preference stage (DPO and its variants, KTO) sets up before its steps: checks,
+    tokenizer, the policy's config, data (`build_data`: dpo_data.build_dpo_data or
+    kto_data.build_kto_data) and the optimizer. Returns a dict of them."""
     rules = config.sharding.rules
-    t, c = config.train, config.dpo
-    check_config(c)
+    t, c = config.train, config[section]
     setup.check_batch(config, mesh, rules)
     tok = setup.load_tokenizer(config, workdir)
     model_cfg, _ = setup.resolve_model(config, tok)
     if model_cfg.head != "lm":
         raise ValueError(
-            f"init_from {config.init_from!r} has a {model_cfg.head!r} head; DPO "
+            f"init_from {config.init_from!r} has a {model_cfg.head!r} head; {section} "
             "trains a policy (an SFT or pretraining workdir)"
         )
     kl_len = c.kl_prompt_len + c.kl_max_new_tokens
     if c.kl_prompts and model_cfg.family == "gpt2" and kl_len > model_cfg.max_len:
         raise ValueError(
-            f"dpo.kl_prompt_len + dpo.kl_max_new_tokens = {kl_len} exceeds "
+            f"{section}.kl_prompt_len + {section}.kl_max_new_tokens = {kl_len} exceeds "
             f"model.max_len={model_cfg.max_len}"
         )
     pc, pi = jax.process_count(), jax.process_index()
-    train_iter, eval_batches, eval_prompts, info = dpo_data.build_dpo_data(
+    train_iter, eval_batches, eval_prompts, info = build_data(
         config.data.train,
         tok,
         template=config.data.prompt_template,
@@ -300,45 +283,80 @@ def run(config, mesh, workdir: str):
     )
     eval_batches = eval_batches[: t.eval_batches] if t.eval_batches > 0 else eval_batches
     optim_cfg = setup.optim_config_from(t, t.steps)
-    tx = state_lib.make_optimizer(optim_cfg)
-    ref = reference_params(config, model_cfg, mesh, rules)
+    return dict(tok=tok, model_cfg=model_cfg, train_iter=train_iter, eval_batches=eval_batches,
+                eval_prompts=eval_prompts, info=info, optim_cfg=optim_cfg,
+                tx=state_lib.make_optimizer(optim_cfg))  # fmt: skip
+
+
+def train(config, mesh, workdir, section, p, *, compile_fn, summarize_fn, ref, kl_ref, loss_key,
+          tokens_per_step, title):  # fmt: skip
+    """The shared loop (stages/loop.py) for a preference stage set up by `prepare`: steps from
+    `compile_fn(graphdef, tx, shardings, config, mesh, rules)` taking (state, ref, batch), evals
+    of held-out batches (`summarize_fn` of the eval step's sums) and the KL to `kl_ref`."""
+    rules = config.sharding.rules
+    tok, model_cfg, t = p["tok"], p["model_cfg"], config.train
     s = loop.Setup(
         config=config,
         mesh=mesh,
         workdir=workdir,
         model_cfg=model_cfg,
-        tx=tx,
+        tx=p["tx"],
         steps=t.steps,
-        train_iter=train_iter,
+        train_iter=p["train_iter"],
         step_fn=None,
-        loss_key="dpo/loss",
-        tokens_per_step=t.batch_size * info["k"] * t.seq_len,
+        loss_key=loss_key,
+        tokens_per_step=tokens_per_step,
         init_params=(lambda a: setup.restore_init_params(config.init_from, a))
         if config.init_from
         else None,
-        meta=setup.checkpoint_meta(config, model_cfg, tok, "dpo"),
+        meta=setup.checkpoint_meta(config, model_cfg, tok, config.stage),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
-    train_fn, eval_fn = compile_steps(graphdef, tx, shardings, config, mesh, rules)
+    train_fn, eval_fn = compile_fn(graphdef, p["tx"], shardings, config, mesh, rules)
     s.step_fn = lambda st, batch: train_fn(st, ref, batch)
-    kl_eval = make_kl_eval(config, graphdef, ref, tok, eval_prompts, mesh, rules)
+    kl_eval = None
+    if kl_ref is not None:
+        kl_eval = make_kl_eval(config, graphdef, kl_ref, tok, p["eval_prompts"], mesh, rules,
+                               section)  # fmt: skip
+    eval_batches = p["eval_batches"]
 
     def evaluate(params, step):
         out = {}
         if eval_batches:
             put = lambda b: sharding.put_batch(b, mesh, rules)
-            out.update(summarize([eval_fn(params, ref, put(b)) for b in eval_batches]))
+            out.update(summarize_fn([eval_fn(params, ref, put(b)) for b in eval_batches]))
         if kl_eval is not None:
             out.update(kl_eval(params))
         return out
 
     if eval_batches or kl_eval is not None:
         s.evaluate = evaluate
-    if pi == 0:
+    if jax.process_index() == 0:
         n_params = model_lib.param_count(state["params"])
         print(
-            f"dpo ({c.loss}, beta={c.beta}): {model_cfg.family} {n_params / 1e6:.2f}M params; "
-            f"data: {info}; {t.steps} steps; starting at step {start}",
+            f"{title}: {model_cfg.family} {n_params / 1e6:.2f}M params; data: {p['info']}; "
+            f"{t.steps} steps; starting at step {start}",
             flush=True,
         )
-    return loop.train(s, state, start, ckpt, schedule=state_lib.lr_schedule(optim_cfg))
+    return loop.train(s, state, start, ckpt, schedule=state_lib.lr_schedule(p["optim_cfg"]))
+
+
+def run(config, mesh, workdir: str):
+    """DPO training (and SimPO, `dpo.loss=simpo`); resumes from `<workdir>/checkpoints`."""
+    c = config.dpo
+    check_config(c)
+    p = prepare(config, mesh, workdir, "dpo", dpo_data.build_dpo_data)
+    # A reference-free loss (SimPO) holds the starting model only for the eval's KL (none
+    # with dpo.kl_prompts=0); its steps take an empty reference.
+    free = c.loss in dpo.REFERENCE_FREE
+    rules = config.sharding.rules
+    kl_ref = None
+    if not free or c.kl_prompts:
+        kl_ref = reference_params(config, p["model_cfg"], mesh, rules)
+    t = config.train
+    return train(
+        config, mesh, workdir, "dpo", p, compile_fn=compile_steps, summarize_fn=summarize,
+        ref={} if free else kl_ref, kl_ref=kl_ref, loss_key="dpo/loss",
+        tokens_per_step=t.batch_size * p["info"]["k"] * t.seq_len,
+        title=f"dpo ({c.loss}, beta={c.beta})",
+    )  # fmt: skip
