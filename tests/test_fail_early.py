@@ -58,6 +58,37 @@ def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypa
     assert c.ppo.reward_fn == "" and c.stage == "ppo"  # not paths: untouched
 
 
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    proc = entry("--config", "experiments/pretrain.py", "--workdir", str(tmp_path / "taken"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: --workdir {tmp_path / 'taken'} exists and is not a directory"
+    )
+
+
+def test_negative_steps_are_refused_and_the_failed_start_leaves_no_workdir(tmp_path):
+    work = tmp_path / "new"
+    proc = entry("--config", "experiments/pretrain.py", "--workdir", str(work),
+                 "--config.train.steps=-5")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: config.train.steps=-5 must be >= 0"
+    assert not work.exists()  # created by the failed start, removed by it
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    proc = entry("--config", "experiments/pretrain.py", "--workdir", str(work),
+                 "--config.train.steps=-5")  # fmt: skip
+    assert proc.returncode == 2 and (work / "keep.txt").read_text() == "mine"  # not its to remove
+
+
+def test_empty_data_file_is_named_when_no_tokenizer_can_be_trained(tmp_path):
+    c = pretrain.get_config()
+    c.data.train = str(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"no non-empty text in config.data.train='.*empty.jsonl'"):
+        setup.load_tokenizer(c, str(tmp_path / "w"))
+
+
 def test_sft_refuses_steps_and_epochs_together():
     c = sft.get_config()
     c.train.steps = 7  # the user's override, which epochs would silently win over

@@ -115,6 +115,7 @@ def train_tokenizer(
     *,
     max_sentences: int = 5_000_000,
     reserved: Sequence[str] = (),
+    source: str = "the documents",
 ) -> str:
     """Trains a SentencePiece model on documents and writes it atomically to `out_path`.
 
@@ -133,6 +134,8 @@ def train_tokenizer(
         which bounds memory on large corpora.
       reserved: pieces that become single ids 4, 5, ... (user-defined symbols), e.g. chat role
         markers; they count toward vocab_size. Empty gives exactly the tokenizer of before.
+      source: where `texts` came from (the data files), named by the error when they hold no
+        text, so an empty file is found without a search.
 
     Returns:
       out_path.
@@ -153,7 +156,7 @@ def train_tokenizer(
         )
     sentences = _sample(_training_sentences(texts), max_sentences, seed)
     if not sentences:
-        raise ValueError("cannot train a tokenizer: the documents contain no non-empty text")
+        raise ValueError(f"cannot train a tokenizer: no non-empty text in {source}")
 
     model = io.BytesIO()
     # Passed only when given, so the default trains exactly the model it always did.

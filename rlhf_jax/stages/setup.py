@@ -160,6 +160,7 @@ def load_tokenizer(config, workdir: str):
                 model_type=config.tokenizer.model_type,
                 seed=config.seed,
                 reserved=chat.reserved_tokens(config),
+                source=f"config.data.train={config.data.train!r}",
             )
     _sync("tokenizer")
     return tok_lib.load_tokenizer(_tokenizer_in(workdir), chat_template=chat.from_config(config))
@@ -250,6 +251,23 @@ def check_same_model(meta: dict | None, model_cfg: model_config.ModelConfig, whe
             f"checkpoint in {where} was written for a different model: "
             f"model.{k} is {a!r} there but {b!r} now"
         )
+
+
+# Config keys (at any depth: a pipeline nests each stage's config) that count something a run
+# does; a negative one would train nothing and exit 0 (`range(start, -5)` is empty).
+COUNT_KEYS = frozenset({"steps", "epochs", "warmup_steps"})
+
+
+def check_counts(config, prefix: str = "config.") -> None:
+    """Fails with one line naming the key when a count (COUNT_KEYS) is negative: run by the
+    entry (launch/run.start) before any stage starts, so it covers every stage and the
+    pipeline's nested stage configs."""
+    for key in list(config.keys()):
+        value = config[key]
+        if hasattr(value, "keys"):
+            check_counts(value, f"{prefix}{key}.")
+        elif key in COUNT_KEYS and isinstance(value, (int, float)) and value < 0:
+            raise ValueError(f"{prefix}{key}={value} must be >= 0")
 
 
 def check_batch(config, mesh, rules) -> None:
