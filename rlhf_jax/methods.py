@@ -25,8 +25,10 @@ class Method:
     label: how tables and plots name it.
     stage: the `config.stage` of its runs (several methods may share one stage: SimPO is the
       DPO stage with `dpo.loss="simpo"`).
-    section: its stage config under the pipeline's `config.stages` (default: key) and the config
-      section (`config.<section>`) of its own keys, e.g. `ppo` for PPO and PPO-ptx.
+    config_key: its stage config under the pipeline's `config.stages` (default: key; PPO-ptx
+      shares PPO's, `ppo`).
+    section: the config section of its own keys, `config.<section>` (default: its stage's name:
+      SimPO's keys are `dpo.*`).
     data: what the pipeline feeds it: "prompts" (prompts plus the round's reward model),
       "comparisons" (the round's labelled comparisons) or "" (not a policy-training method).
     ptx: the pipeline sets its pretraining-data term (`<section>.ptx_coef`, `data.ptx`); None
@@ -45,6 +47,7 @@ class Method:
     key: str
     label: str
     stage: str
+    config_key: str = ""
     section: str = ""
     data: str = ""
     ptx: object = None
@@ -55,8 +58,12 @@ class Method:
     experiment: str = ""
 
     @property
-    def config_section(self) -> str:
-        return self.section or self.key
+    def stage_config(self) -> str:
+        return self.config_key or self.key
+
+    @property
+    def keys(self) -> str:
+        return self.section or self.stage
 
 
 # config.stage -> the module whose run(config, mesh, workdir) trains it. The planner maps the
@@ -76,14 +83,14 @@ STAGES = {
 # In pipeline order. The first three are the InstructGPT steps every method starts from; the
 # rest are the policy-training methods compared in the report.
 METHODS = (
-    Method("pretrained", "Pretrained", "pretrain", section="pretrain", style=("tab:gray", "s"),
+    Method("pretrained", "Pretrained", "pretrain", config_key="pretrain", style=("black", "X"),
            experiment="experiments/pretrain.py"),
-    Method("sft", "SFT", "sft", style=("black", "o"), experiment="experiments/sft.py"),
+    Method("sft", "SFT", "sft", style=("tab:gray", "s"), experiment="experiments/sft.py"),
     Method("rm", "Reward model", "rm", experiment="experiments/rm.py"),
     Method("ppo", "PPO", "ppo", data="prompts", ptx=0.0, rounds=True,
-           summary=("ppo/score", "eval/score", "ppo/kl_per_seq"), style=("tab:blue", "v"),
+           summary=("ppo/score", "eval/score", "ppo/kl_per_seq"), style=("tab:blue", "o"),
            experiment="experiments/ppo_ptx.py"),
-    Method("ppo_ptx", "PPO-ptx", "ppo", section="ppo", data="prompts", ptx="pipeline",
+    Method("ppo_ptx", "PPO-ptx", "ppo", config_key="ppo", data="prompts", ptx="pipeline",
            rounds=True, summary=("ppo/score", "eval/score", "ppo/kl_per_seq", "ppo/ptx_loss"),
            style=("tab:orange", "^"), experiment="experiments/ppo_ptx.py"),
     Method("rsft", "Best-of-K fine-tuning", "rsft", data="prompts", reference=False,
@@ -93,10 +100,10 @@ METHODS = (
            summary=("dpo/loss", "eval/accuracy", "eval/kl"), style=("tab:red", "P"),
            experiment="experiments/dpo.py"),
     Method("simpo", "SimPO", "dpo", data="comparisons", reference=False,
-           summary=("dpo/loss", "eval/accuracy", "eval/kl"), style=("tab:pink", "X"),
+           summary=("dpo/loss", "eval/accuracy", "eval/kl"), style=("tab:pink", "h"),
            experiment="experiments/simpo.py"),
     Method("kto", "KTO", "kto", data="comparisons",
-           summary=("kto/loss", "eval/accuracy", "eval/kl"), style=("tab:olive", "h"),
+           summary=("kto/loss", "eval/accuracy", "eval/kl"), style=("tab:olive", "<"),
            experiment="experiments/kto.py"),
     Method("grpo", "GRPO-ptx", "grpo", data="prompts", ptx="pipeline",
            summary=("grpo/score", "eval/score", "grpo/kl_per_seq", "grpo/ptx_loss"),
@@ -107,7 +114,7 @@ BY_KEY = {m.key: m for m in METHODS}
 # The policy-training methods the pipeline runs after the reward model, in order.
 POLICY_METHODS = tuple(m.key for m in METHODS if m.data)
 # Report-only rows: best-of-K sampling is a decoding baseline, not a trained model.
-BEST_OF_K = Method("best_of_k", "Best-of-K sampling", "", style=("tab:purple", "d"))
+BEST_OF_K = Method("best_of_k", "Best-of-K sampling", "", style=("tab:purple", "v"))
 
 
 def method(key: str) -> Method:

@@ -1,13 +1,17 @@
 """The whole InstructGPT pipeline on the bundled task world, one command, one report.
 
-  world -> pretrain -> SFT -> collect comparisons -> RM -> PPO, PPO-ptx, best-of-K fine-tuning,
-        DPO and GRPO-ptx
-        [-> rounds 2..N: collect from the current policy -> new RM -> continue PPO / PPO-ptx]
+  world -> pretrain -> SFT -> collect comparisons -> RM -> every policy method of the method
+        table (rlhf_jax/methods.py: PPO, PPO-ptx, best-of-K fine-tuning, DPO, SimPO, KTO,
+        GRPO-ptx)
+        [-> rounds 2..N: collect from the current policy -> new RM -> continue PPO / PPO-ptx;
+            online DPO on comparisons of its own round r-1 policy]
         -> evaluate (+ best-of-K sampling) -> report
 
-Every round-1 method starts from SFT and keeps SFT as its KL reference. DPO trains on the
-round-1 comparisons (the RM's data) with no RM; GRPO-ptx is rewarded by the round-1 RM (with its
-normalisation bias) and has PPO-ptx's pretraining coefficient `config.ptx_coef`.
+Every round-1 method starts from SFT and keeps SFT as its KL reference (those that have one).
+The table's `data` says how the pipeline feeds a method: "prompts" methods (PPO, PPO-ptx,
+best-of-K fine-tuning, GRPO-ptx) get the PPO prompts and the round's RM (with its normalisation
+bias), "comparisons" methods (DPO, SimPO, KTO) the round's labelled comparisons and no RM; a
+method with a pretraining term gets the world's text and `config.ptx_coef` (PPO: 0).
 
 Every step writes into its own sub-directory of the run directory in the project's standard
 formats (JSONL data, stage workdirs with checkpoints and metrics), so any intermediate can be
@@ -22,9 +26,12 @@ Iterated rounds (`config.rounds=N`, InstructGPT's steps 2 and 3 repeated): round
 fresh samples of the current policy (`config.iterate.policy`, the previous round's PPO-ptx by
 default) on the RM prompts, trains a new RM on them (plus the earlier rounds' comparisons when
 `iterate.accumulate`) starting from the previous RM or from SFT (`iterate.rm_init`), and
-continues PPO and PPO-ptx from the previous round's policies, the KL still measured against SFT.
-Round r lives in `round_<r>/`. DPO and GRPO-ptx run in round 1 only: they are the alternatives
-to PPO on the same data, model and reward, and the iterated loop stays InstructGPT's.
+continues every method of `config.iterate.methods` (the table's rows with `rounds`; default
+PPO, PPO-ptx and DPO) from its previous-round policy, the KL still measured against SFT: an
+RM-fed method on the new RM, a comparison-fed one (online DPO) on comparisons collected afresh
+from its OWN previous-round policy and labelled by the same labeler
+(`round_<r>/<method>_collect/`). Round r lives in `round_<r>/`. The other methods run in round 1
+only.
 
 `config.init_from=hf:DIR` starts from a Hugging Face model instead of pretraining one: the pretrain
 step imports it into `pretrain/` (models/hf_import.py), so SFT, the evaluation's "pretrained" row
@@ -33,7 +40,7 @@ and the ptx reference read it like a trained one; the world's text is encoded wi
 `config.reuse=DIR` takes the pretrained model, SFT model, comparisons and RM of a finished run in
 DIR (linked, not copied) and runs only what follows, which is how a sweep over PPO settings
 shares one SFT model and RM (experiments/sweeps/kl_overopt.py).
-`config.skip="ppo_ptx,rsft,dpo,grpo"` leaves steps out.
+`config.skip="ppo_ptx,rsft,dpo,simpo,kto,grpo"` leaves steps out (in every round).
 """
 
 from __future__ import annotations
@@ -45,14 +52,15 @@ import time
 
 import jax
 
+from rlhf_jax import methods
 from rlhf_jax.data import lm_data
 from rlhf_jax.infra import preemption, sharding
 from rlhf_jax.models import hf_import, hf_init
-from rlhf_jax.stages import dpo, grpo, lm, ppo, rm, rsft
+from rlhf_jax.stages import lm, rm
 from rlhf_jax.stages import pipeline_eval as ev
 from rlhf_jax.task import world_data
 
-STEPS = ("pretrain", "sft", "collect", "rm", "ppo", "ppo_ptx", "rsft", "dpo", "grpo", "evaluate")
+STEPS = ("pretrain", "sft", "collect", "rm", *methods.POLICY_METHODS, "evaluate")
 # What `config.reuse` takes from a finished run: step -> the files and directories it produced.
 REUSABLE = {
     "pretrain": ("pretrain",),
@@ -60,7 +68,8 @@ REUSABLE = {
     "collect": ("comparisons.jsonl", "collect_samples.jsonl"),
     "rm": ("rm",),
 }
-RL = {"ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+# Methods fed by the reward model that iterate: the ones whose samples may train a round's RM.
+RM_ITERATED = tuple(m.key for m in methods.METHODS if m.rounds and m.data == "prompts")
 
 
 def link_reused(config, workdir: str, timings: dict):
@@ -102,8 +111,20 @@ def run(config, mesh, workdir: str):
     skip = {x.strip() for x in config.skip.split(",") if x.strip()}
     if skip - set(STEPS):
         raise ValueError(f"config.skip: unknown steps {sorted(skip - set(STEPS))}; one of {STEPS}")
-    if config.iterate.policy not in RL or config.iterate.policy in skip and config.rounds > 1:
-        raise ValueError(f"config.iterate.policy must be a step that runs, one of {list(RL)}")
+    iterated = [x.strip() for x in config.iterate.methods.split(",") if x.strip()]
+    can = [m.key for m in methods.METHODS if m.rounds]
+    if set(iterated) - set(can):
+        raise ValueError(
+            f"config.iterate.methods: {sorted(set(iterated) - set(can))} cannot iterate; "
+            f"the methods that can: {can}"
+        )
+    iterated = [k for k in iterated if k not in skip] if config.rounds > 1 else []
+    policy = config.iterate.policy
+    if config.rounds > 1 and (policy not in RM_ITERATED or policy not in iterated):
+        raise ValueError(
+            f"config.iterate.policy={policy!r} must be an iterated method that runs, one of "
+            f"{[k for k in iterated if k in RM_ITERATED]}"
+        )
     if config.iterate.rm_init not in ("previous", "sft"):
         raise ValueError(f"config.iterate.rm_init: {config.iterate.rm_init!r}; previous | sft")
     if config.reuse:
@@ -164,40 +185,45 @@ def run(config, mesh, workdir: str):
     rm_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
     step("rm", lambda: stage("rm", s.rm, rm, **rm_over, **{"rm.norm_data": paths["demos"]}))
 
-    def rl(name, sub, init_from, rm_dir, kind):
-        gamma = 0.0 if kind == "ppo" else config.ptx_coef
-        over = {"data.train": paths["ppo_prompts"], "data.ptx": paths["pretrain"]}
-        over |= {"init_from": init_from, "ppo.reference_from": at("sft")}
-        over |= {"ppo.reward_from": rm_dir, "ppo.ptx_coef": gamma}
-        step(name, lambda: stage(sub, s.ppo, ppo, **over), kind)
+    def policy_step(m, name, sub, init_from, rm_dir, comparisons):
+        """Runs method `m` (a row of rlhf_jax/methods.py) fed as its `data` says."""
+        keys, cfg = m.keys, s[m.stage_config]
+        over = {"init_from": init_from}
+        if m.data == "prompts":
+            over |= {"data.train": paths["ppo_prompts"], f"{keys}.reward_from": rm_dir}
+        else:
+            over["data.train"] = comparisons
+        if m.reference:
+            over[f"{keys}.reference_from"] = at("sft")
+        if m.ptx is not None:
+            gamma = config.ptx_coef if m.ptx == "pipeline" else float(m.ptx)
+            over |= {"data.ptx": paths["pretrain"], f"{keys}.ptx_coef": gamma}
+        module = methods.stage_module(cfg.stage)
+        step(name, lambda: stage(sub, cfg, module, **over), m.key)
 
-    for name in RL:
-        rl(name, name, at("sft"), at("rm"), name)
-    rsft_over = {"data.train": paths["ppo_prompts"], "init_from": at("sft")}
-    step("rsft", lambda: stage("rsft", s.rsft, rsft, **rsft_over, **{"rsft.reward_from": at("rm")}))
-    dpo_over = {"data.train": at("comparisons.jsonl"), "init_from": at("sft")}
-    dpo_over["dpo.reference_from"] = at("sft")
-    step("dpo", lambda: stage("dpo", s.dpo, dpo, **dpo_over))
-    grpo_over = {"data.train": paths["ppo_prompts"], "data.ptx": paths["pretrain"]}
-    grpo_over |= {"init_from": at("sft"), "grpo.reference_from": at("sft")}
-    grpo_over |= {"grpo.reward_from": at("rm"), "grpo.ptx_coef": config.ptx_coef}
-    step("grpo", lambda: stage("grpo", s.grpo, grpo, **grpo_over))
-    grpo_label = "GRPO-ptx" if config.ptx_coef > 0 else "GRPO"
-    # The best-of-K fine-tuned policy is its last round's (the stage iterates internally).
-    rsft_sub = os.path.relpath(rsft.final_policy(at("rsft")), workdir) if "rsft" in timings else ""
+    def label(m):
+        if m.ptx == "pipeline" and config.ptx_coef == 0:
+            return m.label.removesuffix("-ptx")
+        return m.label
+
+    for key in methods.POLICY_METHODS:
+        m = methods.BY_KEY[key]
+        policy_step(m, key, key, at("sft"), at("rm"), at("comparisons.jsonl"))
     models = [
         dict(key="pretrained", label="Pretrained", method="pretrained", round=0, sub="pretrain"),
         dict(key="sft", label="SFT", method="sft", round=0, sub="sft"),
-        *(dict(key=k, label=v, method=k, round=1, sub=k) for k, v in RL.items()),
-        dict(key="rsft", label="Best-of-K fine-tuning", method="rsft", round=1, sub=rsft_sub),
-        dict(key="dpo", label="DPO", method="dpo", round=1, sub="dpo"),
-        dict(key="grpo", label=grpo_label, method="grpo", round=1, sub="grpo"),
     ]
+    for key in methods.POLICY_METHODS:
+        m, sub = methods.BY_KEY[key], key
+        final = getattr(methods.stage_module(s[m.stage_config].stage), "final_policy", None)
+        if final is not None:  # best-of-K fine-tuning iterates inside its stage: its last policy
+            sub = os.path.relpath(final(at(key)), workdir) if key in timings else ""
+        models.append(dict(key=key, label=label(m), method=key, round=1, sub=sub))
     rounds = [dict(round=1, rm_dir="rm", comparisons="comparisons.jsonl")]
-    current = {name: name for name in RL}  # each method's latest policy (sub-directory)
+    current = {key: key for key in iterated}  # each method's latest policy (sub-directory)
     for r in range(2, config.rounds + 1):
         prev, rd = rounds[-1], f"round_{r}"
-        src = at(current[config.iterate.policy])  # the policy whose samples get labelled
+        src = at(current[config.iterate.policy])  # the policy whose samples train the new RM
         step(
             f"collect_r{r}",
             lambda rd=rd, src=src, r=r: ev.collect_comparisons(
@@ -211,13 +237,24 @@ def run(config, mesh, workdir: str):
         rm_init = at(prev["rm_dir"]) if config.iterate.rm_init == "previous" else at("sft")
         over = {"data.train": ",".join(comps), "init_from": rm_init, "rm.norm_data": paths["demos"]}
         step(f"rm_r{r}", lambda rd=rd, over=over: stage(f"{rd}/rm", s.rm, rm, **over), "rm")
-        for name in RL:
-            rl(f"{name}_r{r}", f"{rd}/{name}", at(current[name]), at(rd, "rm"), name)
-            current[name] = f"{rd}/{name}"
-            models.append(
-                dict(key=f"{name}_r{r}", label=f"{RL[name]}, round {r}", method=name, round=r,
-                     sub=f"{rd}/{name}")
-            )  # fmt: skip
+        for key in iterated:
+            m, name, sub = methods.BY_KEY[key], f"{key}_r{r}", f"{rd}/{key}"
+            own = ""
+            if m.data == "comparisons":
+                # Online: comparisons of its own previous-round policy, labelled afresh.
+                out, seed = at(rd, f"{key}_collect"), config.seed + 1000 * r + 1
+                step(
+                    f"collect_{key}_r{r}",
+                    lambda out=out, src=at(current[key]), seed=seed: ev.collect_comparisons(
+                        config, src, out, paths["rm_prompts"], seed, mesh
+                    ),
+                    "collect",
+                )
+                own = os.path.join(out, "comparisons.jsonl")
+            policy_step(m, name, sub, at(current[key]), at(rd, "rm"), own)
+            current[key] = sub
+            models.append(dict(key=name, label=f"{label(m)}, round {r}", method=key, round=r,
+                               sub=sub))  # fmt: skip
         rounds.append(dict(round=r, rm_dir=f"{rd}/rm", comparisons=f"{rd}/comparisons.jsonl"))
     for m in models:
         m["workdir"] = at(m.pop("sub")) if m["sub"] else ""

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax import methods
 from rlhf_jax.task import report_plots as plots
 from rlhf_jax.task.report_plots import is_number
 from rlhf_jax.task.report_read import (
@@ -47,11 +48,7 @@ _SUMMARY_KEYS = {
     "pretrain": ("train/loss", "eval/loss"),
     "sft": ("train/loss", "eval/loss"),
     "rm": ("rm/loss", "eval/accuracy"),
-    "ppo": ("ppo/score", "eval/score", "ppo/kl_per_seq"),
-    "ppo_ptx": ("ppo/score", "eval/score", "ppo/kl_per_seq", "ppo/ptx_loss"),
-    "rsft": ("rsft/selected_score", "rsft/candidate_score", "rsft/kept_fraction"),
-    "dpo": ("dpo/loss", "eval/accuracy", "eval/kl"),
-    "grpo": ("grpo/score", "eval/score", "grpo/kl_per_seq", "grpo/ptx_loss"),
+    **{k: methods.BY_KEY[k].summary for k in methods.POLICY_METHODS},  # the method table's
 }
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax import methods
+
 SMOOTH_WINDOW = 10  # PPO iterations in the trailing moving average
 TRAINING_PLOTS = ("report_lm_loss.png", "report_rm_accuracy.png", "report_ppo.png")
 GOLD_KL, ROUNDS = "report_gold_kl.png", "report_rounds.png"
@@ -45,17 +47,10 @@ CAPTIONS = {  # file name -> (title, caption) in report.md
     ),
 }
 # One colour and marker per method, the same in every figure; unknown methods take _SPARE ones.
-METHOD_STYLES = {
-    "pretrained": ("black", "X"),
-    "sft": ("tab:gray", "s"),
-    "ppo": ("tab:blue", "o"),
-    "ppo_ptx": ("tab:orange", "^"),
-    "rsft": ("tab:green", "D"),
-    "best_of_k": ("tab:purple", "v"),
-    "dpo": ("tab:red", "P"),
-    "grpo": ("tab:brown", "*"),
+METHOD_STYLES = {  # methods.py's, for every row that is a model (the RM is not)
+    m.key: m.style for m in (*methods.METHODS, methods.BEST_OF_K) if m.key != "rm"
 }
-_SPARE = (("tab:pink", "h"), ("tab:olive", "<"), ("tab:cyan", ">"), ("gold", "p"))
+_SPARE = (("tab:cyan", ">"), ("gold", "p"), ("navy", "h"), ("teal", "<"))
 ROUND_LINES = ("-", "--", "-.", ":")  # round 1, 2, ... of the same run (cycled past 4)
 ROUND_MARKERS = ("o", "s", "^", "D")
 ROUND_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown")

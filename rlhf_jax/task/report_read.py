@@ -4,8 +4,9 @@ This module owns what the report reads and how a bad file fails: the stages' met
 eval.json's models and meta (with defaults for files from older versions) and timings.json. The
 layout::
 
-    <run>/{pretrain,sft,rm,ppo,ppo_ptx,rsft,dpo,grpo}/metrics.jsonl   round 1 (see metrics.py)
-    <run>/round_{r}/{rm,ppo,ppo_ptx}/metrics.jsonl          round r >= 2 of iterated RLHF
+    <run>/{pretrain,sft,rm,<method>...}/metrics.jsonl   round 1 (see metrics.py)
+    <run>/round_{r}/{rm,<iterating method>...}/metrics.jsonl   round r >= 2 of iterated RLHF
+(the methods are rlhf_jax/methods.py's rows, in its order)
     <run>/eval.json      {"models": {key: {"gold_score": ..., "kl_from_sft": ..., "label": ...,
                           "method": ..., "round": ...}}, "meta": {..., "rounds": [...]}}
     <run>/timings.json   {"stage": seconds} of the pipeline's steps (else meta["timings"])
@@ -24,20 +25,21 @@ import os
 import re
 from typing import Any
 
+from rlhf_jax import methods
 from rlhf_jax.task.report_plots import is_number
 
 # The metrics.jsonl name and line contract are metrics.py's; it is not imported because it pulls
 # in jax and TensorBoard (seconds of start-up) for a command that only reads JSON.
 METRICS_FILE = "metrics.jsonl"
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft", "dpo", "grpo")  # <run>/<stage>
-ROUND_STAGES = ("rm", "ppo", "ppo_ptx")  # round r >= 2, in <run>/round_{r}/<stage>
+STAGES = ("pretrain", "sft", "rm", *methods.POLICY_METHODS)  # <run>/<stage>
+# round r >= 2, in <run>/round_{r}/<stage>
+ROUND_STAGES = ("rm", *(m.key for m in methods.METHODS if m.rounds))
 # The models every pipeline run evaluates: rows say "not run" when eval.json lacks one.
-MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+MODELS = {k: methods.method(k).label for k in ("pretrained", "sft", "ppo", "ppo_ptx")}
 # Display names of methods (table columns, legends), and of models whose entry has no label.
-METHODS = {**MODELS, "rsft": "Best-of-K fine-tuning", "best_of_k": "Best-of-K sampling"}
-METHODS |= {"dpo": "DPO", "grpo": "GRPO-ptx"}
+METHODS = {m.key: m.label for m in (*methods.METHODS, methods.BEST_OF_K) if m.key != "rm"}
 # An alignment tax is reported for these.
-RLHF_METHODS = ("ppo", "ppo_ptx", "rsft", "best_of_k", "dpo", "grpo")
+RLHF_METHODS = (*methods.POLICY_METHODS, methods.BEST_OF_K.key)
 _NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
 _NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
 
