@@ -16,21 +16,39 @@ import json
 import os
 import subprocess
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout root: this file is rlhf_jax/infra/provenance.py, so three levels up. (Two levels,
+# as before the move to infra/, walked rlhf_jax/rlhf_jax and hashed nothing.)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SOURCE_DIRS = ("rlhf_jax", "launch", "experiments")
 
 
-def source_hash() -> str:
-    """sha256 (first 16 hex digits) over the .py files of the package, launch/ and experiments/."""
+def source_hash(root: str = _ROOT) -> str:
+    """sha256 (first 16 hex digits) over the .py files of the package, launch/ and experiments/.
+
+    Args:
+      root: the directory holding `rlhf_jax/` (and `launch/`, `experiments/` in a checkout; an
+        installed package has neither, and they are skipped).
+
+    Returns:
+      The hex digest prefix. Files are visited in sorted order and their paths relative to `root`
+      are hashed with their bytes, so a renamed or moved file changes the hash too.
+
+    Raises:
+      FileNotFoundError: when `root` holds no `rlhf_jax/` package: an empty walk would hash to the
+        same constant for every checkout, which is what this hash exists to prevent.
+    """
+    package = os.path.join(root, "rlhf_jax", "__init__.py")
+    if not os.path.isfile(package):
+        raise FileNotFoundError(f"source_hash: {root!r} holds no rlhf_jax/__init__.py")
     h = hashlib.sha256()
     for sub in _SOURCE_DIRS:
-        base = os.path.join(_ROOT, sub)
+        base = os.path.join(root, sub)
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
             for name in sorted(filenames):
                 if name.endswith(".py"):
                     path = os.path.join(dirpath, name)
-                    h.update(os.path.relpath(path, _ROOT).encode() + b"\0")
+                    h.update(os.path.relpath(path, root).encode() + b"\0")
                     with open(path, "rb") as f:
                         h.update(f.read() + b"\0")
     return h.hexdigest()[:16]
