@@ -274,7 +274,7 @@ class Transformer(nnx.Module):
         if return_hidden:
             return x, new_cache
         if cfg.head == "scalar":
-            scores = x @ self.score_head[...].astype(jnp.float32) + self.score_bias[...]
+            scores = head_matmul(x, self.score_head[...]) + self.score_bias[...]
             return scores, new_cache  # [B, T] float32
         return self.unembed(x), new_cache
 
@@ -283,16 +283,25 @@ class Transformer(nnx.Module):
 
         The head runs in float32 whatever the compute dtype: bf16 logits carry a rounding error
         of ~1e-2 nats at typical logit sizes, which would reach every log-prob (PPO's ratio and
-        KL, the LM loss, likelihoods). Operands and result are float32; the matmul uses the
-        backend's default float32 precision (exact on CPU; TF32 / bf16 passes on GPU / TPU
-        unless `jax_default_matmul_precision` asks for more). Slicing x first (e.g. to the
-        response positions) computes only those logits.
+        KL, the LM loss, likelihoods). Operands and result are float32 and the matmul asks for
+        HIGHEST precision (`head_matmul`): the backend default is one bf16 pass on TPU and TF32
+        on recent GPUs, which would make the "float32 head" a bf16/TF32 one. Slicing x first
+        (e.g. to the response positions) computes only those logits.
         """
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D, V]
-        logits = x.astype(jnp.float32) @ w.astype(jnp.float32)
+        logits = head_matmul(x, w)
         if cap := self.cfg.final_softcap:  # Gemma 2: every path's logits and log-probs see it
             logits = cap * jnp.tanh(logits / cap)
         return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+def head_matmul(x, w):
+    """x [..., D] @ w [D] or [D, V] in float32 at HIGHEST precision: every head (unembedding,
+    reward/value score) and every log-prob path that multiplies by the head goes through here, so
+    TPU (default: one bf16 pass) and GPU (default: TF32) compute the same float32 head as CPU."""
+    return jnp.matmul(
+        x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
