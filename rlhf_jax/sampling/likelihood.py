@@ -9,9 +9,14 @@ Owns `response_logprobs` (the summed log-probability of each response given its 
 over completions sampled from the policy (the records `generate` writes). A sequence is laid out
 exactly as sampling and SFT see it: [bos] + template(prompt) + response tokens, plus the EOS that
 ended the response when it finished (a response cut at the length limit has none), so its
-log-probability is the one the sampler reports for the same tokens when it samples at
-temperature 1 without top-k / top-p (the sampler reports its sampling distribution's; these are
-the model's own). Logits come from the model's float32 head whatever the compute dtype.
+log-probability is the one the sampler reports for the same tokens when it samples at the same
+`temperature` without top-k / top-p. Logits come from the model's float32 head (HIGHEST-precision
+matmul) whatever the compute dtype.
+
+Temperature: samples drawn at temperature T come from pi_T = softmax(logits / T), so the KL they
+estimate is KL(pi_T || pi_ref_T), both models tempered alike (the reference as it would be
+sampled under the same decoding settings). Scoring them under the untempered models, as the
+pipeline did, gives E_{pi_T}[log pi - log pi_ref], which is no KL at T != 1 (it can be negative).
 
 Both terms of the KL are recomputed teacher-forced from the response *text*: the sampled token
 ids are not stored, and re-encoding a sampled text may tokenize it differently, so the records'
@@ -36,16 +41,21 @@ from rlhf_jax.sampling import load, sampler
 
 @functools.lru_cache(maxsize=8)
 def _jitted_logprob_sums(graphdef, mesh, rules):
-    """jit of (params, tokens [B, S], mask [B, S], targets [B, S-1]) -> summed logprobs [B]."""
+    """jit of (params, tokens [B, S], mask [B, S], targets [B, S-1], temperature []) -> summed
+    logprobs [B]."""
     rows = lambda ndim: sharding.batch_sharding(mesh, rules, ndim)
 
-    def fn(params, tokens, mask, target_mask):
+    def fn(params, tokens, mask, target_mask, temperature):
         with sharding.use_rules(mesh, rules):
-            logp = sampler.sequence_logprobs(graphdef, params, tokens, mask)  # [B, S-1]
+            logp = sampler.sequence_logprobs(
+                graphdef, params, tokens, mask, temperature=temperature
+            )  # [B, S-1]
             return jnp.sum(jnp.where(target_mask, logp, 0.0), axis=-1)
 
-    # None: params keep the sharding they were restored with.
-    return jax.jit(fn, in_shardings=(None, rows(2), rows(2), rows(2)), out_shardings=rows(1))
+    # None: params keep the sharding they were restored with (and the temperature is replicated:
+    # traced, so every temperature shares one compile).
+    shardings = (None, rows(2), rows(2), rows(2), None)
+    return jax.jit(fn, in_shardings=shardings, out_shardings=rows(1))
 
 
 def sequence_logprob_sums(
@@ -59,6 +69,7 @@ def sequence_logprob_sums(
     rules,
     max_len: int | None = None,
     batch_size: int = 16,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """Sum over response tokens of log p(token | everything before it), teacher-forced.
 
@@ -70,10 +81,13 @@ def sequence_logprob_sums(
       mesh, rules: rows are sharded over `act_batch`.
       max_len: the model's learned positions (GPT-2); a longer row is an error. None: no limit.
       batch_size: rows per compiled call (rounded to the data-parallel size).
+      temperature: > 0; the log-probs of softmax(logits / temperature).
 
     Returns:
       float64 [N]; 0 for an empty response.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: log-probs need a temperature > 0")
     rules = sharding.normalize_rules(rules)  # hashable, for the compile cache
     n = len(prompt_ids)
     if n == 0:
@@ -107,7 +121,7 @@ def sequence_logprob_sums(
             mask[j, : len(p) + len(r)] = True
             targets[j, len(p) - 1 : len(p) + len(r) - 1] = True
         dev = sharding.put_global({"t": tokens, "m": mask, "y": targets}, mesh, rules)
-        sums = fn(params, dev["t"], dev["m"], dev["y"])
+        sums = fn(params, dev["t"], dev["m"], dev["y"], jnp.float32(temperature))
         out.append(sharding.to_host(sums).astype(np.float64)[: hi - lo])
     return np.concatenate(out)
 
@@ -142,6 +156,7 @@ def response_logprobs(
     rules=None,
     template: str | None = None,
     batch_size: int = 16,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """log p(response | prompt) under the LM in `model_dir`, per record.
 
@@ -151,6 +166,7 @@ def response_logprobs(
       mesh, rules: where the model is placed; rules default to sharding.DEFAULT_RULES.
       template: the prompt format; None: the checkpoint config's `data.prompt_template`.
       batch_size: rows per compiled call.
+      temperature: > 0; the log-probs of the model's distribution at that temperature.
 
     Returns:
       float64 [N].
@@ -170,6 +186,7 @@ def response_logprobs(
         rules=rules,
         max_len=cfg.max_len if cfg.family == "gpt2" else None,
         batch_size=batch_size,
+        temperature=temperature,
     )
 
 
@@ -182,8 +199,10 @@ def kl_to_reference(
     rules=None,
     template: str | None = None,
     batch_size: int = 16,
+    temperature: float = 1.0,
 ) -> dict:
-    """Sample estimate of KL(policy || reference) in nats per response.
+    """Sample estimate of KL(policy_T || reference_T) in nats per response, both models at the
+    temperature T the records were sampled at (module docstring).
 
     Args:
       records: completions sampled from the policy, as `generate` writes them ("prompt",
@@ -193,14 +212,17 @@ def kl_to_reference(
       mesh, rules: where the models are placed (one at a time).
       template: the prompt format for both; None: each checkpoint config's own.
       batch_size: rows per compiled call.
+      temperature: the temperature the records were sampled at (> 0; greedy records have no
+        sampling distribution to take a KL of).
 
     Returns:
-      {"kl": mean of log pi - log pi_ref, "kl_std", "kl_sem" (standard error of the mean),
+      {"kl": mean of log pi_T - log pi_ref_T, "kl_std", "kl_sem" (standard error of the mean),
        "policy_logprob", "reference_logprob" (means), "n"}.
     """
     if not records:
         raise ValueError("kl_to_reference needs at least one record")
     kw = dict(mesh=mesh, rules=rules, template=template, batch_size=batch_size)
+    kw["temperature"] = temperature
     logp = response_logprobs(policy_dir, records, **kw)
     logp_ref = response_logprobs(reference_dir, records, **kw)
     diff = logp - logp_ref

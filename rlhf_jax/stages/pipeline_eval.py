@@ -182,9 +182,15 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
         entry["heldout_pretrain_loss"] = heldout_loss(
             m["workdir"], paths["heldout"], c.seq_len, mesh, rules
         )
-        if m["method"] != "pretrained":
-            kl = likelihood.kl_to_reference(recs, m["workdir"], sft_dir, mesh=mesh, rules=rules)
+        if m["method"] != "pretrained" and c.temperature > 0:
+            # Both models scored at the temperature the records were sampled at: KL(pi_T ||
+            # sft_T). At temperature 1 log-probs of tempered samples are no KL (can be < 0).
+            kl = likelihood.kl_to_reference(
+                recs, m["workdir"], sft_dir, mesh=mesh, rules=rules, temperature=c.temperature
+            )
             entry["kl_from_sft"], entry["kl_sem"] = kl["kl"], kl["kl_sem"]
+        elif m["method"] != "pretrained":  # greedy: a point mass, no sample estimate of a KL
+            entry["kl_from_sft"], entry["kl_sem"] = None, None
         if has_rm:
             entry["rm_score"] = rm_mean_score(rm_dir, recs, mesh, rules)
         results[m["key"]] = entry
