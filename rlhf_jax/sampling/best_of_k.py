@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax.data import sft_data
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.sampling import load, reward, sampler
 
@@ -149,21 +148,6 @@ def sample_candidates(
     return groups
 
 
-def encode_scored(
-    pairs: Sequence[tuple[str, str]], finished: Sequence[bool], tok, template: str, seq_len: int
-):
-    """(tokens int32 [N, L], mask bool [N, L]), right-padded: [bos] + template(prompt) +
-    response, + [eos] only where `finished`, cut at the right to L = seq_len."""
-    tokens = np.full((len(pairs), seq_len), tok.pad_id, np.int32)
-    mask = np.zeros((len(pairs), seq_len), bool)
-    for i, ((prompt, response), done) in enumerate(zip(pairs, finished, strict=True)):
-        # Finished: the ids the RM was trained on (sft_data.response_ids, chat templates too).
-        r = sft_data.response_ids(tok, template, prompt, response) if done else tok.encode(response)
-        ids = (sft_data.prompt_ids(tok, template, prompt) + r)[:seq_len]
-        tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
-    return tokens, mask
-
-
 def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
     """`score(pairs, finished=None) -> float64 [N]`: the RM in `rm_dir` on (prompt, response)
     pairs, plus its normalisation bias, each read as the RM was trained (its own template and
@@ -192,7 +176,8 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
         out = []
         for lo in range(0, len(pairs), rows):
             chunk = slice(lo, lo + rows)
-            tokens, mask = encode_scored(pairs[chunk], finished[chunk], tok, template, seq_len)
+            done = finished[chunk]
+            tokens, mask = reward.encode_scored(pairs[chunk], done, tok, template, seq_len)
             n = len(tokens)
             if n < rows:  # fill the last batch with 1-token dummy rows (one compiled shape)
                 tokens = np.concatenate([tokens, np.full((rows - n, seq_len), tok.pad_id)])

@@ -11,6 +11,7 @@ responses score 0 on average; `score_texts` and PPO add it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,25 @@ def _jitted_scorer(graphdef, mesh, rules):
     return jax.jit(fn)
 
 
+def encode_scored(
+    pairs: Sequence[tuple[str, str]], finished: Sequence[bool], tok, template: str, seq_len: int
+):
+    """(tokens int32 [N, L], mask bool [N, L]), right-padded: [bos] + template(prompt) +
+    response, + [eos] only where `finished`, cut at the right to L = seq_len.
+
+    A response cut at a length limit is scored where it was cut, as PPO scores its rollouts:
+    appending an EOS the policy never emitted would score a different, finished, sequence.
+    """
+    tokens = np.full((len(pairs), seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(pairs), seq_len), bool)
+    for i, ((prompt, response), done) in enumerate(zip(pairs, finished, strict=True)):
+        # Finished: the ids the RM was trained on (sft_data.response_ids, chat templates too).
+        r = sft_data.response_ids(tok, template, prompt, response) if done else tok.encode(response)
+        ids = (sft_data.prompt_ids(tok, template, prompt) + r)[:seq_len]
+        tokens[i, : len(ids)], mask[i, : len(ids)] = ids, True
+    return tokens, mask
+
+
 def score_texts(
     graphdef,
     params,
@@ -75,10 +95,12 @@ def score_texts(
     batch_size: int = 32,
     bias: float = 0.0,
     progress=None,
+    finished: Sequence[bool] | None = None,
 ) -> np.ndarray:
     """Scores of `(prompt, response)` pairs, plus `bias`, as float64 [N].
 
-    Each is tokenized as SFT does: [bos] + template(prompt) + response + [eos], cut to seq_len.
+    Each is tokenized as SFT does: [bos] + template(prompt) + response + [eos], cut to seq_len;
+    with `finished` [N], the [eos] only where `finished[i]` (`encode_scored`).
     """
     rules = sharding.normalize_rules(rules)  # hashable, for the compile cache
     fn = _jitted_scorer(graphdef, mesh, rules)
@@ -87,7 +109,11 @@ def score_texts(
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        tokens, mask = sft_data.encode_sequences(chunk, tokenizer, template, seq_len)
+        if finished is None:
+            tokens, mask = sft_data.encode_sequences(chunk, tokenizer, template, seq_len)
+        else:
+            done = finished[i : i + batch_size]
+            tokens, mask = encode_scored(chunk, done, tokenizer, template, seq_len)
         pad = (-len(chunk)) % batch_size  # fill the last batch with 1-token dummy rows
         if pad:
             tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])

@@ -4,8 +4,11 @@
 
 Each line of the output is the input object plus `"score"`: the RM's read-out at the last token
 of [bos] + template(prompt) + response + [eos] (the template stored with the RM's config), plus
-the RM's normalisation bias unless `--no-bias`. The output of
-`python -m rlhf_jax.tools.generate` can be scored directly. The output file is written atomically.
+the RM's normalisation bias unless `--no-bias`. A line with `"finished": false` (the output of
+`python -m rlhf_jax.tools.generate` for a response cut at `--max-new-tokens`) gets no [eos]: it is
+scored where it was cut, as PPO and best-of-K score their samples (sampling/reward.encode_scored);
+a line without `"finished"` is a finished response. The output of generate can be scored
+directly. The output file is written atomically.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def run(args) -> dict:
     seq_len = args.seq_len or (cfg.get("train") or {}).get("seq_len", model_cfg.max_len)
     bias = 0.0 if args.no_bias else float(meta.get("reward_bias", 0.0))
     rows = lm_data.read_jsonl(args.data, sft_data.DEMO_FIELDS)
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("finished", True), bool):
+            raise ValueError(
+                f'{args.data}: record {i + 1}: field "finished" must be true or false, '
+                f"got {r['finished']!r}"
+            )
     t0 = time.time()
     with tqdm.tqdm(total=len(rows), desc="score", unit="seq", disable=jax.process_index()) as bar:
         scores = reward.score_texts(
@@ -58,6 +67,7 @@ def run(args) -> dict:
             batch_size=args.batch_size,
             bias=bias,
             progress=bar.update,
+            finished=[r.get("finished", True) for r in rows],
         )
     if jax.process_index() == 0:
         out_dir = os.path.dirname(os.path.abspath(args.out))
