@@ -34,6 +34,20 @@ def kl_estimate(logp, logp_ref, kind="k1"):
       k3: exp(-log r) - 1 + log r. Non-negative and unbiased.
       abs: |log r|.
 
+    The values estimate KL(pi || pi_ref); their gradients, as loss terms differentiated through
+    logp with the sampled tokens held fixed (no score-function term; how GRPO's loss uses k3),
+    estimate other things. With y ~ pi and grad log pi(y) the policy's score:
+      k1: E_pi[grad log pi] = 0. No expected gradient at all: k1 has to enter the *reward*
+          (shaped_rewards) to pull pi toward pi_ref through the policy gradient.
+      k2: E_pi[log r * grad log pi] = grad KL(pi || pi_ref) (the score-function form of k1).
+      k3: E_pi[(1 - pi_ref / pi) grad log pi] = -sum_y pi_ref(y) grad log pi(y)
+          = grad KL(pi_ref || pi): the gradient of the REVERSE KL (mass-covering: it pushes pi
+          up wherever pi_ref has mass, not down where pi exceeds pi_ref), although its value
+          estimates KL(pi || pi_ref). The two agree to second order near pi = pi_ref and
+          differ away from it. Per token, each holds conditionally on the prefix: the
+          prefix's own dependence on pi is not differentiated (a sequence-level KL's gradient
+          would also weight each token by the rest of its sequence's log-ratio).
+
     Args:
       logp: [B, T] log pi(y_t) under the policy.
       logp_ref: [B, T] log pi_ref(y_t) under the reference.
