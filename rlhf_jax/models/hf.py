@@ -32,6 +32,9 @@ from rlhf_jax.models import hf_map
 
 INDEX_FILE = "model.safetensors.index.json"
 SCORE_BIAS_FIELD = "rlhf_jax_score_bias"
+# An RM's normalisation bias (stages/rm.py), kept for whoever scores with the exported RM. A PPO
+# or GRPO policy's meta records the bias of the RM it trained against, but it is no RM's config.
+REWARD_BIAS_FIELD = "rlhf_jax_reward_bias"
 # Buffers some checkpoints carry that are not parameters (causal masks, cached RoPE tables).
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -242,6 +245,7 @@ def export_hf(
     dtype: str | None = None,
     token_ids: dict | None = None,
     extra_config: dict | None = None,
+    reward_bias: float | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> list[str]:
     """Writes config.json + safetensors that transformers loads (`from_pretrained(out_dir)`).
@@ -255,8 +259,13 @@ def export_hf(
       cfg: their ModelConfig; a scalar head exports as `*ForSequenceClassification`.
       out_dir: the HF directory to write (created).
       dtype: float32, bfloat16 or float16; default `cfg.param_dtype`.
-      token_ids: bos/eos/pad ids for config.json (see `hf_map.config_to_hf`).
-      extra_config: more config.json fields (e.g. an RM's `rlhf_jax_reward_bias`).
+      token_ids: bos/eos/pad ids for config.json (see `hf_map.config_to_hf`). A scalar head
+        without a pad id gets the (first) eos id as pad: transformers' sequence classifier
+        finds each row's last real token through pad_token_id and, without one, refuses
+        batches of more than one row (Llama 3 checkpoints state no pad).
+      extra_config: more config.json fields.
+      reward_bias: an RM's normalisation bias, written as REWARD_BIAS_FIELD for a scalar head
+        only (a policy's meta carries its RM's bias too; its config must not).
       max_shard_bytes: shard size limit.
 
     Returns:
@@ -265,12 +274,20 @@ def export_hf(
     name = dtype or cfg.param_dtype
     if name not in _DTYPES:
         raise ValueError(f"unknown export dtype: {name!r}; expected one of {tuple(_DTYPES)}")
+    token_ids = dict(token_ids or {})
+    if cfg.head == "scalar" and token_ids.get("pad_token_id") is None:
+        eos = token_ids.get("eos_token_id")
+        token_ids["pad_token_id"] = eos[0] if isinstance(eos, list) and eos else eos
+        if token_ids["pad_token_id"] is None and jax.process_index() == 0:
+            print("warning: no pad or eos id: transformers scores batches of one row only")
     hf = hf_map.config_to_hf(cfg, token_ids)
     hf.update(extra_config or {}, torch_dtype=name)
     if cfg.head == "scalar":
         bias = float(_host(params, ("score_bias",)))
         if bias:
             hf[SCORE_BIAS_FIELD] = bias
+        if reward_bias is not None:
+            hf[REWARD_BIAS_FIELD] = float(reward_bias)
     prefix = "transformer." if cfg.family == "gpt2" else "model."
     writer = jax.process_index() == 0
     if writer:

@@ -48,23 +48,21 @@ def export_workdir(
     tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
     tok = tok if os.path.isfile(tok) else os.path.join(workdir, hf_init.HF_TOKENIZER_DIR)
     usable = os.path.exists(tok) and check_tokenizer(tok, cfg.vocab_size) is None
-    if not ids and usable:
+    if usable:
         from rlhf_jax.data import tokenizer as tok_lib
 
         t = tok_lib.load_tokenizer(tok)
         eos = list(t.eos_ids) if len(t.eos_ids) > 1 else t.eos_id
-        ids = {"bos_token_id": t.bos_id, "eos_token_id": eos}
-        ids.update({"pad_token_id": t.pad_id} if t.has_pad else {})
-    if cfg.head == "scalar" and ids.get("pad_token_id") is None:
-        print("warning: no pad_token_id: transformers scores batches of one row only", flush=True)
-    extra = {"rlhf_jax_reward_bias": meta["reward_bias"]} if "reward_bias" in meta else None
+        ids = ids or {"bos_token_id": t.bos_id, "eos_token_id": eos}
+        if ids.get("pad_token_id") is None and t.has_pad:  # else export_hf pads an RM with eos
+            ids["pad_token_id"] = t.pad_id
     files = hf.export_hf(
         params,
         cfg,
         out_dir,
         dtype=dtype,
         token_ids=ids,
-        extra_config=extra,
+        reward_bias=meta.get("reward_bias"),  # written for an RM (scalar head) only
         max_shard_bytes=max_shard_bytes,
     )
     if jax.process_index() == 0 and os.path.isfile(tok):
