@@ -156,7 +156,9 @@ def test_scored_rows_become_rankings_with_ties(tmp_path, ext):
     comps = read(write(tmp_path / f"scored.{ext}", [scored, completions, chat_scored]))
     # Dense ranks, 0 = best: higher score is better, equal scores share a rank.
     assert [c["ranks"] for c in comps] == [[2, 0, 2, 1], [1, 0, 1], [1, 0]]
-    assert [c["prompt"] for c in comps] == ["p", "q", (("user", "hi"),)]
+    # A published row's string prompt is a chat's user turn: a conversation, so the model's chat
+    # template renders it (as a plain prompt it would silently skip that template).
+    assert [c["prompt"] for c in comps] == [(("user", "p"),), (("user", "q"),), (("user", "hi"),)]
     assert comps[1]["responses"] == ["x", "y", "z"]
 
 
@@ -358,8 +360,8 @@ def test_convert_data_writes_what_the_reader_reads(tmp_path, capsys):
             "chosen": "fine",
             "rejected": "bad",
         },
-        {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, [0, 2]]},
-        {"prompt": "q", "chosen": "better", "rejected": "worse"},
+        {"messages": msgs(("user", "p")), "responses": ["a", "b", "c"], "ranking": [1, [0, 2]]},
+        {"messages": msgs(("user", "q")), "chosen": "better", "rejected": "worse"},
     ]
     assert counts["comparisons"] == 3 and counts["all_tie_skipped"] == 1
     printed = capsys.readouterr().out
@@ -387,7 +389,7 @@ def test_convert_data_demos_are_the_best_responses(tmp_path, capsys):
     # The first of the responses tied for best.
     assert written == [
         {"messages": msgs(("user", "hi"), ("assistant", "hello"))},
-        {"prompt": "p", "response": "b"},
+        {"messages": msgs(("user", "p"), ("assistant", "b"))},
     ]
     demos = sft_data.read_demos(str(out))  # what SFT trains on
     assert [d["response"] for d in demos] == ["hello", "b"]

@@ -23,6 +23,10 @@ Accepted forms (the field names are exact; other fields are ignored):
   * UltraFeedback completions: `{"instruction": str, "completions": [{"response": str,
     "overall_score": number}, ...]}` (or `prompt` / `messages` in place of `instruction`), read as
     scored K-way.
+  A string prompt of these two published forms is the user's turn of a chat: it becomes a
+  one-turn `messages` conversation, rendered with the model's chat template as the message forms
+  are (as a plain `prompt` it would be rendered with `data.prompt_template` instead, silently
+  unlike the chats the published responses answer).
 In every form a `prompt` may also be a list of messages, read as a `messages` conversation, or a
 transcript ending with "\\n\\nAssistant:" (HH-RLHF copies split into `prompt`, `chosen`,
 `rejected`), read as its turns, with string answers stripped as split-off answers are.
@@ -273,14 +277,17 @@ def _list_prompt(record: dict, key: str) -> dict:
     return {"messages": chat.to_json(tuple(_message_list(record, key)))}
 
 
-def _prompt_fields(record: dict, fallback: str | None = None) -> dict:
+def _prompt_fields(record: dict, fallback: str | None = None, chat_turn: bool = False) -> dict:
     """The prompt of a row as project fields: `prompt` (a list becomes `messages`), `messages`,
-    or the `fallback` field as the prompt string; rm_data checks and names what is wrong."""
+    or the `fallback` field as the prompt string; with `chat_turn` a string prompt becomes a
+    one-turn user conversation. rm_data checks and names what is wrong."""
     if isinstance(record.get("prompt"), list) and "messages" not in record:
         return _list_prompt(record, "prompt")
     fields = {k: record[k] for k in ("prompt", "messages") if k in record}
     if not fields and fallback:
         fields = {"prompt": _field(record, fallback, str, "str")}
+    if chat_turn and isinstance(fields.get("prompt"), str) and "messages" not in fields:
+        fields = {"messages": chat.to_json((("user", fields["prompt"]),))}
     return fields
 
 
@@ -296,7 +303,8 @@ def _scored(record: dict) -> dict:
             f"field 'scores' has {len(scores)} score(s) for {len(responses)} responses"
         )
     ranking = ranking_from_scores(scores)
-    return {**_prompt_fields(record), "responses": responses, "ranking": ranking}
+    prompt = _prompt_fields(record, chat_turn=True)
+    return {**prompt, "responses": responses, "ranking": ranking}
 
 
 def _completions(record: dict) -> dict:
@@ -310,7 +318,8 @@ def _completions(record: dict) -> dict:
         responses.append(c["response"])
         scores.append(_check_score(c["overall_score"], f"field 'completions' entry {i} score"))
     ranking = ranking_from_scores(scores)
-    return {**_prompt_fields(record, "instruction"), "responses": responses, "ranking": ranking}
+    prompt = _prompt_fields(record, "instruction", chat_turn=True)
+    return {**prompt, "responses": responses, "ranking": ranking}
 
 
 # --- writing --------------------------------------------------------------------------------------
