@@ -96,56 +96,6 @@ def train_config(**overrides) -> mlc.ConfigDict:
     return c
 
 
-def ppo_config() -> mlc.ConfigDict:
-    """PPO-ptx settings. Sources: InstructGPT (Ouyang et al. 2022) for beta = 0.02, gamma
-    (ptx_coef) = 27.8 and the value function initialised from the RM; Ziegler et al. (2019) for
-    the adaptive KL controller; the rest are the usual PPO defaults for language models
-    (clip 0.2, GAE lambda 0.95, discount 1, 4 epochs over each rollout, whitened advantages)."""
-    return mlc.ConfigDict(
-        dict(
-            reward_from="",  # RM workdir (its normalisation bias is applied)
-            reward_fn="",  # or "module:function(prompts, responses) -> scores"
-            reference_from="",  # KL reference workdir; "" -> init_from (the SFT policy)
-            value_init="rm",  # rm (InstructGPT) | sft (fresh scalar head on the SFT backbone)
-            frozen_dtype="",  # reference and reward params: "" -> model.param_dtype; bfloat16
-            rollout_batch=64,  # prompts per iteration (global)
-            minibatch=16,  # rows per gradient step (global)
-            epochs=4,  # passes over each rollout
-            prompt_len=64,  # prompts are left-padded / cut (from the left) to this
-            max_new_tokens=64,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            beta=0.02,  # KL coefficient (InstructGPT); the start value when adaptive
-            kl_kind="k1",  # per-token KL estimate: k1 (log ratio, as InstructGPT) | k2 | k3 | abs
-            adaptive_kl=False,
-            kl_target=6.0,  # nats per sequence (Ziegler et al. 2019)
-            kl_horizon=10000,
-            ptx_coef=27.8,  # gamma of PPO-ptx (InstructGPT); 0 = plain PPO
-            ptx_batch=16,  # pretraining sequences per minibatch (global)
-            ptx_seq_len=128,
-            discount=1.0,
-            lam=0.95,
-            clip=0.2,
-            value_clip=0.2,
-            vf_coef=0.1,
-            whiten_advantages=True,
-            score_clip=0.0,  # > 0 clips RM scores to [-score_clip, score_clip]
-            whiten_scores=False,
-            no_eos_penalty=0.0,  # added to the score of a response that hit the length limit
-            policy_lr=1e-5,
-            value_lr=1e-5,
-            warmup_updates=0,
-            min_lr_ratio=1.0,  # constant learning rate
-            weight_decay=0.0,
-            grad_clip=1.0,
-            eval_every=10,  # iterations; 0 disables
-            eval_prompts=64,
-            sample_rows=4,  # rows of the logged sample table
-        )
-    )
-
-
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
     """ICI (within a slice / node) and DCN (across slices / nodes) mesh shapes; -1 fills."""
     return mesh_lib.config(data, fsdp, tensor)
@@ -171,7 +121,7 @@ def base_config() -> mlc.ConfigDict:
             eval_fraction=0.05,
             cache=True,  # keep tokenized pretraining text under <workdir>/cache
             prompt_template=PROMPT_TEMPLATE,  # SFT/RM/PPO: how a prompt is shown to the model
-            ptx="",  # PPO-ptx: pretraining text files for the gamma term
+            ptx="",  # PPO-ptx / GRPO-ptx: pretraining text files for the gamma term
         )
     )
     # Dialogue rows (`{"messages": [...]}`, rlhf_jax/data/chat.py): each turn is its role marker
@@ -201,7 +151,6 @@ def base_config() -> mlc.ConfigDict:
             norm_max=100000,  # at most this many reference responses
         )
     )
-    c.ppo = ppo_config()
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

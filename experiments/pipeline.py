@@ -100,7 +100,7 @@ def get_config(arg=None):
         # Best-of-K fine-tuning: 2 rounds of 512 prompts x 4 samples (PPO sees 40 x 64 prompts).
         s.rsft.rsft.update(k=4, rounds=2, prompts_per_round=512, max_new_tokens=24)
         s.rsft.train.update(batch_size=32, seq_len=48)
-        s.ppo.train.update(steps=40, log_every=5, ckpt_every=20)
+        s.ppo.train.update(steps=40, lr=1e-4, log_every=5, eval_every=10, ckpt_every=20)
         # beta 0.1 rather than the paper's 0.02: with beta 0.02 and lr 2e-4 this tiny policy
         # over-optimised the RM (RM score up, gold score down) in a measured run.
         s.ppo.ppo.update(
@@ -110,11 +110,9 @@ def get_config(arg=None):
             epochs=2,
             prompt_len=32,
             max_new_tokens=24,
-            policy_lr=1e-4,
             value_lr=1e-3,
             ptx_batch=16,
             ptx_seq_len=96,
-            eval_every=10,
             eval_prompts=64,
         )
         # DPO on the RM's 1,350 training comparisons: 2 epochs at the RM's batch and length.
@@ -160,10 +158,10 @@ def get_config(arg=None):
         s.rm.rm.k_max = 4
         s.rsft.rsft.update(k=4, rounds=2, prompts_per_round=1024, max_new_tokens=24)
         s.rsft.train.update(batch_size=64, seq_len=64)
-        s.ppo.train.update(steps=100, ckpt_every=50)
+        s.ppo.train.update(steps=100, eval_every=20, ckpt_every=50)
         s.ppo.ppo.update(
             beta=0.1, rollout_batch=128, minibatch=32, epochs=2, prompt_len=32, max_new_tokens=24,
-            ptx_seq_len=128, eval_every=20, eval_prompts=128,
+            ptx_seq_len=128, eval_prompts=128,
         )  # fmt: skip
         s.dpo.train.update(steps=100, batch_size=64, seq_len=64, lr=1e-5, warmup_steps=10,
                            eval_every=50, ckpt_every=50)  # fmt: skip

@@ -87,7 +87,7 @@ def naive_loss(logp, logp_old, logp_ref, adv, mask, clip, beta, norm):
             d = float(logp_ref[b, t]) - float(logp[b, t])
             k3 = math.exp(d) - d - 1
             seq += surr + beta * k3
-            clipped += rho < 1 - clip or rho > 1 + clip
+            clipped += (rho < 1 - clip and a < 0) or (rho > 1 + clip and a > 0)  # binds
             ratios += rho
             kls += k3
         per_seq.append(seq / length)
@@ -160,3 +160,13 @@ def test_kl_in_reward_matches_numpy():
         want = sum(float(logp[b, t]) - float(logp_ref[b, t]) for t in range(n))
         np.testing.assert_allclose(float(kl[b]), want, rtol=1e-5)
         np.testing.assert_allclose(float(pen[b]), float(s[b]) - 0.05 * want, rtol=1e-5)
+
+
+def test_clipfrac_counts_only_where_the_clip_binds():
+    """A ratio outside [1 - eps, 1 + eps] is clipped only where min() picks the clipped term:
+    above with A > 0, below with A < 0 (elsewhere the gradient still flows)."""
+    ratio = np.array([[1.5], [1.5], [0.5], [0.5], [1.0]], np.float32)
+    adv = np.array([1.0, -1.0, 1.0, -1.0, 1.0], np.float32)
+    z = np.zeros_like(ratio)
+    _, m = loss_jit(np.log(ratio), z, z, adv, np.ones_like(ratio), clip=0.2, kl_coef=0.0)
+    assert float(m["clipfrac"]) == pytest.approx(2 / 5)  # rows 0 and 3 only

@@ -146,10 +146,9 @@ def _stages(root, hf_dir: str, data: dict, mesh) -> dict:
         max_new_tokens=6,
         ptx_batch=2,
         ptx_seq_len=16,
-        eval_every=0,
         sample_rows=4,
     )
-    p.train.update(steps=1, log_every=1, ckpt_every=1)
+    p.train.update(steps=1, log_every=1, eval_every=0, ckpt_every=1)
     ppo.run(p, mesh, out["ppo"])
     return out
 

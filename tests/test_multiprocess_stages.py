@@ -42,7 +42,7 @@ RM = [
 PPO = [
     "--config", "experiments/ppo_ptx.py", "--config.train.steps=3", "--config.train.log_every=1",
     "--config.train.ckpt_every=1", "--config.ppo.rollout_batch=8", "--config.ppo.minibatch=8",
-    "--config.ppo.epochs=1", "--config.ppo.max_new_tokens=8", "--config.ppo.eval_every=2",
+    "--config.ppo.epochs=1", "--config.ppo.max_new_tokens=8", "--config.train.eval_every=2",
     "--config.ppo.eval_prompts=8", "--config.ppo.ptx_batch=8", "--config.ppo.sample_rows=3",
 ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as M
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import sampler
-from rlhf_jax.stages import ppo, ppo_steps
+from rlhf_jax.stages import ppo_steps
 
 PAD, V = 0, 512
 LENGTHS = (6, 4, 3, 5)  # real prompt tokens per row; P = 6
@@ -129,7 +129,10 @@ def test_ppo_scores_and_trains_under_the_sampling_temperature():
     }
     update = jax.jit(functools.partial(ppo_steps.update_step, tx=tx, **kw))
     _, um = update(state, batch, None, jax.random.key(0))
-    assert float(um["ppo/first_ratio_max"]) == 1.0 and float(um["ppo/first_ratio_mean"]) == 1.0
+    # One to float32 rounding: score and update are compiled apart, and an ulp (1.0000005) was
+    # seen on another CPU; an off-policy temperature is off by percents.
+    assert float(um["ppo/first_ratio_max"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(um["ppo/first_ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_filtered_sampler_logprobs_are_renormalised():
@@ -166,10 +169,10 @@ def test_ppo_refuses_top_k_and_top_p_in_one_sentence():
         c = ppo_ptx.get_config()
         c.ppo[key] = value
         with pytest.raises(ValueError, match=f"ppo.{key}={value}.*supports temperature only"):
-            ppo.ppo_config_from(c, eos_id=3)
+            ppo_steps.ppo_config_from(c, eos_id=3)
     c = ppo_ptx.get_config()
     c.ppo.temperature = 0.7
-    assert ppo.ppo_config_from(c, eos_id=3).temperature == 0.7
+    assert ppo_steps.ppo_config_from(c, eos_id=3).temperature == 0.7
 
 
 def bf16_model():

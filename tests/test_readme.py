@@ -29,7 +29,7 @@ SHORTEN = {
     "experiments/rm.py": "--config.train.steps=3 --config.train.batch_size=4",
     "experiments/ppo_ptx.py": "--config.train.steps=1 --config.ppo.rollout_batch=8 "
     "--config.ppo.minibatch=8 --config.ppo.epochs=1 --config.ppo.max_new_tokens=8 "
-    "--config.ppo.eval_every=1 --config.ppo.eval_prompts=8 --config.ppo.ptx_batch=8",
+    "--config.train.eval_every=1 --config.ppo.eval_prompts=8 --config.ppo.ptx_batch=8",
     "experiments/rsft.py": "--config.rsft.rounds=1 --config.rsft.prompts_per_round=4 "
     "--config.rsft.k=2 --config.rsft.max_new_tokens=8 --config.rsft.finished_only=False "
     "--config.train.batch_size=4",

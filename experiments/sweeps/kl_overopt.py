@@ -23,7 +23,7 @@ FIXED = {
     "rounds": 1,
     # Long enough for small betas to drift far from the SFT policy.
     "stages.ppo.train.steps": 60,
-    "stages.ppo.ppo.eval_every": 20,
+    "stages.ppo.train.eval_every": 20,
 }
 
 

@@ -116,8 +116,9 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip, kl_coef, no
       norm: one of NORMS (static).
 
     Returns:
-      (loss [] float32, metrics) with clipfrac (fraction of real tokens whose ratio left the
-      interval), ratio (mean over real tokens), kl (mean k3 over real tokens), all float32.
+      (loss [] float32, metrics) with clipfrac (fraction of real tokens where the clip binds:
+      ratio > 1 + clip with A > 0, or ratio < 1 - clip with A < 0), ratio (mean over real
+      tokens), kl (mean k3 over real tokens), all float32.
     """
     real = mask > 0
     logp = logp.astype(jnp.float32)
@@ -130,8 +131,11 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip, kl_coef, no
     per_token = surrogate + jnp.asarray(kl_coef, jnp.float32) * k3
     loss = _normalise(per_token, mask, norm)
     n = jnp.maximum(real.sum().astype(jnp.float32), 1.0)
+    # Clipped where the clip binds (the token's gradient is cut): above 1 + clip with a positive
+    # advantage, below 1 - clip with a negative one, as TRL counts it.
+    binds = ((ratio > hi) & (adv > 0)) | ((ratio < lo) & (adv < 0))  # [B, T]
     metrics = {
-        "clipfrac": jnp.where(real, (ratio < lo) | (ratio > hi), False).sum() / n,
+        "clipfrac": jnp.where(real, binds, False).sum() / n,
         "ratio": jnp.where(real, ratio, 0.0).sum() / n,
         "kl": jnp.where(real, k3, 0.0).sum() / n,
     }

@@ -14,72 +14,31 @@ logp_old is computed in chunks of the minibatch's shape, so its ratio is exactly
 (`grpo/first_ratio_max`, `grpo/first_ratio_min`). Log-probs are those of the sampling
 distribution (logits / `grpo.temperature`), the reference's at the same temperature.
 
-The pure steps are grpo_steps.py's. The iteration is the step of the supervised loop
+The pure steps are grpo_steps.py's; what GRPO shares with PPO (prompts, ptx text, rewards, eval
+batches, rollout keys) is rl_data.py's. The iteration is the step of the shared loop
 (stages/loop.py), so checkpoints, resume, the NaN stop, metrics and evals are the other stages':
 a checkpoint holds the policy, its optimizer state and both data iterators' positions, and every
 PRNG key derives from (seed, iteration, sample), so a killed run resumes to the same params as
-the uninterrupted one.
+the uninterrupted one. The optimizer keys are `train.*` (lr, warmup_steps counted in optimizer
+updates, ...); `train.grad_accum` is refused (`grpo.minibatch` sets a gradient step's rows).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import iterators, lm_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
-from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.sampling import sampler
-from rlhf_jax.stages import grpo_steps, loop, ppo, setup
+from rlhf_jax.stages import grpo_steps, loop, rl_data, setup
 
-
-class RolloutData:
-    """Prompt batches with every prompt repeated G times (rows n * G + g) and "sample" ids
-    (prompt index * G + g) for the PRNG, plus the iteration's stacked pretraining batches as
-    "ptx_*"; one checkpointable state for both iterators."""
-
-    def __init__(self, prompts, group_size: int, ptx=None, n_ptx: int = 0):
-        self.prompts, self.g, self.ptx, self.n_ptx = prompts, group_size, ptx, n_ptx
-
-    def __next__(self):
-        b = next(self.prompts)
-        out = {k: np.repeat(v, self.g, axis=0) for k, v in b.items() if k != "index"}
-        out["sample"] = (b["index"][:, None] * self.g + np.arange(self.g)).reshape(-1)
-        if self.ptx is not None:
-            stacked = [next(self.ptx) for _ in range(self.n_ptx)]
-            for k in stacked[0]:
-                out[f"ptx_{k}"] = np.stack([s[k] for s in stacked], axis=1)  # [b, n, L]
-        return out
-
-    def get_state(self):
-        return {
-            "prompts": self.prompts.get_state(),
-            "ptx": None if self.ptx is None else self.ptx.get_state(),
-        }
-
-    def set_state(self, state):
-        self.prompts.set_state(state["prompts"])
-        if self.ptx is not None:
-            self.ptx.set_state(state["ptx"])
-
-
-def _reward_model(config, policy_cfg, mesh, rules):
-    """(reward cfg, frozen reward params, bias) from `grpo.reward_from`, or (None, None, 0)."""
-    c = config.grpo
-    if not c.reward_from:
-        return None, None, 0.0
-    meta = setup.read_init_meta(c.reward_from) or {}
-    if "model" not in meta:
-        raise ValueError(f"grpo.reward_from {c.reward_from!r}: checkpoint has no model config")
-    cfg = dataclasses.replace(model_config.ModelConfig(**meta["model"]), dtype=policy_cfg.dtype)
-    params = setup.restore_init_params(c.reward_from, state_lib.abstract_params(cfg, mesh, rules))
-    return cfg, params, float(meta.get("reward_bias", 0.0))
+# The iterator of prompts x G and stacked ptx batches (shared with PPO, G = 1 there).
+RolloutData = rl_data.RolloutData
 
 
 def run(config, mesh, workdir: str):
@@ -94,6 +53,9 @@ def run(config, mesh, workdir: str):
     rows = c.prompts * c.group_size
     for key, n in (("grpo.minibatch", c.minibatch), ("grpo.prompts x group_size", rows)):
         sharding.check_batch(n, key, mesh, rules)
+    if c.ptx_coef > 0:
+        sharding.check_batch(c.ptx_batch, "grpo.ptx_batch", mesh, rules)
+    rl_data.check_rl_train_keys(config, "grpo", "minibatch")
     tok = setup.load_tokenizer(config, workdir)
     policy_cfg, _ = setup.resolve_model(config, tok)
     p = c.prompt_len
@@ -102,45 +64,28 @@ def run(config, mesh, workdir: str):
             f"grpo.prompt_len + grpo.max_new_tokens = {p + c.max_new_tokens} exceeds "
             f"model.max_len={policy_cfg.max_len}"
         )
-    reward_cfg, reward_params, bias = _reward_model(config, policy_cfg, mesh, rules)
-    reward_fn = ppo.load_reward_fn(c.reward_fn) if c.reward_fn else None
+    reward_cfg, reward_meta = rl_data.reward_model_config(config, "grpo", policy_cfg)
+    reward_fn = rl_data.load_reward_fn(config, "grpo")
+    bias = float((reward_meta or {}).get("reward_bias", 0.0))
     ref_src = c.reference_from or config.init_from
     frozen = {
-        "ref": setup.restore_init_params(
-            ref_src, state_lib.abstract_params(policy_cfg, mesh, rules)
-        ),
+        "ref": rl_data.restore(ref_src, policy_cfg, mesh, rules),
         "reward_bias": jnp.float32(bias),
     }
     graphdefs = {"policy": model_lib.abstract(policy_cfg)[0]}
     if reward_cfg is not None:
-        frozen["reward"], graphdefs["reward"] = reward_params, model_lib.abstract(reward_cfg)[0]
+        frozen["reward"] = rl_data.restore(c.reward_from, reward_cfg, mesh, rules)
+        graphdefs["reward"] = model_lib.abstract(reward_cfg)[0]
 
-    pc, pi = jax.process_count(), jax.process_index()
-    prompts = sft_data.read_prompts(config.data.train)
-    if config.data.eval:
-        train_p, eval_p = prompts, sft_data.read_prompts(config.data.eval)
-    else:
-        train_p, eval_p = lm_data.split_documents(prompts, config.data.eval_fraction, config.seed)
-    ex, _ = sft_data.encode_prompts(train_p, tok, config.data.prompt_template, p)
-    prompt_it = iterators.make_train_iterator(
-        ex, batch_size=c.prompts // pc, seed=config.seed, process_index=pi, process_count=pc
-    )
+    ex, eval_p, info = rl_data.read_prompts(config, tok, "grpo", "prompts")
     n_mb = rows // c.minibatch
-    if c.ptx_coef > 0:
-        sharding.check_batch(c.ptx_batch, "grpo.ptx_batch", mesh, rules)
-    ptx_it = ppo.ptx_data(config, tok, workdir, stage="grpo")
-    data = RolloutData(prompt_it, c.group_size, ptx_it, c.epochs * n_mb)
-
-    optim = state_lib.OptimConfig(
-        lr=t.lr,
-        warmup_steps=t.warmup_steps,
-        total_steps=max(t.steps * c.epochs * n_mb, 1),
-        min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay,
-        b1=t.b1,
-        b2=t.b2,
-        grad_clip=t.grad_clip,
+    data = rl_data.RolloutData(
+        rl_data.prompt_iterator(ex, c.prompts, config.seed),
+        group_size=c.group_size,
+        ptx=rl_data.ptx_data(config, tok, workdir, "grpo"),
+        n_ptx=c.epochs * n_mb,
     )
+    optim = setup.optim_config_from(t, max(t.steps * c.epochs * n_mb, 1))
     tx = state_lib.make_optimizer(optim)
     sample = sampler.make_sampler(
         graphdefs["policy"],
@@ -175,10 +120,7 @@ def run(config, mesh, workdir: str):
     )
 
     def rollout_and_score(params, batch, iteration, stream):
-        root = jax.random.fold_in(
-            jax.random.fold_in(jax.random.key(config.seed), stream), iteration
-        )
-        keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(batch["sample"])
+        keys = rl_data.rollout_keys(config.seed, stream, iteration, batch["sample"])
         out = sample(params, batch["tokens"], batch["mask"], keys, temperature=c.temperature)
         roll = {
             "tokens": out["tokens"],
@@ -186,9 +128,10 @@ def run(config, mesh, workdir: str):
             "response_mask": out["response_mask"],
         }
         if reward_fn is not None:
-            ext = ppo.external_scores(reward_fn, tok, roll, p, mesh, rules)
+            ext = rl_data.external_scores(reward_fn, tok, roll, p, mesh, rules, "grpo")
         else:
-            ext = sharding.put_global({"s": np.zeros(rows, np.float32)}, mesh, rules)["s"]
+            zeros = np.zeros(roll["tokens"].shape[0], np.float32)
+            ext = sharding.put_global({"s": zeros}, mesh, rules)["s"]
         return score(params, frozen, roll, ext)
 
     def iteration(st, batch):
@@ -199,43 +142,36 @@ def run(config, mesh, workdir: str):
         return st, {**sm, **um}
 
     s.step_fn = iteration
-    eval_batches = _eval_batches(eval_p[: c.eval_prompts], tok, config)
-    if eval_batches and t.eval_every > 0:
+    evals = rl_data.eval_batches(
+        eval_p[: c.eval_prompts], tok, config, "grpo", c.prompts, c.group_size
+    )
+    if evals:
 
         def evaluate(params, step):
-            ms = [
-                rollout_and_score(params, sharding.put_batch(b, mesh, rules), 0, 1)[1]
-                for b in eval_batches
-            ]
-            ms = sharding.to_host(ms)
-            keys = ("grpo/score", "grpo/kl_per_seq", "grpo/response_length")
-            return {f"eval/{k[5:]}": float(np.mean([m[k] for m in ms])) for k in keys}
+            out = []
+            for b in evals:
+                b = sharding.put_batch(b, mesh, rules)
+                scored, _ = rollout_and_score(params, b, 0, 1)
+                h = sharding.to_host(
+                    {
+                        "weight": b["weight"],
+                        "score": scored["scores"],
+                        "kl_per_seq": scored["seq_kl"],
+                        "response_mask": scored["response_mask"],
+                    }
+                )
+                h["response_length"] = h.pop("response_mask").sum(1).astype("float32")
+                out.append(h)
+            return rl_data.weighted_means(out)
 
         s.evaluate = evaluate
-    if pi == 0:
+    if jax.process_index() == 0:
         print(
             f"grpo ({c.advantage}, G={c.group_size}, kl in {c.kl_in}, {c.loss_norm} norm): "
-            f"{model_lib.param_count(state['params']) / 1e6:.2f}M params; "
-            f"{len(train_p)} train / {len(eval_p)} eval prompts; starting at {start}",
+            f"{model_lib.param_count(state['params']) / 1e6:.2f}M params; data: {info}; "
+            f"{t.steps} iterations; starting at {start}",
             flush=True,
         )
-    return loop.train(s, state, start, ckpt, schedule=state_lib.lr_schedule(optim))
-
-
-def _eval_batches(prompts, tok, config):
-    """Held-out prompts as rollout-shaped host batches for this process (G samples each; the
-    last global batch filled with repeats)."""
-    c = config.grpo
-    if not prompts:
-        return []
-    ex, _ = sft_data.encode_prompts(prompts, tok, config.data.prompt_template, c.prompt_len)
-    n, big = len(prompts), c.prompts
-    b, lo = big // jax.process_count(), jax.process_index() * (big // jax.process_count())
-    idx = np.arange(-(-n // big) * big) % n
-    out = []
-    for i in range(0, len(idx), big):
-        rows = idx[i + lo : i + lo + b]
-        batch = {k: np.repeat(ex[k][rows], c.group_size, axis=0) for k in ("tokens", "mask")}
-        batch["sample"] = (rows[:, None] * c.group_size + np.arange(c.group_size)).reshape(-1)
-        out.append(batch)
-    return out
+    lr = state_lib.lr_schedule(optim)
+    # The loop asks the lr of iteration i; the schedule counts optimizer updates.
+    return loop.train(s, state, start, ckpt, schedule=lambda i: lr(i * c.epochs * n_mb))

@@ -63,7 +63,7 @@ def grpo_config_from(config) -> GRPOConfig:
             f"grpo.prompts x grpo.group_size = {rows} must be divisible by grpo.minibatch="
             f"{c.minibatch}, and grpo.prompts={c.prompts} by the {pc} processes"
         )
-    ppo_steps.check_sampling(c.temperature, 0, 1.0)
+    ppo_steps.check_sampling(c.temperature, 0, 1.0, stage="grpo")
     return GRPOConfig(
         group_size=c.group_size,
         advantage=c.advantage,
@@ -98,7 +98,8 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
       ext_scores: [B] reward-function scores (zeros with an RM).
 
     Returns:
-      (the batch with logp_old, logp_ref [B, T] and advantages [B]; scalar metrics).
+      (the batch with logp_old, logp_ref [B, T], advantages, scores and seq_kl [B]; scalar
+      metrics).
     """
     with sharding.use_rules(mesh, rules):
         tokens, mask = batch["tokens"], ppo_steps.full_mask(batch)
@@ -121,6 +122,7 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
         adv = grpo.group_advantages(used, g.group_size, kind=g.advantage, scale_std=g.scale_std)
         flat = jnp.all(adv.reshape(-1, g.group_size) == 0, axis=1)
         out = dict(batch, logp_old=logp, logp_ref=logp_ref, advantages=adv)
+        out |= {"scores": scores, "seq_kl": seq_kl}  # [B] per row, for weighted evals
         return out, {
             "grpo/score": scores.mean(),
             "grpo/score_std": scores.std(),

@@ -205,6 +205,7 @@ def run(config, mesh, workdir: str):
         step_fn=None,
         loss_key="train/loss",
         tokens_per_step=t.batch_size * t.seq_len,
+        perplexity=True,  # an LM loss: exp(loss) is the training perplexity
         init_params=init_params,
         meta=setup.checkpoint_meta(config, model_cfg, tok, config.stage),
     )

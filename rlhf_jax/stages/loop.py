@@ -1,9 +1,19 @@
-"""The supervised training loop shared by the LM (pretrain, SFT) and reward-model stages.
+"""The training loop every trainable stage shares (LM, SFT, RM, DPO, GRPO, PPO).
 
-A stage brings its pure jitted step and its data; this module owns what is the same for all of
-them: restoring or creating the state, the step loop, one `device_get` of scalar metrics per log
-step, the NaN/Inf stop (before any later checkpoint is written), eval hooks, async checkpoints
-with the data-iterator position, and progress/metrics output.
+A stage brings its step and its data; this module owns what is the same for all of them:
+restoring or creating the state, the step loop, one `device_get` of scalar metrics per log step,
+the NaN/Inf stop (before any later checkpoint is written), eval hooks, async checkpoints with the
+data-iterator position, and progress/metrics output.
+
+Hooks for a stage that is more than one model and one optimizer (PPO):
+  `layout`      the train state and its checkpoint items (PPO: policy as "params", "value",
+                "opt_state" of both), with its own fresh-state builder;
+  `host_state`  host-side state saved in each checkpoint's meta and restored on resume
+                (PPO: the adaptive KL coefficient), `get_state() -> dict` / `set_state(meta)`;
+  `after_step`  `(n, step metrics, is_log, writer)` run on the host after every step, before
+                the NaN check, evals and checkpoints (PPO: the KL controller, the sample table);
+  `train_iter`  any iterator with `get_state`/`set_state` (PPO and GRPO: prompts and ptx text,
+                rl_data.RolloutData).
 """
 
 from __future__ import annotations
@@ -21,6 +31,28 @@ import numpy as np
 from rlhf_jax.infra import checkpoint, metrics, plan, preemption, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.stages import setup as setup_lib
+
+
+def _one_model_items(state) -> dict:
+    return {"params": state["params"], "opt_state": state["opt_state"]}
+
+
+def _same(items) -> dict:
+    return dict(items)
+
+
+@dataclasses.dataclass
+class Layout:
+    """A train state other than one model + one optimizer, and how it maps to checkpoint items.
+
+    `to_items` must be a pure restructuring: applied to `abstract` it gives the restore target.
+    """
+
+    abstract: dict  # the state without "step": abstract arrays carrying their shardings
+    shardings: dict  # the state's shardings, "step" included
+    init: Callable  # () -> a fresh state without "step" (a run with no checkpoint yet)
+    to_items: Callable = _one_model_items  # state -> {item name: tree} written to a checkpoint
+    from_items: Callable = _same  # restored {item name: tree} -> the state without "step"
 
 
 @dataclasses.dataclass
@@ -43,6 +75,10 @@ class Setup:
     init_params: Callable | None = None  # (abstract_params) -> sharded params, or None
     final_meta: Callable | None = None  # (params) -> dict merged into the last checkpoint's meta
     meta: dict = dataclasses.field(default_factory=dict)
+    perplexity: bool = False  # log <ns>/perplexity = exp(loss): LM losses only (pretrain, SFT)
+    layout: Layout | None = None  # None: one model from model_cfg with the optimizer tx
+    host_state: object | None = None  # get_state() -> dict in each meta; set_state(meta)
+    after_step: Callable | None = None  # (n, metrics, is_log, writer) -> None, on the host
 
 
 def _finite_or_raise(step_metrics, key, last_ckpt):
@@ -59,28 +95,39 @@ def _finite_or_raise(step_metrics, key, last_ckpt):
 
 
 def restore_or_init(s: Setup, rules):
-    """(graphdef, state, shardings, start step): resumed from the workdir, or fresh."""
-    graphdef, abstract, shardings = state_lib.abstract_train_state(s.model_cfg, s.tx, s.mesh, rules)
+    """(graphdef, state, shardings, start step, checkpointer): resumed from the workdir, or
+    fresh. graphdef is None with a custom `s.layout` (the stage holds its own)."""
+    graphdef, layout = None, s.layout
+    if layout is None:
+        graphdef, abstract, shardings = state_lib.abstract_train_state(
+            s.model_cfg, s.tx, s.mesh, rules
+        )
+
+        def init():
+            params = s.init_params(abstract["params"]) if s.init_params else None
+            _, st, _ = state_lib.create_train_state(
+                s.model_cfg, s.tx, s.mesh, rules, s.config.seed, params=params
+            )
+            return {k: v for k, v in st.items() if k != "step"}
+
+        rest = {k: v for k, v in abstract.items() if k != "step"}
+        layout = Layout(abstract=rest, shardings=shardings, init=init)
+    s.layout = layout
     t = s.config.train
     ckpt = checkpoint.Checkpointer(os.path.join(s.workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
     start = ckpt.latest_step()
     if start is not None:
-        restored, data_state, old_meta = ckpt.restore(
-            start, {"params": abstract["params"], "opt_state": abstract["opt_state"]}
-        )
+        restored, data_state, old_meta = ckpt.restore(start, layout.to_items(layout.abstract))
         setup_lib.check_same_model(old_meta, s.model_cfg, ckpt.directory)
-        state = {
-            "step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]),
-            **restored,
-        }
+        state = layout.from_items(restored)
         s.train_iter.set_state(data_state)
+        if s.host_state is not None:
+            s.host_state.set_state(old_meta)
     else:
         start = 0
-        params = s.init_params(abstract["params"]) if s.init_params else None
-        _, state, _ = state_lib.create_train_state(
-            s.model_cfg, s.tx, s.mesh, rules, s.config.seed, params=params
-        )
-    return graphdef, state, shardings, start, ckpt
+        state = layout.init()
+    step = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings["step"])
+    return graphdef, {"step": step, **state}, layout.shardings, start, ckpt
 
 
 def train(s: Setup, state, start: int, ckpt, schedule=None):
@@ -115,6 +162,8 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                 writer.log(f"first step (compile + run) took {compile_s:.1f}s")
             preempted = preemption.stop_requested()
             is_log = n % t.log_every == 0 or n == s.steps or preempted
+            if s.after_step is not None:
+                s.after_step(n, m, is_log, writer)
             is_ckpt = n % t.ckpt_every == 0 or n == s.steps or preempted
             is_eval = not preempted and t.eval_every > 0 and (n % t.eval_every == 0 or n == s.steps)
             if is_ckpt and not is_log:  # never save a NaN state
@@ -130,7 +179,7 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                 out[f"{_ns(s.loss_key)}/step_time"] = dt / timed
                 if schedule is not None:
                     out[f"{_ns(s.loss_key)}/lr"] = float(schedule(n - 1))
-                if s.loss_key.endswith("/loss"):
+                if s.perplexity:
                     out[f"{_ns(s.loss_key)}/perplexity"] = math.exp(min(out[s.loss_key], 50.0))
                 if peak and s.flops_per_token:
                     out[f"{_ns(s.loss_key)}/mfu"] = (
@@ -143,11 +192,13 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                 t_last = time.time()
             if is_ckpt:
                 meta = dict(s.meta)
+                if s.host_state is not None:
+                    meta.update(s.host_state.get_state())
                 if n == s.steps and s.final_meta is not None:
                     meta.update(s.final_meta(state["params"]))
                 ckpt.save(
                     n,
-                    {"params": state["params"], "opt_state": state["opt_state"]},
+                    s.layout.to_items(state),
                     data=s.train_iter.get_state(),
                     meta=meta,
                 )

@@ -22,6 +22,7 @@ One `value_and_grad` over {"policy", "value"} gives every term's gradient at onc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,6 +35,71 @@ from rlhf_jax.rl import losses, ppo_math
 from rlhf_jax.sampling import reward, sampler
 
 
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """The static (hashable) settings the compiled steps need, from `config.ppo` and the
+    optimizer keys of `config.train` (`ppo_config_from`)."""
+
+    minibatch_rows: int
+    epochs: int
+    updates_per_epoch: int
+    eos_id: tuple[int, ...]  # the tokenizer's eos_ids: any ends a response
+    kl_kind: str
+    discount: float
+    lam: float
+    clip: float
+    value_clip: float
+    vf_coef: float
+    ptx_coef: float
+    whiten_advantages: bool
+    score_clip: float
+    whiten_scores: bool
+    no_eos_penalty: float
+    policy_lr: float  # train.lr
+    value_lr: float  # ppo.value_lr
+    warmup_updates: int  # train.warmup_steps, counted in optimizer updates
+    weight_decay: float
+    grad_clip: float
+    min_lr_ratio: float
+    temperature: float = 1.0  # the rollout's; every log-prob is taken at it
+    b1: float = 0.9
+    b2: float = 0.95
+
+
+# PPOConfig fields read from config.ppo under the same name.
+_PPO_KEYS = (
+    "epochs", "kl_kind", "discount", "lam", "clip", "value_clip", "vf_coef", "ptx_coef",
+    "whiten_advantages", "score_clip", "whiten_scores", "no_eos_penalty", "value_lr",
+    "temperature",
+)  # fmt: skip
+
+
+def ppo_config_from(config, eos_id) -> PPOConfig:
+    """The compiled steps' settings: `config.ppo`, and the policy optimizer from `config.train`
+    (lr, warmup_steps in optimizer updates, min_lr_ratio, weight_decay, b1, b2, grad_clip; the
+    value model takes the same schedule at `ppo.value_lr`)."""
+    c, t, pc = config.ppo, config.train, jax.process_count()
+    if c.rollout_batch % c.minibatch or c.rollout_batch % pc:
+        raise ValueError(
+            f"ppo.rollout_batch={c.rollout_batch} must be divisible by "
+            f"ppo.minibatch={c.minibatch} and by the {pc} processes"
+        )
+    check_sampling(c.temperature, c.top_k, c.top_p)
+    return PPOConfig(
+        **{k: c[k] for k in _PPO_KEYS},
+        minibatch_rows=c.minibatch,
+        eos_id=sampler.stop_ids(eos_id),
+        updates_per_epoch=c.rollout_batch // c.minibatch,
+        policy_lr=t.lr,
+        warmup_updates=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        min_lr_ratio=t.min_lr_ratio,
+        b1=t.b1,
+        b2=t.b2,
+    )
+
+
 def full_mask(batch):
     """[B, P + T] bool: real prompt and response tokens."""
     return jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1).astype(bool)
@@ -43,23 +109,25 @@ def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Refuses rollout sampling knobs PPO cannot train under, in one sentence.
+def check_sampling(temperature: float, top_k: int, top_p: float, stage: str = "ppo") -> None:
+    """Refuses rollout sampling knobs PPO (or GRPO, `stage`) cannot train under, in one sentence.
 
-    PPO's ratio, its KL penalty and the adaptive KL controller are computed teacher-forced under
-    the distribution that drew the tokens: the policy's logits divided by `ppo.temperature`
+    The ratio, the KL penalty and the adaptive KL controller are computed teacher-forced under
+    the distribution that drew the tokens: the policy's logits divided by `<stage>.temperature`
     (the reference's by the same temperature, as TRL does). Top-k / top-p truncation is not
     supported: a token the old policy kept may fall outside the updated policy's (or the
     reference's) kept set, where its log-prob is -inf.
     """
     if top_k != 0 or top_p != 1.0:
         raise ValueError(
-            f"ppo.top_k={top_k} / ppo.top_p={top_p}: PPO trains under the sampling "
-            "distribution and supports temperature only; set ppo.top_k=0 and ppo.top_p=1.0"
+            f"{stage}.top_k={top_k} / {stage}.top_p={top_p}: {stage.upper()} trains under the "
+            f"sampling distribution and supports temperature only; set {stage}.top_k=0 and "
+            f"{stage}.top_p=1.0"
         )
     if not temperature > 0:
         raise ValueError(
-            f"ppo.temperature must be > 0 (PPO samples its rollouts), got {temperature}"
+            f"{stage}.temperature must be > 0 ({stage.upper()} samples its rollouts), "
+            f"got {temperature}"
         )
 
 
@@ -148,7 +216,9 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
             values_old=values,
             advantages=adv,
             returns=returns,
-            scores=raw_scores,
+            scores=raw_scores,  # [B] per-row values for the sample table and weighted evals
+            seq_kl=kl.sum(1),
+            finished=finished,
         )
         m = {
             "ppo/score": raw_scores.mean(),
@@ -249,23 +319,28 @@ def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rul
         return new_state, metrics
 
 
+def optim_config(cfg, lr: float, total_iters: int) -> state_lib.OptimConfig:
+    """One model's AdamW settings; the schedule counts `total_iters` x epochs x minibatches
+    optimizer updates."""
+    return state_lib.OptimConfig(
+        lr=lr,
+        warmup_steps=cfg.warmup_updates,
+        total_steps=max(total_iters * cfg.epochs * cfg.updates_per_epoch, 1),
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        grad_clip=cfg.grad_clip,
+    )
+
+
 def make_tx(cfg, total_iters: int) -> dict:
     """Separate AdamW (own lr, own clipping, own state) for policy and value, so neither's
     gradient scale affects the other's update."""
-
-    def one(lr):
-        return state_lib.make_optimizer(
-            state_lib.OptimConfig(
-                lr=lr,
-                warmup_steps=cfg.warmup_updates,
-                total_steps=max(total_iters * cfg.epochs * cfg.updates_per_epoch, 1),
-                min_lr_ratio=cfg.min_lr_ratio,
-                weight_decay=cfg.weight_decay,
-                grad_clip=cfg.grad_clip,
-            )
-        )
-
-    return {"policy": one(cfg.policy_lr), "value": one(cfg.value_lr)}
+    return {
+        k: state_lib.make_optimizer(optim_config(cfg, lr, total_iters))
+        for k, lr in (("policy", cfg.policy_lr), ("value", cfg.value_lr))
+    }
 
 
 def apply_tx(tx: dict, grads, opt_state, params):

@@ -166,7 +166,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
     host = {
         "tokens": rng.integers(4, policy_cfg.vocab_size, (b, p), dtype=np.int32),
         "mask": np.ones((b, p), bool),
-        "index": np.arange(b, dtype=np.int32),
+        "sample": np.arange(b, dtype=np.int32),  # the rows' PRNG ids
     }
     n_up = ppo_cfg.epochs * ppo_cfg.updates_per_epoch
     toks = rng.integers(4, policy_cfg.vocab_size, (args.minibatch, n_up, p + args.new_tokens + 1))
@@ -189,7 +189,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
     splits = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        roll = it.rollout(state["params"], host, i, 0)
+        roll = it.rollout(state["params"], sharding.put_batch(host, mesh, rules), i, 0)
         jax.block_until_ready(roll)
         t1 = time.perf_counter()
         batch, _ = it.score(state["params"], frozen, roll)
