@@ -4,12 +4,14 @@
       [--num_slices N] [--rm_size SIZE] [--out plan.json] [--config.k=v ...]
 
 Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU. Every compiled function of the stage
-(rlhf_jax/stages/aot.py: LM/SFT train and eval steps; RM train and eval steps; PPO rollout, score
-and update) is compiled by the real TPU compiler with its real shapes and shardings on the
-topology's devices, allocating nothing. For each, per chip: params, optimizer state, frozen
-models, batch, what stays resident, temporaries, outputs, the total against the chip's HBM; and
-the model FLOPs of one call, a roofline time, tokens/s, samples/s and MFU (rlhf_jax/infra/plan.py
-says how each is computed). The table goes to stdout and, with `--out`, the same as JSON.
+(rlhf_jax/stages/aot.py's `PLANNERS`: LM/SFT, RM and DPO train and eval steps; PPO's and GRPO's
+rollout, score and update; rsft's rollout, RM scoring and SFT step) is compiled by the real TPU
+compiler with its real shapes and shardings on the topology's devices, allocating nothing. For
+each, per chip: params, optimizer state, frozen models, batch, what stays resident, temporaries,
+outputs, the total against the chip's HBM; and the model FLOPs of one call, a roofline time,
+tokens/s, samples/s and MFU (rlhf_jax/infra/plan.py says how each is computed). A PPO or GRPO
+iteration, an rsft round, is bounded by the sum of its functions' roofline times, each times its
+calls. The table goes to stdout and, with `--out`, the same as JSON.
 
 A function whose arguments alone exceed HBM is not compiled. If any function does not fit, the
 table is followed by `error: <function> needs X GiB per chip, <topology> chips have Y GiB` on
@@ -43,7 +45,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:2x2, v4:2x2x2, v6e:4x8.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN.")
 _RM_SIZE = flags.DEFINE_string(
-    "rm_size", "", "PPO: preset of the value and reward models (default: the policy's)."
+    "rm_size",
+    "",
+    "PPO, GRPO, rsft: preset of the reward (and PPO's value) model when no reward workdir is "
+    "here (default: the policy's).",
 )
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
 
@@ -97,13 +102,9 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str) -> dict:
         "versions": _versions(),
         "functions": rows,
     }
-    if config.stage == "ppo" and all("roofline_s" in r for r in rows):
-        t = sum(r["roofline_s"] for r in rows)
-        report["iteration"] = {
-            "roofline_s": t,
-            "samples_per_s": config.ppo.rollout_batch / t,
-            "mfu": sum(r["model_flops"] for r in rows) / (n * chip.peak_flops * t),
-        }
+    it = plan.iteration(rows, chip, n)  # an RL iteration, an rsft round
+    if it is not None:
+        report["iteration"] = it
     return report
 
 
@@ -121,8 +122,9 @@ def main(argv):
     print(plan.table(report["functions"]))
     if "iteration" in report:
         it = report["iteration"]
+        calls = " + ".join(k + (f" x {c}" if c > 1 else "") for k, c in it["functions"].items())
         print(
-            f"\nppo iteration (rollout + score + update): {it['roofline_s'] * 1e3:.3g} ms, "
+            f"\n{report['stage']} iteration ({calls}): {it['roofline_s'] * 1e3:.3g} ms, "
             f"{it['samples_per_s']:,.1f} samples/s, MFU {it['mfu']:.0%} at the roofline"
         )
     if _OUT.value:

@@ -19,9 +19,11 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
 
-from experiments import ppo_ptx, pretrain, rm  # noqa: E402
+from experiments import dpo, grpo, kto, ppo_ptx, pretrain, rm, rsft  # noqa: E402
+from rlhf_jax import methods  # noqa: E402
 from rlhf_jax.infra import mesh as mesh_lib  # noqa: E402
 from rlhf_jax.infra import plan  # noqa: E402
+from rlhf_jax.rl import dpo as dpo_math  # noqa: E402
 from rlhf_jax.stages import aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +31,18 @@ TOPOLOGY = "v5e:2x2"
 FSDP = 4  # the whole slice on the fsdp axis
 
 
-def _plan(config):
+def _plan(config, compile_only=None):
+    """Report rows of the stage's functions, compiled (all, or those named in `compile_only`;
+    the others' rows hold only the argument bytes)."""
     devices = plan.topology_devices(TOPOLOGY)
     mesh = mesh_lib.build_mesh(config.mesh, devices)
     chip = plan.chip_of(devices)
     rows = {}
     for fn in aot.functions(config, mesh):
-        rows[fn.name] = plan.row(fn, plan.compile_stats(fn.lower()), chip, len(devices), 0.0)
+        stats = None
+        if compile_only is None or fn.name in compile_only:
+            stats = plan.compile_stats(fn.lower())
+        rows[fn.name] = plan.row(fn, stats, chip, len(devices), 0.0)
     return rows
 
 
@@ -118,6 +125,13 @@ def test_rm_and_ppo_plans_account_every_model():
     value = score["params_bytes"] - policy
     assert roll["resident_bytes"] == value + update["opt_state_bytes"] + score["frozen_bytes"]
     assert all(r["fits"] and r["roofline_s"] > 0 for r in rows.values())
+    # The iteration's bound: its three functions one after another (an rsft round counts each
+    # function's calls the same way).
+    it = plan.iteration(list(rows.values()), plan.chip_of(plan.topology_devices(TOPOLOGY)), 4)
+    assert it["functions"] == {"rollout": 1, "score": 1, "update": 1}
+    bound = sum(r["roofline_s"] for r in rows.values())
+    assert it["roofline_s"] == pytest.approx(bound)
+    assert it["samples_per_s"] == pytest.approx(roll["samples"] / bound)
 
 
 def _ppo_parts(rm_size="", **ppo):
@@ -216,3 +230,103 @@ def test_readme_tiny_plan_runs_verbatim_and_writes_json(tmp_path):
     train = report["functions"][0]
     assert train["function"] == "train_step" and train["fits"] and train["roofline_s"] > 0
     assert "train_step" in proc.stdout and "roofline" in proc.stdout
+
+
+def _fits_with_a_bound(r):
+    """A compiled row that fits, with memory per chip and a roofline time."""
+    return r["compiled"] and r["fits"] and r["total_bytes"] > 0 and r["roofline_s"] > 0
+
+
+def test_every_method_has_a_planner_and_an_unknown_stage_is_one_error():
+    # The method table's stages (SimPO is the DPO stage) are the planner's, and only those.
+    assert {m.stage for m in methods.METHODS} == set(aot.PLANNERS) <= set(methods.STAGES)
+    config = pretrain.get_config(f"fsdp={FSDP}")
+    config.stage = "nope"
+    with pytest.raises(ValueError, match="does not plan config.stage='nope'; expected one of"):
+        aot.functions(config, mesh_lib.build_mesh(config.mesh, plan.topology_devices(TOPOLOGY)))
+
+
+@pytest.mark.slow
+def test_dpo_plans_its_train_step_with_the_frozen_reference_for_every_loss():
+    config = dpo.get_config(f"fsdp={FSDP}")
+    rows = _plan(config, compile_only={"dpo_train_step"})
+    r = rows["dpo_train_step"]
+    assert _fits_with_a_bound(r)
+    # The reference is an argument of the policy's shapes, not in the optimizer; the eval
+    # step holds the optimizer state resident.
+    assert r["frozen_bytes"] == r["params_bytes"] > 0
+    assert 0 <= r["opt_state_bytes"] - 2 * r["params_bytes"] <= 16
+    assert rows["dpo_eval_step"]["resident_bytes"] == r["opt_state_bytes"]
+    # Policy forward + backward + reference forward: 4 forwards of B x K x L tokens.
+    assert r["model_flops"] == pytest.approx(2 * rows["dpo_eval_step"]["model_flops"])
+    assert r["tokens"] == config.train.batch_size * config.dpo.k_max * config.train.seq_len
+    # Every loss the stage takes traces through the stage's own train step (a new variant in
+    # rl/dpo.py's LOSSES is planned without a planner change); tracing only, no compile.
+    # A reference-free loss (SimPO) holds no reference and runs no reference forward.
+    mesh = mesh_lib.build_mesh(config.mesh, plan.topology_devices(TOPOLOGY))
+    for loss in dpo_math.LOSSES:
+        config.dpo.update(loss=loss, label_smoothing=0.0)
+        train = aot.functions(config, mesh)[0]
+        assert train.name == "dpo_train_step" and f"loss={loss}" in train.note
+        assert train.lower().as_text()
+        free = loss in dpo_math.REFERENCE_FREE
+        assert plan.chip_bytes(train.parts["frozen"]) == (0 if free else r["frozen_bytes"])
+        assert train.flops == pytest.approx(r["model_flops"] * (3 / 4 if free else 1))
+
+
+def test_kto_plans_its_train_step_with_the_reference_and_mismatched_rows():
+    # Lowered, not compiled (DPO's test compiles the same kind of step): arguments by role
+    # and the forward passes of one step.
+    config = kto.get_config(f"fsdp={FSDP}")
+    mesh = mesh_lib.build_mesh(config.mesh, plan.topology_devices(TOPOLOGY))
+    train, evaluate = aot.functions(config, mesh)
+    assert (train.name, evaluate.name) == ("kto_train_step", "kto_eval_step")
+    assert train.lower().as_text()
+    params = plan.chip_bytes(train.parts["params"])
+    assert plan.chip_bytes(train.parts["frozen"]) == params > 0
+    b, n = config.train.batch_size, config.train.seq_len
+    assert train.args[2]["tokens"].shape == (b, 2, n)  # each completion and a mismatched one
+    # z0: policy and reference forwards of the mismatched rows; the loss: the policy's forward
+    # and backward and a reference forward of the completions; eval: the four forwards.
+    assert train.flops == pytest.approx(6 / 4 * evaluate.flops)
+
+
+@pytest.mark.slow
+def test_grpo_plans_rollout_score_and_update_with_its_models_resident():
+    config = grpo.get_config(f"fsdp={FSDP}")
+    config.grpo.update(ptx_coef=1.0, ptx_batch=8)  # the ptx batch in the update's arguments
+    rows = _plan(config, compile_only={"update"})
+    assert list(rows) == ["rollout", "score", "update"]
+    roll, score, update = rows["rollout"], rows["score"], rows["update"]
+    assert _fits_with_a_bound(update)
+    c = config.grpo
+    b, s = c.prompts * c.group_size, c.prompt_len + c.max_new_tokens
+    assert roll["samples"] == b and roll["tokens"] == b * c.max_new_tokens
+    # Reference (policy-shaped) and reward model (scalar head) are frozen; no value model.
+    policy = score["params_bytes"]
+    assert score["frozen_bytes"] > 2 * policy and update["resident_bytes"] == score["frozen_bytes"]
+    assert roll["resident_bytes"] == update["opt_state_bytes"] + score["frozen_bytes"]
+    # epochs x minibatches of policy forward + backward, and the ptx term's.
+    n_up = c.epochs * b // c.minibatch
+    assert update["tokens"] == c.epochs * b * s + n_up * c.ptx_batch * c.ptx_seq_len
+    assert update["batch_bytes"] > score["batch_bytes"]  # logp_old, logp_ref, advantages, ptx
+
+
+@pytest.mark.slow
+def test_rsft_plans_a_round_sampling_scoring_and_fine_tuning():
+    config = rsft.get_config(f"fsdp={FSDP}")
+    rows = _plan(config, compile_only={"score"})  # the sampler and SFT step: PPO's, LM's
+    assert list(rows) == ["rollout", "score", "sft_train_step"]
+    rc, t = config.rsft, config.train
+    n = rc.prompts_per_round * rc.k
+    roll, score, step = rows["rollout"], rows["score"], rows["sft_train_step"]
+    assert _fits_with_a_bound(score)
+    # best_of_k's batches of 64 rows, the scorer's of 32, and the round's SFT steps as if every
+    # prompt were kept (train.epochs passes over prompts_per_round demonstrations).
+    assert roll["samples"] == 64 and roll["calls"] == -(-n // 64)
+    assert score["samples"] == 32 and score["calls"] == -(-n // 32)
+    assert step["calls"] == -(-int(t.epochs * rc.prompts_per_round) // t.batch_size)
+    # Each model alone on the chips: nothing resident, the RM frozen, the policy trained.
+    assert roll["resident_bytes"] == score["resident_bytes"] == step["resident_bytes"] == 0
+    assert score["frozen_bytes"] > roll["params_bytes"] == step["params_bytes"] > 0
+    assert step["opt_state_bytes"] > 0

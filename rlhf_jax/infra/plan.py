@@ -268,6 +268,7 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
         "samples": fn.samples,
         "compile_s": round(compile_s, 1),
         "note": fn.note,
+        "calls": fn.calls,
     }
     if stats is None or stats["oom"]:
         args = r["params_bytes"] + r["opt_state_bytes"] + r["frozen_bytes"] + r["batch_bytes"]
@@ -349,6 +350,24 @@ def _format(lines, title: str) -> str:
         for i, (v, w) in enumerate(zip(line, widths, strict=True))
     )
     return "\n".join([title, fmt(lines[0]), *map(fmt, lines[1:])])
+
+
+def iteration(rows: list[dict], chip: Chip, n_chips: int) -> dict | None:
+    """The bound on one RL iteration (one rsft round): the rows with `calls` > 0 run one after
+    another, so its time is the sum of calls x roofline; its samples are the first such row's
+    (the rollout's rows) times its calls. None when no row is in an iteration or one of them has
+    no roofline (it did not fit)."""
+    its = [r for r in rows if r.get("calls")]
+    if not its or not all("roofline_s" in r for r in its):
+        return None
+    t = sum(r["calls"] * r["roofline_s"] for r in its)
+    flops = sum(r["calls"] * r["model_flops"] for r in its)
+    return {
+        "functions": {r["function"]: r["calls"] for r in its},
+        "roofline_s": t,
+        "samples_per_s": its[0]["calls"] * its[0]["samples"] / t,
+        "mfu": flops / (n_chips * chip.peak_flops * t),
+    }
 
 
 def first_misfit(rows: list[dict]) -> dict | None:

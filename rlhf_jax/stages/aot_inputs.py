@@ -1,0 +1,121 @@
+"""What every stage planner shares: the Function record and the abstract inputs it is lowered on.
+
+The planners (rlhf_jax/stages/aot.py: LM, SFT, RM, DPO; rlhf_jax/stages/aot_rl.py: PPO, GRPO,
+rsft) build each stage's jitted functions with the stage's own builders and hand them here as
+`Function`s with ShapeDtypeStruct arguments that carry their NamedShardings. This module owns
+those records and the shapes: batch rows placed as `sharding.put_batch` places them, the model
+config a plan uses without a tokenizer, the reward model's config when no RM workdir is here,
+and an abstract train state. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
+from rlhf_jax.models import hf_init
+from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.stages import setup
+
+
+@dataclasses.dataclass
+class Function:
+    """One compiled function of a stage, ready to lower. FLOPs are all chips' for one call."""
+
+    name: str
+    jitted: object
+    args: tuple
+    parts: dict  # role -> the arguments in it: "params", "opt_state", "frozen", "batch"
+    flops: float  # model FLOPs, loop trips counted
+    tokens: int
+    samples: int
+    resident: object = None  # in HBM during the call, not an argument
+    hw_factor: float = 1.0  # hardware over model FLOPs (remat recomputes the forward)
+    flops_seen: float | None = None  # per-chip FLOPs XLA's cost analysis counts, when not all
+    loop_bytes: float = 0.0  # per-chip bytes of loop trips XLA's cost analysis leaves out
+    static: tuple = ()  # trailing static arguments of `jitted`
+    note: str = ""
+    # Calls in one iteration of an RL stage (one rsft round), whose time bound is the sum of
+    # calls x roofline; 0 for a function outside it (an eval step, every LM stage's function).
+    calls: int = 0
+
+    def lower(self):
+        return self.jitted.lower(*self.args, *self.static)
+
+
+def rows(mesh, rules, shape, dtype) -> jax.ShapeDtypeStruct:
+    """An abstract batch array, rows over the batch axes as `sharding.put_batch` places them."""
+    sh = sharding.batch_sharding(mesh, rules, len(shape)) if shape else sharding.replicated(mesh)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+
+def scalar(mesh, dtype) -> jax.ShapeDtypeStruct:
+    """A replicated abstract scalar (a KL coefficient, a sampling knob, a PRNG key)."""
+    return jax.ShapeDtypeStruct((), dtype, sharding=sharding.replicated(mesh))
+
+
+def key_dtype():
+    return jax.eval_shape(lambda: jax.random.key(0)).dtype
+
+
+def stored_model(path: str, current: model_config.ModelConfig):
+    """The architecture an `init_from` source fixes (setup.resolve_model's rule), or None when
+    the source is not on this machine (planning somewhere else than the run)."""
+    if not path or not os.path.isdir(hf_init.hf_dir(path)):
+        return None
+    stored = ((setup.read_init_meta(path) or {}).get("model")) or None
+    if stored is None:
+        return None
+    numerics = {k: getattr(current, k) for k in setup.NUMERICS + ("scan_layers",)}
+    return model_config.ModelConfig(**{**stored, **numerics})
+
+
+def model_config_of(config) -> model_config.ModelConfig:
+    """The stage's ModelConfig without a tokenizer: `model.vocab_size`, else the vocabulary a
+    pretraining run would train (`tokenizer.vocab_size`), else the preset's; an `init_from`
+    workdir present here overrides the architecture."""
+    trains_tokenizer = config.stage == "pretrain" and not config.tokenizer.path
+    current = setup.model_config_from(
+        config, config.tokenizer.vocab_size if trains_tokenizer else None
+    )
+    return stored_model(config.init_from, current) or current
+
+
+def reward_config(policy: model_config.ModelConfig, reward_from: str, rm_size: str):
+    """The reward model a stage reads: the `reward_from` workdir's architecture when it is here
+    (in the policy's compute dtype, as the stages load it), else the `rm_size` preset with the
+    policy's vocabulary, context and numerics, else the policy's own shape; a scalar head."""
+    if reward_from and os.path.isdir(reward_from):
+        stored = stored_model(reward_from, policy)
+        if stored is not None:
+            return dataclasses.replace(stored, dtype=policy.dtype)
+    base = policy
+    if rm_size:
+        kw = {k: getattr(policy, k) for k in ("family", "vocab_size", "max_len")}
+        kw.update({k: getattr(policy, k) for k in setup.NUMERICS + ("scan_layers",)})
+        kw["param_dtype"] = policy.param_dtype
+        base = model_config.preset(rm_size, **kw)
+    return dataclasses.replace(base, head="scalar")
+
+
+def train_state(cfg, config, mesh, rules, tx=None):
+    """(graphdef, tx, abstract state, state shardings) as `loop.restore_or_init` builds them;
+    `tx` defaults to the `config.train` AdamW every supervised stage makes."""
+    if tx is None:
+        optim = setup.optim_config_from(config.train, max(config.train.steps, 1))
+        tx = state_lib.make_optimizer(optim)
+    graphdef, state, shardings = state_lib.abstract_train_state(cfg, tx, mesh, rules)
+    return graphdef, tx, state, shardings
+
+
+def describe(cfg, params) -> str:
+    n = model_lib.param_count(params)
+    return (
+        f"{cfg.family} {n / 1e6:,.1f}M params (vocab {cfg.vocab_size}), {cfg.dtype}, "
+        f"remat={cfg.remat}, scan_layers={cfg.scan_layers}"
+    )
