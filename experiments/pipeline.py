@@ -13,7 +13,8 @@ Every stage's full config lives under `stages.<name>` and can be overridden, e.g
 every stage and the labeler. Args (after the colon): size (tiny|small|...), family.
 """
 
-from experiments import common, dpo, grpo, ppo_ptx, pretrain, rm, rsft, sft
+from experiments import common, dpo, grpo, kto, ppo_ptx, pretrain, rm, rsft, sft, simpo
+from rlhf_jax import methods
 
 
 def get_config(arg=None):
@@ -34,7 +35,10 @@ def get_config(arg=None):
     # Iterated RLHF: rounds >= 2 label samples of the current policy, train a new RM (from the
     # previous RM, or "sft"; on all comparisons so far when accumulate) and continue PPO/PPO-ptx.
     c.rounds = 2
-    c.iterate = dict(policy="ppo_ptx", rm_init="previous", accumulate=True)
+    # `methods`: the methods that iterate (rlhf_jax/methods.py rows with rounds=True): PPO and
+    # PPO-ptx on the new RM, DPO online on comparisons of its own previous-round policy.
+    iterable = ",".join(m.key for m in methods.METHODS if m.rounds)
+    c.iterate = dict(policy="ppo_ptx", rm_init="previous", accumulate=True, methods=iterable)
     c.world = dict(
         sizes=dict(
             pretrain=20000,
@@ -60,6 +64,8 @@ def get_config(arg=None):
         ppo=ppo_ptx.get_config(structural),
         rsft=rsft.get_config(structural),
         dpo=dpo.get_config(structural),
+        simpo=simpo.get_config(structural),
+        kto=kto.get_config(structural),
         grpo=grpo.get_config(structural),
     )
     s = c.stages
@@ -127,6 +133,10 @@ def get_config(arg=None):
             ckpt_every=40,
         )
         s.dpo.dpo.update(k_max=4, kl_prompts=64, kl_prompt_len=32, kl_max_new_tokens=24)
+        # SimPO and KTO on the same comparisons with DPO's steps, batch, length and lr.
+        for key, keys in (("simpo", "dpo"), ("kto", "kto")):
+            s[key].train.update(s.dpo.train.to_dict())
+            s[key][keys].update(k_max=4, kl_prompts=64, kl_prompt_len=32, kl_max_new_tokens=24)
         # GRPO-ptx with PPO's sample budget: 40 iterations of 64 samples (8 prompts x G = 8),
         # 2 epochs of minibatch 16, PPO's policy lr, beta and pretraining batch.
         s.grpo.train.update(steps=40, lr=1e-4, log_every=5, eval_every=10, ckpt_every=20)
@@ -166,6 +176,9 @@ def get_config(arg=None):
         s.dpo.train.update(steps=100, batch_size=64, seq_len=64, lr=1e-5, warmup_steps=10,
                            eval_every=50, ckpt_every=50)  # fmt: skip
         s.dpo.dpo.update(k_max=4, kl_prompts=128, kl_prompt_len=32, kl_max_new_tokens=24)
+        for key, keys in (("simpo", "dpo"), ("kto", "kto")):
+            s[key].train.update(s.dpo.train.to_dict())
+            s[key][keys].update(k_max=4, kl_prompts=128, kl_prompt_len=32, kl_max_new_tokens=24)
         s.grpo.train.update(steps=100, lr=1e-5, eval_every=20, ckpt_every=50)
         s.grpo.grpo.update(
             prompts=16, group_size=8, minibatch=32, epochs=2, beta=0.1, prompt_len=32,

@@ -17,6 +17,7 @@ import pytest
 from cpu_env import cpu_env
 from run_compare import assert_same_records, assert_same_run, metrics, numbers, read_jsonl
 
+from rlhf_jax import methods
 from rlhf_jax.infra import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,15 @@ SMALL = [
     "--config.stages.dpo.train.eval_every=2",
     "--config.stages.dpo.dpo.kl_prompts=8",
     "--config.stages.dpo.dpo.kl_max_new_tokens=8",
+    *(
+        f"--config.stages.{m}.train.{k}"
+        for m in ("simpo", "kto")
+        for k in ("steps=2", "batch_size=8", "log_every=1", "warmup_steps=0", "eval_every=2")
+    ),
+    "--config.stages.simpo.dpo.kl_prompts=8",
+    "--config.stages.simpo.dpo.kl_max_new_tokens=8",
+    "--config.stages.kto.kto.kl_prompts=8",
+    "--config.stages.kto.kto.kl_max_new_tokens=8",
     "--config.stages.grpo.train.steps=2",
     "--config.stages.grpo.train.log_every=1",
     "--config.stages.grpo.train.eval_every=2",
@@ -70,6 +80,10 @@ SMALL = [
     "--config.collect.max_new_tokens=12",
     "--config.evaluate.max_new_tokens=12",
 ]
+
+
+def comps_text(run):
+    return (run / "comparisons.jsonl").read_text()
 
 
 def launch(workdir, *extra, processes=1):
@@ -105,10 +119,12 @@ def pipeline_run(tmp_path_factory):
 @pytest.mark.slow
 def test_pipeline_end_to_end(pipeline_run):
     tmp_path = pipeline_run
-    for sub in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy", "dpo", "grpo"):
+    subs = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy", "dpo", "simpo")
+    for sub in (*subs, "kto", "grpo"):
         assert os.path.isdir(tmp_path / sub / "checkpoints"), sub
         assert os.path.getsize(tmp_path / sub / "metrics.jsonl") > 0, sub
-    for sub in ("rm", "ppo", "ppo_ptx"):  # round 2: a new RM, PPO continued from round 1
+    # Round 2: a new RM, PPO continued from round 1, DPO online on its own policy's samples.
+    for sub in ("rm", "ppo", "ppo_ptx", "dpo"):
         assert os.path.isdir(tmp_path / "round_2" / sub / "checkpoints"), sub
     r2 = checkpoint.read_meta(str(tmp_path / "round_2" / "ppo_ptx"))["config"]
     assert r2["init_from"] == str(tmp_path / "ppo_ptx")
@@ -123,7 +139,18 @@ def test_pipeline_end_to_end(pipeline_run):
     assert grpo["config"]["grpo"]["ptx_coef"] == 1.0  # PPO-ptx's gamma
     rm_bias = json.loads((tmp_path / "rm" / "reward_norm.json").read_text())["reward_bias"]
     assert grpo["reward_bias"] == pytest.approx(rm_bias) and rm_bias != 0.0
-    assert not os.path.exists(tmp_path / "round_2" / "dpo")  # round 1 only
+    dpo2 = checkpoint.read_meta(str(tmp_path / "round_2" / "dpo"))["config"]
+    assert dpo2["init_from"] == str(tmp_path / "dpo")
+    assert dpo2["dpo"]["reference_from"] == str(tmp_path / "sft")
+    own = tmp_path / "round_2" / "dpo_collect" / "comparisons.jsonl"
+    assert dpo2["data"]["train"] == str(own) and own.read_text() != comps_text(tmp_path)
+    simpo = checkpoint.read_meta(str(tmp_path / "simpo"))["config"]
+    assert simpo["dpo"]["loss"] == "simpo" and simpo["dpo"]["reference_from"] == ""
+    kto = checkpoint.read_meta(str(tmp_path / "kto"))["config"]
+    assert kto["stage"] == "kto" and kto["kto"]["reference_from"] == str(tmp_path / "sft")
+    assert kto["data"]["train"] == str(tmp_path / "comparisons.jsonl")
+    for sub in ("simpo", "kto", "grpo"):  # round 1 only
+        assert not os.path.exists(tmp_path / "round_2" / sub)
     rm2 = checkpoint.read_meta(str(tmp_path / "round_2" / "rm"))["config"]
     assert rm2["init_from"] == str(tmp_path / "rm")
     assert rm2["data"]["train"].split(",") == [
@@ -134,11 +161,15 @@ def test_pipeline_end_to_end(pipeline_run):
         assert os.path.exists(tmp_path / "world" / f"{name}.jsonl")
     comps = (tmp_path / "comparisons.jsonl").read_text().splitlines()
     assert comps and all({"prompt", "responses", "ranking"} <= set(json.loads(c)) for c in comps)
+    assert (2, "kto/z0") in metrics(tmp_path / "kto")
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert list(ev["models"]) == [
-        *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "dpo", "grpo"),
-        *("ppo_r2", "ppo_ptx_r2"),
+        *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "dpo", "simpo", "kto"),
+        *("grpo", "ppo_r2", "ppo_ptx_r2", "dpo_r2"),
     ]
+    assert (
+        ev["models"]["dpo_r2"]["label"] == "DPO, round 2" and ev["models"]["dpo_r2"]["round"] == 2
+    )
     assert ev["models"]["grpo"]["label"] == "GRPO-ptx" and ev["models"]["dpo"]["round"] == 1
     for m in ev["models"].values():
         assert -1.0 <= m["gold_score"] <= 1.0 and m["heldout_pretrain_loss"] > 0
@@ -146,16 +177,19 @@ def test_pipeline_end_to_end(pipeline_run):
     assert [r["round"] for r in ev["meta"]["rounds"]] == [1, 2]
     report = (tmp_path / "report.md").read_text()
     assert "PPO-ptx" in report and (tmp_path / "report_ppo.png").exists()
-    assert "| DPO |" in report and "| GRPO-ptx |" in report
+    for label in ("DPO", "SimPO", "KTO", "GRPO-ptx"):
+        assert f"| {label} |" in report, label
     tax = next(line for line in report.splitlines() if line.startswith("**Alignment tax**"))
-    assert ", DPO " in tax and ", GRPO-ptx " in tax
+    assert ", DPO " in tax and ", GRPO-ptx " in tax and ", SimPO " in tax and ", KTO " in tax
     again = launch(tmp_path)  # everything is done: every step is skipped
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("skipping") == 14
+    # pretrain, sft, collect, rm, 7 methods; collect_r2, rm_r2, ppo_r2, ppo_ptx_r2,
+    # collect_dpo_r2, dpo_r2; evaluate
+    assert again.stdout.count("skipping") == 4 + len(methods.POLICY_METHODS) + 6 + 1
 
     # A PPO-only run on top of the finished one: links its SFT model and RM, runs PPO only.
     ppo_only = tmp_path / "ppo_only"
-    skip = "--config.skip=ppo_ptx,rsft,dpo,grpo"
+    skip = "--config.skip=" + ",".join(k for k in methods.POLICY_METHODS if k != "ppo")
     proc = launch(
         ppo_only, f"--config.reuse={os.path.relpath(tmp_path, ROOT)}", skip, "--config.rounds=1",
         "--config.evaluate.best_of_k=0",
@@ -174,11 +208,12 @@ def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
     """Every stage, collection, best-of-K and evaluation of the pipeline as 2 processes x 4.
 
     Plain PPO is left out: it is the PPO-ptx stage with gamma = 0 (test_ppo.py checks that the
-    loss is then exactly PPO's), so PPO-ptx's 2-process run covers its code."""
+    loss is then exactly PPO's), so PPO-ptx's 2-process run covers its code; SimPO likewise is
+    the DPO stage with another loss."""
     one_run = pipeline_run
-    proc = launch(tmp_path, "--config.rounds=1", "--config.skip=ppo", processes=2)
+    proc = launch(tmp_path, "--config.rounds=1", "--config.skip=ppo,simpo", processes=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    subs = ("pretrain", "sft", "rm", "ppo_ptx", "rsft", "rsft/round_1/policy", "dpo", "grpo")
+    subs = ("pretrain", "sft", "rm", "ppo_ptx", "rsft", "rsft/round_1/policy", "dpo", "kto", "grpo")
     for sub in subs:
         assert_same_run(one_run / sub, tmp_path / sub)
     assert [v for (_, k), v in metrics(tmp_path / "sft").items() if k == "eval/samples"]
@@ -200,7 +235,7 @@ def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
     ).read_text()
     one = json.loads((one_run / "eval.json").read_text())["models"]
     two = json.loads((tmp_path / "eval.json").read_text())["models"]
-    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo_ptx", "rsft", "dpo", "grpo"]
+    assert list(two) == ["pretrained", "sft", "best_of_k", "ppo_ptx", "rsft", "dpo", "kto", "grpo"]
     for name in two:
         a, b = numbers(one[name]), numbers(two[name])
         assert a.keys() == b.keys(), name

@@ -35,6 +35,10 @@ SHORTEN = {
     "--config.train.batch_size=4",
     "experiments/dpo.py": "--config.train.steps=2 --config.train.batch_size=4 "
     "--config.train.eval_every=2 --config.dpo.kl_prompts=4 --config.dpo.kl_max_new_tokens=8",
+    "experiments/simpo.py": "--config.train.steps=2 --config.train.batch_size=4 "
+    "--config.train.eval_every=2 --config.dpo.kl_prompts=4 --config.dpo.kl_max_new_tokens=8",
+    "experiments/kto.py": "--config.train.steps=2 --config.train.batch_size=4 "
+    "--config.train.eval_every=2 --config.kto.kl_prompts=4 --config.kto.kl_max_new_tokens=8",
     "experiments/grpo.py": "--config.train.steps=1 --config.train.eval_every=1 "
     "--config.grpo.prompts=2 --config.grpo.group_size=4 --config.grpo.minibatch=8 "
     "--config.grpo.max_new_tokens=8 --config.grpo.eval_prompts=4 --config.grpo.ptx_batch=4",
@@ -61,7 +65,7 @@ def stage_lines() -> list[str]:
     keep = []
     for ln in readme_commands():
         if "launch.run" in ln and re.search(
-            r"experiments/(pretrain|sft|rm|ppo_ptx|rsft|dpo|grpo)\.py", ln
+            r"experiments/(pretrain|sft|rm|ppo_ptx|rsft|dpo|simpo|kto|grpo)\.py", ln
         ):
             if "size=" not in ln and "tiny" in ln:
                 keep.append(ln)
@@ -76,6 +80,8 @@ def stage_lines() -> list[str]:
         "/ppo_ptx.py",
         "/rsft.py",
         "/dpo.py",
+        "/simpo.py",
+        "/kto.py",
         "/grpo.py",
         "generate",
         "score",
@@ -94,7 +100,7 @@ def shorten(line: str) -> str:
 def test_readme_lists_every_stage_with_relative_paths():
     lines = stage_lines()
     stages = ("/pretrain.py", "/sft.py", "/rm.py", "/ppo_ptx.py --", "ptx=0", "/rsft.py", "/dpo.py")
-    for what in (*stages, "/grpo.py"):
+    for what in (*stages, "/simpo.py", "/kto.py", "/grpo.py"):
         assert any(what in ln for ln in lines), what
     for tool in ("generate", "score", "best_of_k"):
         assert any(f"rlhf_jax.tools.{tool} " in ln for ln in lines), tool
