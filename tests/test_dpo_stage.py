@@ -183,3 +183,11 @@ def test_grad_accum_equals_the_full_batch_gradient():
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for a, x in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(x, a, rtol=1e-4, atol=1e-6)
+    # The eval step in the same microbatches sums to the one-pass eval.
+    ev = lambda n: jax.tree.map(float, jax.jit(functools.partial(
+        dpo_stage.eval_step, graphdef=graphdef, c=dpo.get_config().dpo, mesh=mesh, rules=rules,
+        microbatches=n))(state["params"], ref["params"], batch))  # fmt: skip
+    e1, e2 = ev(1), ev(2)
+    assert e1["prompts"] == 14
+    for key in e1:
+        np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-6, err_msg=key)

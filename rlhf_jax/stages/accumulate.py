@@ -27,7 +27,7 @@ def microbatches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[str, str]):
+def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[str, str], sums=()):
     """(loss, metrics, grads) of `batch`, equal to one pass of `fn` over it.
 
     Args:
@@ -40,6 +40,7 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
       means: {metric: the count it is a mean over}; the counts (and `weight`) are summed.
         Any other metric is averaged over microbatches: use it only for what every
         microbatch shares (e.g. a constant computed over the whole batch).
+      sums: further metrics summed over microbatches, like the counts (a count no mean names).
 
     Returns:
       (loss [], metrics, grads like params).
@@ -48,7 +49,7 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
     if grad_accum == 1:
         (loss, m), grads = grad_fn(params, batch)
         return loss, m, grads
-    counts = {weight, *means.values()}
+    counts = {weight, *means.values(), *sums}
 
     def one(mb):
         mb = jax.tree.map(
@@ -74,3 +75,14 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
         else:
             metrics[k] = v / grad_accum
     return tot["loss_w"] / w, metrics, jax.tree.map(lambda g: g / w, tot["grads"])
+
+
+def sum_over(fn, batch, n: int):
+    """fn(batch) of additive sums (a pytree of scalars), computed in `n` sequential
+    microbatches so an eval never holds more activations than a training microbatch."""
+    if n == 1:
+        return fn(batch)
+    micro = microbatches(batch, n)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, first))
+    return jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, fn(mb)), None), zero, micro)[0]

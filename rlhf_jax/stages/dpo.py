@@ -137,12 +137,17 @@ PAIR_MEANS = (
 )
 
 
-def eval_step(params, ref_params, batch, *, graphdef, c, mesh, rules):
-    """Sums over one eval batch, so batches add up exactly."""
-    with sharding.use_rules(mesh, rules):
-        loss, m = batch_loss(params, ref_params, batch, graphdef=graphdef, c=c)
+def eval_step(params, ref_params, batch, *, graphdef, c, mesh, rules, microbatches: int = 1):
+    """Sums over one eval batch, so batches add up exactly; in the train step's microbatches,
+    so the eval never holds more activations than a training microbatch."""
+
+    def sums(mb):
+        loss, m = batch_loss(params, ref_params, mb, graphdef=graphdef, c=c)
         out = {"loss_sum": loss * m["prompts"], "prompts": m["prompts"], "pairs": m["pairs"]}
         return {**out, **{k: m[k] * m["pairs"] for k in PAIR_MEANS}}
+
+    with sharding.use_rules(mesh, rules):
+        return accumulate.sum_over(sums, batch, microbatches)
 
 
 def summarize(sums: list[dict]) -> dict:
@@ -167,7 +172,7 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, **kw),
+        functools.partial(eval_step, microbatches=config.train.grad_accum, **kw),
         in_shardings=(shardings["params"], ref_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
     )

@@ -95,14 +95,21 @@ def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules, grad_a
         return {**new, "opt_state": opt_state}, out
 
 
-def eval_step(params, ref_params, batch, *, graphdef, c, mesh, rules):
-    """Sums over one eval batch (z0 its own), so batches add up exactly."""
+def eval_step(params, ref_params, batch, *, graphdef, c, mesh, rules, microbatches: int = 1):
+    """Sums over one eval batch (z0 its own), so batches add up exactly; in the train step's
+    microbatches."""
     with sharding.use_rules(mesh, rules):
-        z0 = reference_point(params, ref_params, batch, graphdef=graphdef, microbatches=1)
-        loss, m = batch_loss(params, ref_params, batch, z0, graphdef=graphdef, c=c)
-        out = {k: m[k] for k in ("rows", "desirable", "undesirable")}
-        out.update({k: m[k] * m[w] for k, w in MEANS.items()})
-        return {**out, "loss_sum": loss * m["rows"], "z0": z0, "batches": jnp.float32(1.0)}
+        z0 = reference_point(params, ref_params, batch, graphdef=graphdef,
+                             microbatches=microbatches)  # fmt: skip
+
+        def sums(mb):
+            loss, m = batch_loss(params, ref_params, mb, z0, graphdef=graphdef, c=c)
+            out = {k: m[k] for k in ("rows", "desirable", "undesirable")}
+            out.update({k: m[k] * m[w] for k, w in MEANS.items()})
+            return {**out, "loss_sum": loss * m["rows"]}
+
+        out = accumulate.sum_over(sums, batch, microbatches)
+        return {**out, "z0": z0, "batches": jnp.float32(1.0)}
 
 
 def summarize(sums: list[dict]) -> dict:
@@ -124,7 +131,7 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, **kw),
+        functools.partial(eval_step, microbatches=config.train.grad_accum, **kw),
         in_shardings=(shardings["params"], shardings["params"], batch_sh),
         out_shardings=sharding.replicated(mesh),
     )
