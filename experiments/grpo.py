@@ -15,6 +15,9 @@ RLOO with Dr. GRPO's length-unbiased loss and the KL in the reward:
       --config.init_from=runs/sft_tiny --config.grpo.reward_from=runs/rm_tiny \
       --config.grpo.advantage=rloo --config.grpo.loss_norm=constant --config.grpo.kl_in=reward
 
+DAPO's clip-higher and token-level loss (Yu et al. 2025) with TRL's batch-level reward scaling:
+  ... --config.grpo.clip_high=0.28 --config.grpo.loss_norm=token --config.grpo.std_scope=batch
+
 A reward function instead of an RM (code by design: `module:function(prompts, responses)`):
   --config.grpo.reward_from= --config.grpo.reward_fn=mymodule:score
 
@@ -43,10 +46,15 @@ def grpo_config() -> mlc.ConfigDict:
             group_size=8,  # G samples per prompt
             advantage="grpo",  # grpo (group mean / std) | rloo (leave-one-out mean)
             scale_std=True,  # False: Dr. GRPO (no std division)
+            # the std that scales: group (GRPO) | batch (all prompts' scores, TRL's
+            # scale_rewards="batch"); grpo advantage with scale_std only
+            std_scope="group",
             kl_in="loss",  # loss (k3 per token, GRPO) | reward (log ratio summed, as PPO)
             beta=0.04,  # KL coefficient (GRPO paper)
             loss_norm="sequence",  # sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
-            clip=0.2,
+            clip=0.2,  # PPO's epsilon: the ratio is clipped to [1 - clip, 1 + clip_high]
+            # None -> clip; DAPO's clip-higher (epsilon_high) is 0.28 with clip 0.2
+            clip_high=mlc.config_dict.placeholder(float),
             prompts=16,  # prompts per iteration (global); rows = prompts * group_size
             minibatch=32,  # rows per gradient step (global)
             epochs=1,  # passes over each rollout

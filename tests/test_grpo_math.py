@@ -13,7 +13,9 @@ from rlhf_jax.rl import grpo
 G, N, T = 4, 3, 7
 LENGTHS = (1, 7, 3, 5, 2, 6, 7, 4, 1, 3, 5, 2)  # B = N * G ragged response lengths
 
-adv_jit = jax.jit(grpo.group_advantages, static_argnames=("group_size", "kind", "scale_std"))
+adv_jit = jax.jit(
+    grpo.group_advantages, static_argnames=("group_size", "kind", "scale_std", "std_scope")
+)
 loss_jit = jax.jit(grpo.policy_loss, static_argnames=("norm",))
 pen_jit = jax.jit(grpo.kl_penalized_scores)
 
@@ -36,14 +38,19 @@ def scores_with_flat_group(rng):
     return s
 
 
-def naive_adv(scores, kind, scale_std, eps=1e-6):
+def naive_adv(scores, kind, scale_std, eps=1e-6, std_scope="group"):
     out = np.zeros(len(scores))
+    every = [float(x) for x in scores]
+    batch_mean = sum(every) / len(every)
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in every) / (len(every) - 1))
     for n in range(len(scores) // G):
         grp = [float(x) for x in scores[n * G : (n + 1) * G]]
         if max(grp) == min(grp):
             continue
         mean = sum(grp) / G
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        if std_scope == "batch":
+            std = batch_std  # one scale for every group (TRL's scale_rewards="batch")
         for g in range(G):
             if kind == "rloo":
                 others = [grp[j] for j in range(G) if j != g]
@@ -64,6 +71,29 @@ def test_group_advantages_match_numpy(kind, scale_std):
     assert np.all(adv[G : 2 * G] == 0.0)  # exactly, not rounding noise and not NaN
 
 
+def test_batch_std_scope_matches_numpy():
+    """TRL's scale_rewards="batch": each group's mean is subtracted, then every advantage is
+    divided by ONE std, that of all N * G scores; a low-spread group keeps its small scale."""
+    s = scores_with_flat_group(np.random.default_rng(4))
+    s[2 * G : 3 * G] = 0.01 * s[2 * G : 3 * G]  # a group whose scores barely differ
+    adv = np.asarray(adv_jit(s, group_size=G, std_scope="batch"))
+    want = naive_adv(s, "grpo", True, std_scope="batch")
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-7)
+    assert np.all(adv[G : 2 * G] == 0.0)
+    group = np.asarray(adv_jit(s, group_size=G))  # the group std scales it back up to ~1
+    assert np.abs(adv[2 * G :]).max() < 0.1 < np.abs(group[2 * G :]).max()
+    assert np.all(np.asarray(adv_jit(np.full(N * G, 2.0, np.float32), G, std_scope="batch")) == 0)
+
+
+def test_batch_std_scope_is_grpo_with_std_only():
+    s = jnp.arange(N * G, dtype=jnp.float32)
+    for kw in (dict(kind="rloo"), dict(scale_std=False)):
+        with pytest.raises(ValueError, match="batch std"):
+            grpo.group_advantages(s, G, std_scope="batch", **kw)
+    with pytest.raises(ValueError, match="unknown grpo std scope: 'global'"):
+        grpo.group_advantages(s, G, std_scope="global")
+
+
 def test_all_equal_everything_gives_zero_not_nan():
     for kind in grpo.ADVANTAGES:
         adv = np.asarray(adv_jit(np.full(N * G, 3.7, np.float32), group_size=G, kind=kind))
@@ -75,7 +105,8 @@ def test_group_of_one_is_refused():
         grpo.group_advantages(jnp.zeros(4), 1)
 
 
-def naive_loss(logp, logp_old, logp_ref, adv, mask, clip, beta, norm):
+def naive_loss(logp, logp_old, logp_ref, adv, mask, clip, beta, norm, clip_high=None):
+    clip_high = clip if clip_high is None else clip_high
     per_seq, tok_sum, n_tok, clipped, ratios, kls = [], 0.0, 0, 0, 0.0, 0.0
     for b in range(mask.shape[0]):
         seq = 0.0
@@ -83,11 +114,11 @@ def naive_loss(logp, logp_old, logp_ref, adv, mask, clip, beta, norm):
         for t in range(length):
             rho = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
             a = float(adv[b])
-            surr = -min(rho * a, min(max(rho, 1 - clip), 1 + clip) * a)
+            surr = -min(rho * a, min(max(rho, 1 - clip), 1 + clip_high) * a)
             d = float(logp_ref[b, t]) - float(logp[b, t])
             k3 = math.exp(d) - d - 1
             seq += surr + beta * k3
-            clipped += (rho < 1 - clip and a < 0) or (rho > 1 + clip and a > 0)  # binds
+            clipped += (rho < 1 - clip and a < 0) or (rho > 1 + clip_high and a > 0)  # binds
             ratios += rho
             kls += k3
         per_seq.append(seq / length)
@@ -170,3 +201,37 @@ def test_clipfrac_counts_only_where_the_clip_binds():
     z = np.zeros_like(ratio)
     _, m = loss_jit(np.log(ratio), z, z, adv, np.ones_like(ratio), clip=0.2, kl_coef=0.0)
     assert float(m["clipfrac"]) == pytest.approx(2 / 5)  # rows 0 and 3 only
+
+
+@pytest.mark.parametrize("norm", grpo.NORMS)
+def test_asymmetric_clip_matches_numpy(norm):
+    """DAPO's clip-higher: the ratio is clipped to [1 - 0.2, 1 + 0.28]; ratios in (1.2, 1.28]
+    with A > 0 still carry gradient, so the loss and the clip fraction differ from the
+    symmetric clip's."""
+    rng = np.random.default_rng(5)
+    mask = make_mask()
+    logp_old = rng.normal(-2, 1, mask.shape).astype(np.float32)
+    logp = logp_old + rng.normal(0, 0.3, mask.shape).astype(np.float32)
+    adv = rng.normal(0, 1, N * G).astype(np.float32)
+    adv[1] = abs(adv[1])
+    logp[1, 1] = logp_old[1, 1] + np.log(1.24)  # in the band, A > 0: clipped only if symmetric
+    args = [garbage(x, mask, rng) for x in (logp, logp, logp_old)]
+    args = [args[0], args[2], args[1]]  # logp, logp_old, logp_ref = logp (no KL)
+    loss, m = loss_jit(*args, adv, mask, clip=0.2, kl_coef=0.0, norm=norm, clip_high=0.28)
+    want, clipfrac, _, _ = naive_loss(logp, logp_old, logp, adv, mask, 0.2, 0.0, norm, 0.28)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["clipfrac"]), clipfrac, rtol=1e-6)
+    sym, sym_frac, _, _ = naive_loss(logp, logp_old, logp, adv, mask, 0.2, 0.0, norm)
+    assert abs(want - sym) > 1e-4 and clipfrac < sym_frac  # the inputs exercise the band
+    # clip_high=None is the symmetric clip (today's behaviour).
+    loss_none, _ = loss_jit(*args, adv, mask, clip=0.2, kl_coef=0.0, norm=norm)
+    np.testing.assert_allclose(float(loss_none), sym, rtol=1e-5)
+
+
+def test_clipfrac_counts_the_high_side_at_clip_high():
+    ratio = np.array([[1.25], [1.25], [1.3], [0.75], [0.85]], np.float32)
+    adv = np.array([1.0, -1.0, 1.0, -1.0, -1.0], np.float32)
+    z = np.zeros_like(ratio)
+    kw = dict(clip=0.2, kl_coef=0.0, clip_high=0.28)
+    _, m = loss_jit(np.log(ratio), z, z, adv, np.ones_like(ratio), **kw)
+    assert float(m["clipfrac"]) == pytest.approx(2 / 5)  # 1.3 with A > 0, 0.75 with A < 0

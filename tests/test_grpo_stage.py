@@ -122,7 +122,13 @@ def test_bad_grpo_config_is_one_sentence(init_dir):
     config.grpo.group_size, config.grpo.temperature = 4, 0.0
     with pytest.raises(ValueError, match=r"^grpo.temperature must be > 0"):
         run(config, init_dir / "c")
-    config.grpo.temperature, config.train.grad_accum = 1.0, 2  # refused, not ignored
+    config.grpo.temperature, config.grpo.advantage, config.grpo.std_scope = 1.0, "rloo", "batch"
+    with pytest.raises(ValueError, match=r"^grpo.std_scope='batch' scales GRPO's advantages"):
+        run(config, init_dir / "c")
+    config.grpo.advantage, config.grpo.std_scope, config.grpo.clip_high = "grpo", "group", -0.1
+    with pytest.raises(ValueError, match=r"^grpo.clip must be in \(0, 1\) and grpo.clip_high > 0"):
+        run(config, init_dir / "c")
+    config.grpo.clip_high, config.train.grad_accum = None, 2  # refused, not ignored
     with pytest.raises(ValueError, match=r"^train.grad_accum=2: the grpo stage does not"):
         run(config, init_dir / "c")
 
@@ -153,7 +159,7 @@ def grouped_rollout():
     return graphdef, policy, ref, prompts, roll, out["logprobs"]
 
 
-def naive_advantages(scores, rows_of, kind, scale_std):
+def naive_advantages(scores, rows_of, kind, scale_std, std_scope="group"):
     """Per-row advantages, each group being the rows of one prompt wherever they sit."""
     adv = np.zeros_like(scores)
     for rows in rows_of:
@@ -164,7 +170,8 @@ def naive_advantages(scores, rows_of, kind, scale_std):
             else:
                 adv[i] = s[j] - s.mean()
                 if scale_std:
-                    adv[i] /= s.std(ddof=1) + 1e-6
+                    std = scores.std(ddof=1) if std_scope == "batch" else s.std(ddof=1)
+                    adv[i] /= std + 1e-6
     return adv
 
 
@@ -174,6 +181,7 @@ def naive_advantages(scores, rows_of, kind, scale_std):
         dict(advantage="grpo", scale_std=True, kl_in="loss", loss_norm="sequence"),
         dict(advantage="grpo", scale_std=False, kl_in="reward", loss_norm="token"),
         dict(advantage="rloo", kl_in="loss", loss_norm="constant"),
+        dict(advantage="grpo", std_scope="batch", clip_high=0.28, kl_in="loss", loss_norm="token"),
     ],
 )
 def test_config_reaches_score_and_update_as_a_naive_loop_says(over):
@@ -199,7 +207,8 @@ def test_config_reaches_score_and_update_as_a_naive_loop_says(over):
     rows_of = [[i for i in range(N * G) if (roll["tokens"][i, :P] == p).all()] for p in prompts]
     assert rows_of == [[0, 1, 2, 3], [4, 5, 6, 7]]
     used = scores - 0.3 * seq_kl if over["kl_in"] == "reward" else scores
-    want = naive_advantages(used, rows_of, over["advantage"], over.get("scale_std", True))
+    scope = over.get("std_scope", "group")
+    want = naive_advantages(used, rows_of, over["advantage"], over.get("scale_std", True), scope)
     np.testing.assert_allclose(scored["advantages"], want, rtol=1e-4, atol=1e-5)
     assert np.abs(want).max() > 0.1
 
@@ -215,3 +224,16 @@ def test_config_reaches_score_and_update_as_a_naive_loop_says(over):
         lp, lp, lp_ref, scored["advantages"], mask, g.clip, beta, g.loss_norm
     )[0]
     assert float(um["grpo/policy_loss"]) == pytest.approx(want_loss, rel=1e-4, abs=1e-5)
+    if "clip_high" not in over:
+        return
+    # Off-policy tokens (ratio 1.25 and 0.7) meet grpo.clip_high on the high side and grpo.clip
+    # on the low side, as the naive loss with DAPO's asymmetric band says.
+    shift = np.where(np.arange(T)[None] % 2 == 0, np.log(1.25), np.log(0.7)).astype(np.float32)
+    mb = dict(scored, logp_old=(lp - shift).astype(np.float32))
+    loss_fn = functools.partial(grpo_steps.grpo_loss, graphdef=graphdef, g=g, p=P)
+    loss, lm = jax.jit(loss_fn)(policy, mb, None)
+    args = (lp, mb["logp_old"], lp_ref, scored["advantages"], mask, g.clip, beta, g.loss_norm)
+    want_loss, want_frac, _, _ = test_grpo_math.naive_loss(*args, clip_high=0.28)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-4, abs=1e-5)
+    assert float(lm["grpo/clipfrac"]) == pytest.approx(want_frac, abs=1e-6)
+    assert want_loss != pytest.approx(test_grpo_math.naive_loss(*args)[0], rel=1e-3)

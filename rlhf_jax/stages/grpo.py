@@ -6,8 +6,9 @@ teacher-forced, the RM score with its normalisation bias or a `module:function` 
 in the reward when `grpo.kl_in="reward"`, group advantages) -> update_step (jit: epochs x
 minibatches of the clipped token loss, + beta * k3 when `grpo.kl_in="loss"` as GRPO, +
 ptx_coef * the pretraining NLL, ONE loss and one gradient). rlhf_jax/rl/grpo.py has the math:
-`grpo.advantage` grpo | rloo, `grpo.scale_std` (False: Dr. GRPO), `grpo.loss_norm` sequence |
-token | constant (Dr. GRPO's length-unbiased sum over a constant).
+`grpo.advantage` grpo | rloo, `grpo.scale_std` (False: Dr. GRPO) and `grpo.std_scope` group |
+batch (TRL's batch-level scaling), `grpo.loss_norm` sequence | token | constant (Dr. GRPO's
+length-unbiased sum over a constant), `grpo.clip` and `grpo.clip_high` (DAPO's clip-higher).
 
 The first minibatch of every iteration is exactly on-policy: epoch 0 keeps rollout order and
 logp_old is computed in chunks of the minibatch's shape, so its ratio is exactly 1
@@ -167,7 +168,8 @@ def run(config, mesh, workdir: str):
         s.evaluate = evaluate
     if jax.process_index() == 0:
         print(
-            f"grpo ({c.advantage}, G={c.group_size}, kl in {c.kl_in}, {c.loss_norm} norm): "
+            f"grpo ({c.advantage}, G={c.group_size}, kl in {c.kl_in}, {c.loss_norm} norm, "
+            f"clip [{1 - g.clip:g}, {1 + g.clip_high:g}]): "
             f"{model_lib.param_count(state['params']) / 1e6:.2f}M params; data: {info}; "
             f"{t.steps} iterations; starting at {start}",
             flush=True,

@@ -37,10 +37,12 @@ class GRPOConfig:
     group_size: int
     advantage: str
     scale_std: bool
+    std_scope: str
     kl_in: str
     beta: float
     loss_norm: str
     clip: float
+    clip_high: float
     minibatch_rows: int
     epochs: int
     ptx_coef: float
@@ -55,6 +57,19 @@ def grpo_config_from(config) -> GRPOConfig:
         raise ValueError(f"unknown grpo.kl_in: {c.kl_in!r}; expected one of {KL_IN}")
     if c.loss_norm not in grpo.NORMS:
         raise ValueError(f"unknown grpo.loss_norm: {c.loss_norm!r}; expected {grpo.NORMS}")
+    if c.std_scope not in grpo.STD_SCOPES:
+        raise ValueError(f"unknown grpo.std_scope: {c.std_scope!r}; expected {grpo.STD_SCOPES}")
+    if c.std_scope == "batch" and (c.advantage != "grpo" or not c.scale_std):
+        raise ValueError(
+            "grpo.std_scope='batch' scales GRPO's advantages by the batch's std: it needs "
+            f"grpo.advantage='grpo' and grpo.scale_std=True (got {c.advantage!r}, {c.scale_std})"
+        )
+    # None: the symmetric clip; DAPO's clip-higher sets it above grpo.clip.
+    clip_high = c.clip if c.clip_high is None else c.clip_high
+    if not (0 < c.clip < 1 and clip_high > 0):
+        raise ValueError(
+            f"grpo.clip must be in (0, 1) and grpo.clip_high > 0, got {c.clip} and {clip_high}"
+        )
     if c.group_size < 2:
         raise ValueError(f"grpo.group_size must be at least 2, got {c.group_size}")
     rows = c.prompts * c.group_size
@@ -68,10 +83,12 @@ def grpo_config_from(config) -> GRPOConfig:
         group_size=c.group_size,
         advantage=c.advantage,
         scale_std=c.scale_std,
+        std_scope=c.std_scope,
         kl_in=c.kl_in,
         beta=c.beta,
         loss_norm=c.loss_norm,
         clip=c.clip,
+        clip_high=clip_high,
         minibatch_rows=c.minibatch,
         epochs=c.epochs,
         ptx_coef=c.ptx_coef,
@@ -119,7 +136,9 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
             scores = ext_scores
         penalized, seq_kl = grpo.kl_penalized_scores(scores, logp, logp_ref, rmask, g.beta)
         used = penalized if g.kl_in == "reward" else scores
-        adv = grpo.group_advantages(used, g.group_size, kind=g.advantage, scale_std=g.scale_std)
+        adv = grpo.group_advantages(
+            used, g.group_size, kind=g.advantage, scale_std=g.scale_std, std_scope=g.std_scope
+        )
         flat = jnp.all(adv.reshape(-1, g.group_size) == 0, axis=1)
         out = dict(batch, logp_old=logp, logp_ref=logp_ref, advantages=adv)
         out |= {"scores": scores, "seq_kl": seq_kl}  # [B] per row, for weighted evals
@@ -146,6 +165,7 @@ def grpo_loss(params, mb, ptx, *, graphdef, g: GRPOConfig, p: int):
         mb["advantages"],
         rmask,
         clip=g.clip,
+        clip_high=g.clip_high,
         kl_coef=kl_coef,
         norm=g.loss_norm,
     )
