@@ -154,3 +154,42 @@ def test_mesh_shape_errors_are_clear():
     with pytest.raises(ValueError, match="needs 3 devices, but there are 8"):
         mesh_lib.build_mesh(cfg)
     assert isinstance(mesh_lib.build_mesh(pretrain.get_config().mesh), Mesh)
+
+
+def test_grad_accum_weighs_microbatches_by_their_tokens():
+    """Microbatches with unequal token counts: the accumulated step is the one-pass gradient of
+    the token-mean NLL (each microbatch weighed by its tokens, not averaged)."""
+    import jax.numpy as jnp
+    import optax
+
+    from rlhf_jax.infra import sharding
+    from rlhf_jax.infra import state as state_lib
+    from rlhf_jax.models import config as model_config
+
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
+    rules = sharding.DEFAULT_RULES
+    cfg = model_config.preset("tiny", family="llama", n_kv_heads=2, dtype="float32")
+    tx = optax.sgd(1.0)  # new params = params - grad: the step exposes the gradient exactly
+    graphdef, state, shardings = state_lib.create_train_state(cfg, tx, mesh, rules, seed=0)
+    toks = np.random.default_rng(0).integers(4, cfg.vocab_size, (8, 13)).astype(np.int32)
+    mask = np.ones((8, 12), np.float32)
+    # 4 rows per device: accumulate.microbatches gives microbatch 0 rows 0, 2, 4, 6 and
+    # microbatch 1 the odd rows: 4 * 3 = 12 targets against 3 * 12 = 36.
+    mask[0::2, :9] = 0
+    mask[1] = 0  # a row with no target at all
+    host = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": mask}
+    assert (mask[0::2].sum(), mask[1::2].sum()) == (12, 36)
+    params0 = jax.device_get(state["params"])
+    train, _ = lm.compile_steps(graphdef, tx, shardings, mesh, rules, 2)
+    new, m = train(state, sharding.put_batch(host, mesh, rules))
+
+    def one_pass(p):  # the whole batch's token-mean NLL
+        nll, n = lm.lm_sums(p, jax.tree.map(jnp.asarray, host), graphdef)
+        return nll / n
+
+    loss, grads = jax.jit(jax.value_and_grad(one_pass))(params0)
+    got = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new["params"]))
+    for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(g, want, atol=1e-6, rtol=1e-4)  # f32 sum order
+    np.testing.assert_allclose(m["train/loss"], loss, rtol=1e-6)
+    assert float(m["train/tokens"]) == 48 and float(m["train/grad_norm"]) > 1e-3

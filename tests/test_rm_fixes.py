@@ -64,9 +64,14 @@ def _rm_batch(rng, b, k, n, vocab):
         for j in range(k):
             mask[i, j, : rng.integers(3, n + 1)] = True
     ranks = np.stack([rng.permutation(k) for _ in range(b)]).astype(np.int32)
-    ranks[0] = [0, 0, 1]  # a tie: fewer pairs in one row, so microbatch weights differ
+    # With 8 devices and 2 rows each, accumulate.microbatches gives microbatch 0 the even rows
+    # and microbatch 1 the odd ones. Rows 0, 2, 4 make their weights differ: 6 vs 8 prompts
+    # with a pair, 17 vs 22 pairs.
+    ranks[0] = [0, 0, 1]  # a tie: 2 pairs, not 3
+    ranks[2] = [0, 0, 0]  # all tied: no pair, so not a prompt the loss averages over
     kmask = np.ones((b, k), np.float32)
-    kmask[1, 2], ranks[1, 2] = 0.0, -1  # an absent slot
+    kmask[4], ranks[4] = 0.0, -1  # a padding row
+    kmask[1, 2], ranks[1, 2] = 0.0, -1  # an absent slot: 1 pair
     return {
         "tokens": np.where(mask, rng.integers(4, vocab, (b, k, n)), 0).astype(np.int32),
         "mask": mask,
@@ -112,16 +117,17 @@ def test_grad_accum_equals_the_full_batch_gradient(batching):
     # Naive reference: each microbatch's gradient by itself, weighted by the examples its loss
     # averages over (prompts with a pair, or pairs), as one pass over the whole batch weighs them.
     loss_fn = functools.partial(rm_stage.rm_loss, graphdef=graphdef, batching=batching, margin=0.0)
-    ref, total_w = None, 0.0
-    for half in (slice(0, 8), slice(8, 16)):
+    ref, weights = None, []
+    for rows in (slice(0, None, 2), slice(1, None, 2)):  # the microbatches of accum=2
         (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            params0, {k: jnp.asarray(v[half]) for k, v in host.items()}
+            params0, {k: jnp.asarray(v[rows]) for k, v in host.items()}
         )
         w = float(m["prompts"] if batching == "per_prompt" else m["pairs"])
         g = jax.tree.map(lambda x, w=w: np.asarray(x) * w, g)
         ref = g if ref is None else jax.tree.map(np.add, ref, g)
-        total_w += w
-    ref = jax.tree.map(lambda x: x / total_w, ref)
+        weights.append(w)
+    assert weights == ([6.0, 8.0] if batching == "per_prompt" else [17.0, 22.0])
+    ref = jax.tree.map(lambda x: x / sum(weights), ref)
     for accum in (2,):
         g, m = step(accum)
         for got, want, naive in zip(
@@ -129,7 +135,9 @@ def test_grad_accum_equals_the_full_batch_gradient(batching):
         ):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)  # f32 sum order
             np.testing.assert_allclose(got, naive, atol=1e-5, rtol=1e-4)
-        for key in ("rm/loss", "rm/accuracy", "rm/tie_frac", "rm/margin", "rm/reward_mean",
-                    "rm/reward_std", "rm/pairs", "rm/prompts", "rm/grad_norm"):  # fmt: skip
+        keys = {"rm/loss", "rm/accuracy", "rm/tie_frac", "rm/margin", "rm/reward_mean",
+                "rm/reward_std", "rm/pairs", "rm/prompts", "rm/grad_norm"}  # fmt: skip
+        assert set(m) == set(full_m) == keys  # the names the stage has always logged
+        for key in sorted(keys):
             np.testing.assert_allclose(m[key], full_m[key], rtol=1e-4, atol=1e-6, err_msg=key)
     assert full_m["rm/grad_norm"] > 1e-3

@@ -52,10 +52,7 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
     counts = {weight, *means.values(), *sums}
 
     def one(mb):
-        mb = jax.tree.map(
-            lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
-        )
-        (loss, m), g = grad_fn(params, mb)
+        (loss, m), g = grad_fn(params, _rows_stay(mb))
         w = m[weight]
         out = {k: (m[k] * m[means[k]] if k in means else m[k]) for k in m if k not in counts}
         out.update({k: m[k] for k in counts})
@@ -85,4 +82,12 @@ def sum_over(fn, batch, n: int):
     micro = microbatches(batch, n)
     first = jax.tree.map(lambda x: x[0], micro)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, first))
-    return jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, fn(mb)), None), zero, micro)[0]
+    add = lambda c, mb: (jax.tree.map(jnp.add, c, fn(_rows_stay(mb))), None)  # noqa: E731
+    return jax.lax.scan(add, zero, micro)[0]
+
+
+def _rows_stay(mb):
+    """A microbatch's rows sharded over the batch axes, as its rows already lie (no movement)."""
+    return jax.tree.map(
+        lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
+    )

@@ -27,14 +27,21 @@ from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import losses
-from rlhf_jax.stages import loop, setup
+from rlhf_jax.stages import accumulate, loop, setup
 
 
-def lm_loss(params, batch, graphdef):
+def lm_sums(params, batch, graphdef):
     """(summed token NLL, token count) of `batch` {"inputs", "targets", "mask"} [B, T]."""
     model = state_lib.merge(graphdef, params)
     logits, _ = model(batch["inputs"])
     return losses.masked_xent(logits, batch["targets"], batch["mask"])
+
+
+def lm_loss(params, batch, graphdef):
+    """(mean token NLL, {"tokens": count}): the loss as `accumulate` takes it, a mean over the
+    tokens it reports, so microbatches with more real tokens weigh more."""
+    nll_sum, n = lm_sums(params, batch, graphdef)
+    return nll_sum / jnp.maximum(n, 1.0), {"tokens": n}
 
 
 def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
@@ -48,60 +55,28 @@ def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
       (new state, {"train/loss", "train/grad_norm", "train/tokens"} scalars on device).
     """
     with sharding.use_rules(mesh, rules):
-        grad_fn = jax.value_and_grad(functools.partial(lm_loss, graphdef=graphdef), has_aux=True)
         params = state["params"]
-        if grad_accum == 1:
-            (loss_sum, n), grads = grad_fn(params, batch)
-        else:
-            micro = _microbatches(batch, grad_accum)  # [A, B/A, T]
-
-            def body(carry, mb):
-                mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-                (ls, cnt), g = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (ls, cnt, g)), None
-
-            zero = (
-                jnp.zeros((), jnp.float32),
-                jnp.zeros((), jnp.float32),
-                jax.tree.map(jnp.zeros_like, params),
-            )
-            (loss_sum, n, grads), _ = jax.lax.scan(body, zero, micro)
-        n_safe = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / n_safe, grads)
+        fn = functools.partial(lm_loss, graphdef=graphdef)
+        loss, m, grads = accumulate.accumulate(
+            fn, params, batch, grad_accum, weight="tokens", means={}
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         out = {
-            "train/loss": loss_sum / n_safe,
+            "train/loss": loss,
             "train/grad_norm": optax.tree.norm(grads),
-            "train/tokens": n,
+            "train/tokens": m["tokens"],
         }
         return new_state, out
-
-
-def _microbatches(batch, n: int):
-    """[B, ...] -> [n, B/n, ...] keeping each device's rows local (row-major split, then swap)."""
-
-    def split(x):
-        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-    return jax.tree.map(split, batch)
 
 
 def eval_step(params, batch, *, graphdef, mesh, rules, microbatches: int = 1):
     """(summed NLL, token count) of one eval batch, in `microbatches` sequential pieces (the
     train step's, so the eval's logits and activations are never larger than a microbatch's)."""
     with sharding.use_rules(mesh, rules):
-        if microbatches == 1:
-            return lm_loss(params, batch, graphdef)
-
-        def body(carry, mb):
-            mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-            return jax.tree.map(jnp.add, carry, lm_loss(params, mb, graphdef)), None
-
-        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        return jax.lax.scan(body, zero, _microbatches(batch, microbatches))[0]
+        fn = functools.partial(lm_sums, params, graphdef=graphdef)
+        return accumulate.sum_over(fn, batch, microbatches)
 
 
 def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):

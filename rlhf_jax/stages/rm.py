@@ -39,100 +39,77 @@ from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import reward
-from rlhf_jax.stages import loop, setup
+from rlhf_jax.stages import accumulate, loop, setup
 
 K_VALUES = tuple(range(2, 10))
 
 
+PAIR_MEANS = ("accuracy", "tie_frac", "margin")  # pooled over ranked pairs
+# Pooled over real responses: reward_std is not a mean, so the loss reports the moments that
+# pool (each microbatch's variance and squared mean) and `pooled_std` combines them after.
+RESPONSE_MEANS = ("reward_mean", "reward_var", "reward_mean_sq")
+
+
 def rm_loss(params, batch, *, graphdef, batching: str, margin: float):
-    scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])
-    if batching == "per_prompt":
-        return losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
-    if batching == "per_pair":
-        return losses.rm_loss_per_pair(scores, batch["ranks"], batch["kmask"], margin)
-    raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
+    """(loss, metrics) of a comparison batch {"tokens", "mask" [b, K, L], "ranks", "kmask"}.
 
-
-def _accumulate(fn, params, batch, *, grad_accum: int, batching: str):
-    """(loss, metrics, grads) of `batch` from `grad_accum` microbatches, equal to one pass.
-
-    Each microbatch's loss is weighted by its own denominator (prompts with a pair in
-    "per_prompt", ranked pairs in "per_pair"), so the summed weighted gradients over the summed
-    weights are exactly the full-batch gradient, padding rows included. Pair metrics are pooled
-    over pairs and reward_mean/std over real responses, as one pass would compute them.
+    The loss is a mean over prompts with a pair ("per_prompt") or over ranked pairs
+    ("per_pair"), both counted in the metrics; the metrics are those of `losses.rm_loss` with
+    reward_std replaced by the moments it pools from (RESPONSE_MEANS) and "responses", the
+    number of real responses they are means over.
     """
+    scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])  # [b, K]
+    if batching == "per_prompt":
+        loss, m = losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
+    elif batching == "per_pair":
+        loss, m = losses.rm_loss_per_pair(scores, batch["ranks"], batch["kmask"], margin)
+    else:
+        raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
+    real = batch["kmask"] > 0  # [b, K]
+    n = real.sum().astype(jnp.float32)
+    del m["reward_std"]
+    centred = jnp.where(real, scores.astype(jnp.float32) - m["reward_mean"], 0.0)  # [b, K]
+    m["responses"] = n
+    m["reward_var"] = jnp.square(centred).sum() / jnp.maximum(n, 1.0)
+    m["reward_mean_sq"] = jnp.square(m["reward_mean"])
+    return loss, m
 
-    # [b, ...] -> [A, b/A, ...] keeping each device's rows local (row-major split, then swap).
-    def split(x):
-        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
 
-    micro = jax.tree.map(split, batch)
-
-    def weighted(p, mb):
-        loss, m = fn(p, mb)
-        w = m["prompts"] if batching == "per_prompt" else m["pairs"]
-        return loss * w, (m, w)
-
-    grad_fn = jax.value_and_grad(weighted, has_aux=True)
-
-    def one(mb):
-        mb = jax.tree.map(
-            lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
-        )
-        (lw, (m, w)), g = grad_fn(params, mb)
-        n, pairs = (mb["kmask"] > 0).sum().astype(jnp.float32), m["pairs"]
-        return {
-            "loss_w": lw,
-            "w": w,
-            "grads": g,
-            "pairs": pairs,
-            "prompts": m["prompts"],
-            "responses": n,
-            "correct": m["accuracy"] * pairs,
-            "ties": m["tie_frac"] * pairs,
-            "margin_sum": m["margin"] * pairs,
-            "score_sum": m["reward_mean"] * n,
-            "score_sq": (m["reward_std"] ** 2 + m["reward_mean"] ** 2) * n,
-        }
-
-    first = jax.tree.map(lambda x: x[0], micro)
-    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, first))
-    tot, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, one(mb)), None), zero, micro)
-    w, pairs, n = (jnp.maximum(tot[k], 1.0) for k in ("w", "pairs", "responses"))
-    mean = tot["score_sum"] / n
-    metrics = {
-        "accuracy": tot["correct"] / pairs,
-        "tie_frac": tot["ties"] / pairs,
-        "margin": tot["margin_sum"] / pairs,
-        "reward_mean": mean,
-        "reward_std": jnp.sqrt(jnp.maximum(tot["score_sq"] / n - mean**2, 0.0)),
-        "pairs": tot["pairs"],
-        "prompts": tot["prompts"],
-    }
-    return tot["loss_w"] / w, metrics, jax.tree.map(lambda g: g / w, tot["grads"])
+def pooled_std(m: dict) -> dict:
+    """Metrics with reward_std from the pooled moments (the variance within microbatches plus
+    that of their means about the pooled mean; with one microbatch, the batch's own variance),
+    the moments and the response count dropped."""
+    m = dict(m)
+    # Between-microbatch term first: it is exactly 0 with one microbatch (the same square), so
+    # the std is then the batch's two-pass one, with no cancellation against the squared mean.
+    between = m.pop("reward_mean_sq") - jnp.square(m["reward_mean"])
+    var = m.pop("reward_var") + between
+    m["reward_std"] = jnp.sqrt(jnp.maximum(var, 0.0))
+    del m["responses"]
+    return m
 
 
 def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, grad_accum: int = 1):
     """One optimizer step on a comparison batch {"tokens", "mask" [b, K, L], "ranks", "kmask"}.
 
-    With `grad_accum` > 1 the batch is run as that many microbatches of b / grad_accum rows and
-    their gradients combined exactly (see `_accumulate`): the step equals the one-pass step.
+    With `grad_accum` > 1 the batch is run as that many microbatches of b / grad_accum rows whose
+    gradients combine exactly (stages/accumulate.py: each microbatch's loss weighs by its
+    prompts with a pair, or its pairs per pair; pair metrics pool over pairs, reward moments
+    over real responses): the step equals the one-pass step.
     """
     with sharding.use_rules(mesh, rules):
         fn = functools.partial(rm_loss, graphdef=graphdef, batching=batching, margin=margin)
-        if grad_accum == 1:
-            (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(state["params"], batch)
-        else:
-            loss, m, grads = _accumulate(
-                fn, state["params"], batch, grad_accum=grad_accum, batching=batching
-            )
+        means = dict.fromkeys(PAIR_MEANS, "pairs") | dict.fromkeys(RESPONSE_MEANS, "responses")
+        weight = "prompts" if batching == "per_prompt" else "pairs"
+        loss, m, grads = accumulate.accumulate(
+            fn, state["params"], batch, grad_accum, weight=weight, means=means, sums=("prompts",)
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = {
             "rm/loss": loss,
             "rm/grad_norm": optax.tree.norm(grads),
-            **{f"rm/{k}": v for k, v in m.items()},
+            **{f"rm/{k}": v for k, v in pooled_std(m).items()},
         }
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
 
