@@ -31,7 +31,7 @@ def get_config(arg=None):
     # "hf:DIR": a Hugging Face model is the pretrained policy; the pretrain step imports it (its
     # own tokenizer, sizes from its config.json) instead of training one.
     c.init_from = ""
-    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft,dpo,grpo"
+    c.skip = ""  # comma-separated steps to leave out, e.g. "ppo_ptx,rsft,dpo,simpo,kto,grpo"
     # Iterated RLHF: rounds >= 2 label samples of the current policy, train a new RM (from the
     # previous RM, or "sft"; on all comparisons so far when accumulate) and continue PPO/PPO-ptx.
     c.rounds = 2

@@ -233,13 +233,14 @@ def test_pipeline_starts_from_an_hf_model(tmp_path, offline):
     """`config.init_from=hf:DIR`: the pipeline's pretrain step imports the model (no training),
     and its SFT step fine-tunes the import, with the model's own tokenizer, on the world's demos."""
     from experiments import pipeline as pipeline_exp
+    from rlhf_jax import methods
     from rlhf_jax.infra import checkpoint
     from rlhf_jax.stages import pipeline
 
     hf_dir = _hf_qwen3(str(tmp_path / "hf"))
     c = pipeline_exp.get_config("size=tiny")
     c.init_from = f"hf:{hf_dir}"
-    c.skip = "collect,rm,ppo,ppo_ptx,rsft,dpo,grpo,evaluate"
+    c.skip = ",".join(("collect", "rm", *methods.POLICY_METHODS, "evaluate"))
     c.rounds = 1
     c.world.sizes.update(pretrain=40, heldout=8, demos=32, rm_prompts=8, ppo_prompts=8)
     c.world.sizes.eval_prompts = 8

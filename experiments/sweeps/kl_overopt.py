@@ -18,7 +18,7 @@ from launch.sweep import grid
 CONFIG = "experiments/pipeline.py"
 FIXED = {
     "reuse": "runs/pipeline",
-    "skip": "ppo_ptx,rsft",
+    "skip": "ppo_ptx,rsft,dpo,simpo,kto,grpo",  # PPO alone
     "evaluate.best_of_k": 0,
     "rounds": 1,
     # Long enough for small betas to drift far from the SFT policy.
