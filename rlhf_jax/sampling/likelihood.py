@@ -1,8 +1,11 @@
-"""Teacher-forced log-likelihood of responses under a model, and KL(policy || reference) from
+"""Teacher-forced log-likelihood of tokens under a model, and KL(policy || reference) from
 samples.
 
-Owns `response_logprobs` (the summed log-probability of each response given its prompt) and
-`kl_to_reference`, the sample estimate
+Owns `teacher_forced_logprobs`, the ONE function that computes per-token log-probs of given
+tokens under a model (the sampler's teacher-forced reference, PPO's and GRPO's logp_old / logp_ref
+/ logp, DPO's, SimPO's and KTO's response sums, the likelihoods and KL below all call it), and
+on the host `response_logprobs` (the summed log-probability of each response given its prompt)
+and `kl_to_reference`, the sample estimate
 
     KL(pi || pi_ref) = E_{x, y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]
 
@@ -36,7 +39,61 @@ import numpy as np
 
 from rlhf_jax.data import sft_data
 from rlhf_jax.infra import sharding
-from rlhf_jax.sampling import load, sampler
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.rl import losses
+from rlhf_jax.sampling import load
+
+
+def teacher_forced_logprobs(
+    graphdef,
+    params,
+    tokens,
+    mask,
+    *,
+    start: int = 0,
+    temperature=1.0,
+    right_padded: bool = False,
+    return_logits: bool = False,
+):
+    """Teacher-forced log p_T(tokens[:, t+1] | tokens[:, :t+1]) of padded rows, in float32.
+
+    p_T = softmax(logits / temperature): the distribution `sampler.make_sampler` draws from at
+    that temperature without top-k / top-p, so these are the log-probs of what it sampled. The
+    logits come from the model's float32 head at HIGHEST precision (`model.unembed`) whatever
+    the compute dtype. Positions count real tokens only and padding is masked out of attention,
+    so a row's log-probs do not depend on its padding's side or amount. The head runs only at
+    the predicting positions start .. S-2: scoring the responses of [B, P + T] rollouts
+    (start = P - 1) builds [B, T, V] logits, never the prompt's. Call it inside a jitted
+    function (under `sharding.use_rules` to apply the model's sharding constraints).
+
+    Args:
+      graphdef, params: an LM-head model (NNX graphdef and its params pure dict).
+      tokens: [B, S] int32.
+      mask: [B, S] bool, True at real tokens.
+      start: the first predicting position (static); 0 scores every token after the first.
+      temperature: > 0, divides the logits (a Python float or a traced scalar).
+      right_padded: every row is its real tokens then padding (DPO's comparison rows): causal
+        attention already keeps the padding out of every real token, so the model runs with its
+        default positions and no key mask (the attention kernel needs no mask bias) and gives
+        the same log-probs.
+      return_logits: also return the logits the log-probs are taken from (PPO's entropy).
+
+    Returns:
+      logp [B, S-1-start] float32: entry t scores tokens[:, start+t+1]; 0 where it or the token
+      before it is padding. With `return_logits`, (logp, logits / temperature [B, S-1-start, V]
+      float32).
+    """
+    model = state_lib.merge(graphdef, params)
+    mask = mask.astype(bool)
+    if right_padded:
+        hidden, _ = model(tokens, return_hidden=True)  # [B, S, D]
+    else:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)  # [B, S]
+        hidden, _ = model(tokens, positions=positions, key_mask=mask, return_hidden=True)
+    logits = model.unembed(hidden[:, start:-1]) / temperature  # [B, S-1-start, V] float32
+    logp = losses.token_logprobs(logits, tokens[:, start + 1 :])
+    logp = jnp.where(mask[:, start:-1] & mask[:, start + 1 :], logp, 0.0)
+    return (logp, logits) if return_logits else logp
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +104,7 @@ def _jitted_logprob_sums(graphdef, mesh, rules):
 
     def fn(params, tokens, mask, target_mask, temperature):
         with sharding.use_rules(mesh, rules):
-            logp = sampler.sequence_logprobs(
+            logp = teacher_forced_logprobs(
                 graphdef, params, tokens, mask, temperature=temperature
             )  # [B, S-1]
             return jnp.sum(jnp.where(target_mask, logp, 0.0), axis=-1)

@@ -2,10 +2,11 @@
 
 This module owns autoregressive generation from a `model.Transformer` given as (graphdef, params):
 the sampling rules (greedy, temperature, top-k, top-p), EOS stopping, left-padded prompts, the
-per-row PRNG streams, and `sequence_logprobs`, the teacher-forced scorer PPO uses for logp_old /
-logp_ref. It stays one piece (a little over 400 lines): the sampling rules, the decode loop and
-the scorer define one distribution, so "log-probs are those of the distribution that sampled the
-tokens" is checked against one file.
+per-row PRNG streams. `sequence_logprobs` names, beside the rules that define the distribution,
+its teacher-forced scorer: `likelihood.teacher_forced_logprobs`, the one log-prob function that
+every trainer (PPO's and GRPO's logp_old / logp_ref, DPO's sums) and likelihood calls, so the
+log-probs they train on are those of the distribution that sampled the tokens. It stays one
+piece (about 400 lines): the sampling rules and the decode loop define that distribution.
 
 Layout of one call (everything inside ONE compiled function; nothing crosses to the host):
 
@@ -33,6 +34,7 @@ from flax import nnx
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.models import transformer as model_lib
+from rlhf_jax.sampling import likelihood
 
 MODES = ("greedy", "sample", "filter")
 
@@ -438,33 +440,12 @@ def generate(
 
 
 def sequence_logprobs(graphdef, params, tokens, mask, *, start: int = 0, temperature=1.0):
-    """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for left- (or right-) padded rows.
-
-    Positions count real tokens only and padding is masked out of attention, so the result does
-    not depend on the padding. The head (float32) is applied only at the predicting positions
-    start .. S-2, so scoring the responses of [B, P + T] rollouts (start = P - 1) computes
-    [B, T, V] logits, never the prompt's. Call it inside a jitted function (under
-    `sharding.use_rules` to apply the model's sharding constraints).
-
-    Args:
-      graphdef: the model's NNX graphdef.
-      params: the model's params pure dict.
-      tokens: [B, S] int32.
-      mask: [B, S] bool, True at real tokens.
-      start: the first predicting position (static); 0 scores every token after the first.
-      temperature: divides the logits (the sampling distribution of `make_sampler` at that
-        temperature, without top-k / top-p).
+    """The teacher-forced log-probs of this sampler's distribution at `temperature` (no top-k /
+    top-p): `likelihood.teacher_forced_logprobs`, the one log-prob function, which see.
 
     Returns:
-      [B, S-1-start] float32: entry t scores tokens[:, start+t+1]; 0 where it or the token
-      before it is padding.
+      [B, S-1-start] float32: entry t scores tokens[:, start+t+1]; 0 at padding.
     """
-    model = nnx.merge(graphdef, params)
-    mask = mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)  # [B, S]
-    hidden, _ = model(tokens, positions=positions, key_mask=mask, return_hidden=True)
-    logits = model.unembed(hidden[:, start:-1]) / temperature  # [B, S-1-start, V] float32
-    targets = tokens[:, start + 1 :]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.where(mask[:, start:-1] & mask[:, start + 1 :], logp, 0.0)
+    return likelihood.teacher_forced_logprobs(
+        graphdef, params, tokens, mask, start=start, temperature=temperature
+    )

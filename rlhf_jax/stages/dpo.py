@@ -41,8 +41,8 @@ from rlhf_jax.data import dpo_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
-from rlhf_jax.rl import dpo, losses
-from rlhf_jax.sampling import sampler
+from rlhf_jax.rl import dpo
+from rlhf_jax.sampling import likelihood, sampler
 from rlhf_jax.stages import accumulate, loop, setup
 
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
@@ -71,17 +71,18 @@ def check_config(c) -> None:
 def response_logprobs(graphdef, params, tokens, mask, prompt_len, with_lengths=False):
     """log pi(response | prompt) [P, K] of comparison rows tokens [P, K, L] (right-padded).
 
-    Sums the float32 log-probs of the tokens at positions >= prompt_len [P] where `mask` is
-    True. Causal attention keeps right padding out of every real token, so no key mask. With
+    Sums the float32 log-probs (`likelihood.teacher_forced_logprobs`) of the tokens at positions
+    >= prompt_len [P] where `mask` is True. The rows are right-padded, so the model runs with no
+    key mask (causal attention keeps the padding out of every real token). With
     `with_lengths`, also the number of summed tokens [P, K] (SimPO's |y|).
     """
     p, k, n = tokens.shape
-    flat = tokens.reshape(p * k, n)
-    model = state_lib.merge(graphdef, params)
-    hidden, _ = model(flat, return_hidden=True)
-    logp = losses.token_logprobs(model.unembed(hidden[:, :-1]), flat[:, 1:])  # [PK, L-1]
+    flat, flat_mask = tokens.reshape(p * k, n), mask.reshape(p * k, n)
+    logp = likelihood.teacher_forced_logprobs(
+        graphdef, params, flat, flat_mask, right_padded=True
+    )  # [PK, L-1]
     start = jnp.repeat(prompt_len, k)[:, None]  # [PK, 1]
-    scored = mask.reshape(p * k, n)[:, 1:] & (jnp.arange(1, n)[None, :] >= start)
+    scored = flat_mask[:, 1:] & (jnp.arange(1, n)[None, :] >= start)
     total = jnp.where(scored, logp, 0.0).sum(axis=-1).reshape(p, k)
     if with_lengths:
         return total, scored.sum(axis=-1).reshape(p, k)

@@ -24,7 +24,7 @@ import optax
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.rl import grpo, losses
-from rlhf_jax.sampling import reward
+from rlhf_jax.sampling import likelihood, reward
 from rlhf_jax.stages import ppo_steps
 
 KL_IN = ("loss", "reward")
@@ -122,8 +122,10 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
         tokens, mask = batch["tokens"], ppo_steps.full_mask(batch)
         rmask = batch["response_mask"]
 
-        def lp(w, t, m):
-            return ppo_steps.policy_forward(graphdefs["policy"], w, t, m, p, g.temperature)[0]
+        def lp(w, t, m):  # [B, T]: the head at the response positions only
+            return likelihood.teacher_forced_logprobs(
+                graphdefs["policy"], w, t, m, start=p - 1, temperature=g.temperature
+            )
 
         rows = g.minibatch_rows
         logp = _chunked(functools.partial(lp, params), [tokens, mask], rows)
@@ -154,9 +156,10 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
 def grpo_loss(params, mb, ptx, *, graphdef, g: GRPOConfig, p: int):
     """The one GRPO-ptx loss of a minibatch and its metrics."""
     rmask = mb["response_mask"]
-    logp, _ = ppo_steps.policy_forward(
-        graphdef, params, mb["tokens"], ppo_steps.full_mask(mb), p, g.temperature
-    )
+    logp = likelihood.teacher_forced_logprobs(
+        graphdef, params, mb["tokens"], ppo_steps.full_mask(mb), start=p - 1,
+        temperature=g.temperature,
+    )  # fmt: skip
     kl_coef = g.beta if g.kl_in == "loss" else 0.0
     loss, m = grpo.policy_loss(
         logp,

@@ -32,7 +32,7 @@ import optax
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.rl import losses, ppo_math
-from rlhf_jax.sampling import reward, sampler
+from rlhf_jax.sampling import likelihood, reward, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,19 +132,18 @@ def check_sampling(temperature: float, top_k: int, top_p: float, stage: str = "p
 
 
 def policy_forward(graphdef, params, tokens, mask, p: int, temperature: float = 1.0):
-    """Response log-probs under the sampling distribution (logits / temperature).
-
-    The float32 head is applied to the response positions' hidden states only (columns
-    P-1 .. P+T-2, which predict tokens[:, P:]), so no [B, P + T, V] logits are built.
+    """Response log-probs under the sampling distribution (logits / temperature), from the one
+    log-prob function (`likelihood.teacher_forced_logprobs`) at start = P - 1: the float32 head
+    runs on the response positions' hidden states only (columns P-1 .. P+T-2, which predict
+    tokens[:, P:]), so no [B, P + T, V] logits are built.
 
     Returns:
-      (logp of the response tokens [B, T], scaled logits at response positions [B, T, V]
-       float32).
+      (logp of the response tokens [B, T] (0 at padding), scaled logits at response positions
+       [B, T, V] float32).
     """
-    model = state_lib.merge(graphdef, params)
-    hidden, _ = model(tokens, positions=_positions(mask), key_mask=mask, return_hidden=True)
-    logits = model.unembed(hidden[:, p - 1 : -1]) / temperature  # predicts tokens[:, p:]
-    return losses.token_logprobs(logits, tokens[:, p:]), logits
+    return likelihood.teacher_forced_logprobs(
+        graphdef, params, tokens, mask, start=p - 1, temperature=temperature, return_logits=True
+    )
 
 
 def value_forward(graphdef, params, tokens, mask, p: int):
