@@ -3,8 +3,9 @@
   python -m launch.run --config experiments/pipeline.py --workdir runs/pipeline
 
 world -> pretrain -> SFT -> comparison collection (K samples per prompt from the SFT policy,
-ranked by a simulated labeler) -> RM -> PPO, PPO-ptx, best-of-K fine-tuning, DPO and GRPO-ptx
--> a second round of PPO and PPO-ptx -> evaluation (gold score = the labeler's noiseless
+ranked by a simulated labeler) -> RM -> every policy method of rlhf_jax/methods.py (PPO,
+PPO-ptx, best-of-K fine-tuning, DPO, SimPO, KTO, GRPO-ptx) -> a second round of PPO, PPO-ptx and
+online DPO -> evaluation (gold score = the labeler's noiseless
 utility, KL from SFT, held-out pretraining loss) -> runs/pipeline/report.md.
 Mini models (0.89M parameters) on a 2-core CPU: see the README for the measured time.
 
