@@ -22,13 +22,9 @@ weights: every value is sigmoid(0) at the reference), `kto/z0` the batch KL esti
 Args (after the colon): size, family, fsdp, tensor. The architecture comes from init_from.
 """
 
-import os
-
 import ml_collections as mlc
 
-from experiments import common
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from experiments import common, dpo
 
 
 def kto_config() -> mlc.ConfigDict:
@@ -47,39 +43,13 @@ def kto_config() -> mlc.ConfigDict:
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size="tiny", family="", fsdp=1, tensor=1)
-    c = common.stage_config("kto", arg)
+    c = dpo.get_config(arg)  # DPO's model, mesh, data and train settings, then KTO's own
+    del c.dpo
+    c.stage = "kto"
     c.kto = kto_config()
-    c.data.train = os.path.join(HERE, "data", "tiny_comparisons.jsonl")
-    c.data.eval_fraction = 0.1
-    if arg.size in common.CPU_SIZES:
-        c.model.dtype = "float32"  # CPU
-        c.train.update(
-            steps=100,
-            batch_size=16,
-            seq_len=64,
-            lr=1e-4,
-            warmup_steps=10,
-            weight_decay=0.0,
-            log_every=10,
-            eval_every=50,
-            eval_batches=0,
-            ckpt_every=50,
-        )
+    if c.model.size in common.CPU_SIZES:
         c.kto.update(k_max=4, kl_prompts=32, kl_prompt_len=32, kl_max_new_tokens=24)
     else:
         # The KTO paper's recipe: beta 0.1, lr 5e-7 (1e-6 is TRL's default), batch 32.
-        c.train.update(
-            steps=2000,
-            batch_size=32,
-            seq_len=1024,
-            lr=5e-7,
-            warmup_steps=150,
-            min_lr_ratio=1.0,
-            weight_decay=0.0,
-            log_every=10,
-            eval_every=200,
-            eval_batches=0,
-            ckpt_every=500,
-        )
+        c.train.update(batch_size=32, lr=5e-7)
     return c
