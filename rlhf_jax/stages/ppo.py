@@ -38,9 +38,6 @@ from rlhf_jax.sampling import sampler
 from rlhf_jax.stages import loop, ppo_steps, rl_data, setup
 from rlhf_jax.stages import rm as rm_stage
 
-# The planner (stages/aot*.py) and the benchmark build PPO's steps through this module.
-ppo_config_from = ppo_steps.ppo_config_from
-
 
 def build_models(config, tok, mesh, rules):
     """(held configs, graphdefs, frozen params {"ref", ["reward"]}, reward bias).

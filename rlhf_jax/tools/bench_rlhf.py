@@ -142,7 +142,7 @@ def bench_ppo(args, environment, make_mesh) -> dict:
         ptx_batch=args.minibatch,
         ptx_seq_len=args.prompt_len + args.new_tokens,
     )
-    ppo_cfg = ppo.ppo_config_from(config, eos_id=-1)  # no EOS: every response is full length
+    ppo_cfg = ppo_steps.ppo_config_from(config, eos_id=-1)  # no EOS: every response is full length
     graphdefs = {k: model_lib.abstract(v)[0] for k, v in cfgs.items()}
     init = {
         k: state_lib.init_params(v, i, state_lib.param_shardings(v, mesh, rules)[2])
