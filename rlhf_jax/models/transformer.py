@@ -17,7 +17,9 @@ KV cache (explicit pytree, passed in and returned by `Transformer.__call__`):
   {"k": [L, B, S, K, H], "v": [L, B, S, K, H], "mask": [B, S] bool (slot holds a real token),
    "index": [] int32 (next slot to write)}
 Every row writes at the same `index`; left padding is expressed through `mask`, so a row's
-results do not depend on how much padding it carries. A local (sliding-window) layer keeps every
+results do not depend on how much padding it carries. The rollout engine passes the paged form
+instead (pages shared by rows through per-row page tables, each row at its own length): its
+layout, writes and attention are paged.py's. A local (sliding-window) layer keeps every
 slot too and masks keys more than `sliding_window` slots back: within a row, slots and positions
 advance together, so the window in slots is the window in positions.
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
-from rlhf_jax.models import attention, layers
+from rlhf_jax.models import attention, layers, paged
 from rlhf_jax.models.config import ModelConfig
 
 # The per-position pieces live in layers.py; these names stay importable from here.
@@ -68,7 +70,8 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, key_mask, kv, local=False):
         """x: [B, T, D]; positions: [B, T]; key_mask: [B, S] bool or None;
         kv: None, or (k_all [L, B, S, K, H], v_all, layer, index): write this layer's new keys
-          and values at slot `index` of layer `layer`, then attend over that layer;
+          and values at slot `index` of layer `layer`, then attend over that layer; with a paged
+          cache (k_all, v_all the page pools, index `paged.index`'s dict) the same on pages;
         local: this layer attends a sliding window (a bool, or a traced bool when scanned).
         Returns (y [B, T, D], (k, v) written cache or None)."""
         cfg = self.cfg
@@ -89,7 +92,12 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
         new_kv = None
         q_slot = None  # without a cache the queries are the keys (self-attention)
-        if kv is not None:
+        pool = None
+        if kv is not None and isinstance(kv[3], dict):  # a paged cache (paged.py)
+            k_all, v_all, layer, index = kv
+            new_kv = (paged.write(k_all, layer, k, index), paged.write(v_all, layer, v, index))
+            pool = (*new_kv, layer, index)
+        elif kv is not None:
             # Write this layer's new keys/values straight into the stacked [L, B, S, K, H]
             # buffers (in place under XLA: no per-step copy of the cache), then read the
             # layer back for attention.
@@ -101,21 +109,20 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             q_slot = index + jnp.arange(x.shape[1])  # cache slot of each query  [T]
-        y = self._attend(q, k, v, q_slot, key_mask, local)
+        y = self._attend(q, k, v, q_slot, key_mask, local, pool)
         y = jnp.einsum("btnh,nhd->btd", y, self.o[...].astype(dt))
         if cfg.use_bias:
             y = y + self.o_bias[...].astype(dt)
         return y, new_kv
 
-    def _attend(self, q, k, v, q_slot, key_mask, local):
+    def _attend(self, q, k, v, q_slot, key_mask, local, pool=None):
         cfg = self.cfg
+        if pool is None:
+            attend = functools.partial(attention.attend, q, k, v, q_slot=q_slot, key_mask=key_mask)
+        else:  # (k pool, v pool, layer, paged.index's dict)
+            attend = functools.partial(paged.attend, q, *pool)
         attend = functools.partial(
-            attention.attend,
-            q,
-            k,
-            v,
-            q_slot=q_slot,
-            key_mask=key_mask,
+            attend,
             impl=cfg.attention,
             softcap=cfg.attn_softcap or None,
             scale=cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None,
@@ -205,7 +212,8 @@ class Transformer(nnx.Module):
           positions: [B, T] int32 position ids; default 0..T-1 (or index.. with a cache).
           key_mask: [B, T] bool, False at padding. Without a cache it masks the keys of this
             call; with a cache it is written into the cache's mask at the slots being filled.
-          cache: None, or the KV-cache pytree described in the module docstring.
+          cache: None, or the KV-cache pytree described in the module docstring, or the paged
+            one (paged.py; give `positions`: each row continues at its own length).
           return_hidden: return the final normed hidden states [B, T, D] float32 instead of
             logits, for a caller that needs the head at a few positions only: slice the hidden
             states, then `unembed` them (PPO's response positions, the sampler's prefill).
@@ -217,8 +225,11 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         dt = _dt(cfg.dtype)
         b, t = tokens.shape
+        is_paged = paged.is_paged(cache)
         if positions is None:
-            start = 0 if cache is None else cache["index"]
+            start = (
+                0 if cache is None else cache["lengths"][:, None] if is_paged else cache["index"]
+            )
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
         if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype, as Gemma computes it
@@ -228,7 +239,12 @@ class Transformer(nnx.Module):
         x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
 
         attn_mask = key_mask
-        if cache is not None:
+        index = None  # what each layer's cache write needs
+        if is_paged:
+            index = paged.index(
+                cache, positions, jnp.ones((b, t), bool) if key_mask is None else key_mask
+            )
+        elif cache is not None:
             index = cache["index"]
             new_mask = key_mask if key_mask is not None else jnp.ones((b, t), bool)
             attn_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
@@ -243,7 +259,7 @@ class Transformer(nnx.Module):
                 x, kvs = carry
                 params, i, local = layer
                 step = functools.partial(_run_block, graphdef, cfg, local if mixed else kinds[0])
-                kv = None if kvs is None else (*kvs, i, cache["index"])
+                kv = None if kvs is None else (*kvs, i, index)
                 x, new_kv = _remat(step, cfg)(params, x, positions, attn_mask, kv)
                 return (x, new_kv), None
 
@@ -255,7 +271,7 @@ class Transformer(nnx.Module):
             for i, block in enumerate(self.blocks):
                 graphdef, params = nnx.split(block)
                 step = _remat(functools.partial(_run_block, graphdef, cfg, kinds[i]), cfg)
-                kv = None if cache is None else (*new_kvs, i, cache["index"])
+                kv = None if cache is None else (*new_kvs, i, index)
                 x, layer_kv = step(params, x, positions, attn_mask, kv)
                 if cache is not None:
                     new_kvs = layer_kv
@@ -264,7 +280,9 @@ class Transformer(nnx.Module):
         # and scores are computed from float32 logits on every path.
         x = self.final_norm(x, out_dtype=jnp.float32)
         new_cache = None
-        if cache is not None:
+        if is_paged:
+            new_cache = {**cache, "k": new_kvs[0], "v": new_kvs[1], "lengths": index["kv_len"]}
+        elif cache is not None:
             new_cache = {
                 "k": new_kvs[0],
                 "v": new_kvs[1],
