@@ -64,6 +64,17 @@ def sampling_mode(temperature: float, top_k: int, top_p: float, greedy: bool) ->
     return "filter" if top_k > 0 or top_p < 1.0 else "sample"
 
 
+def sampling_knobs(temperature, top_k, top_p, greedy) -> tuple[str, dict]:
+    """(the static mode, the traced knobs dict) of a call's sampling arguments (`sampling_mode`);
+    a greedy call's temperature becomes 1 (unused)."""
+    mode = sampling_mode(temperature, top_k, top_p, greedy)
+    return mode, {
+        "temperature": jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
+        "top_k": jnp.asarray(top_k, jnp.int32),
+        "top_p": jnp.asarray(top_p, jnp.float32),
+    }
+
+
 def filter_logits(scaled, top_k, top_p):
     """Keeps the top-k tokens, then the nucleus of them; everything else becomes -inf.
 
@@ -375,12 +386,7 @@ def make_sampler(
     def sample(
         params, prompts, prompt_mask, row_keys, *, temperature=1.0, top_k=0, top_p=1.0, greedy=False
     ):
-        mode = sampling_mode(temperature, top_k, top_p, greedy)
-        knobs = {
-            "temperature": jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
-            "top_k": jnp.asarray(top_k, jnp.int32),
-            "top_p": jnp.asarray(top_p, jnp.float32),
-        }
+        mode, knobs = sampling_knobs(temperature, top_k, top_p, greedy)
         return jitted(params, prompts, prompt_mask, row_keys, knobs, mode)
 
     sample.jitted = jitted
