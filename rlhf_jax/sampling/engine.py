@@ -15,13 +15,10 @@ runs the trainer's own model code and the static sampler's rules (`sampler.sampl
 do not depend on its slot or on the rows beside it, and equal the static sampler's (the
 reference) for the same prompt and key.
 
-Prompt consumption: chunked prefill, the default (`prefill_chunk` tokens of `prefill_rows` rows
-per model call, a whole prompt by default), or token by token (`prefill_chunk=0`: prompt tokens
-ride in the decode batch, one per slot per step). `python -m rlhf_jax.tools.bench rollout
---prefill-chunk 0` measures the second against the first (BENCHMARKS.md, "Rollout engine"). The
-default is chunked because token by token spends P slot-steps per row on its prompt: on an
-accelerator, where a decode step costs a read of the weights whatever its batch, that is P
-weight reads per row instead of one call, and on a CPU it was slower in our measurements too.
+Prompt consumption: chunked prefill, the default (`prefill_chunk` tokens of up to
+`prefill_rows` rows per model call, a whole prompt by default), or token by token
+(`prefill_chunk=0`: prompt tokens ride in the decode batch, one per slot per step).
+MEASUREMENTS-TBD
 
 Multi-turn (`Rollout`, from `sample.start`): a row that samples one of `yield_ids` parks (its
 slot and pages kept) and the loop returns to the host once any row parked, nothing else can
@@ -96,8 +93,9 @@ def make_engine(
         for pages); at least one row of P + T tokens per shard, or a ValueError.
       prefill_chunk: prompt (and inserted) tokens per row per prefill call (default: P);
         0 consumes them token by token in the decode steps.
-      prefill_rows: rows per prefill call, a multiple of the shards (default: a quarter of each
-        shard's slots, at least one).
+      prefill_rows: the most rows per prefill call, a multiple of the shards (default: every
+        slot); calls of 1, 4, 16, ... rows per shard up to it are compiled, and each call
+        takes the smallest that holds the waiting rows.
       yield_ids: ids at which a row parks for the host (`Rollout`); none by default.
 
     Returns:

@@ -6,10 +6,14 @@ page bookkeeping page_pool.py's, the paged cache and its attention models/paged.
 
 One iteration (nothing crosses to the host until the loop exits):
   admit    free slots take the next queued rows while their shard has free pages
-  prefill  rows with more than one token not in their cache (a new prompt, inserted tokens, a
-           preempted row's history) run through the model `chunk` tokens per call,
-           `prefill_rows` rows per call, until none is left; a row whose last pending token went
-           in samples its next token from that call's logits
+  prefill  once enough rows wait (`_prefill_due`), rows with more than one token not in their
+           cache (a new prompt, inserted tokens, a preempted row's history) run through the
+           model `chunk` tokens per call,
+           up to `prefill_rows` rows per call (the smallest of the compiled sizes 1, 4, 16, ...
+           that holds the waiting rows: on a CPU a call costs its tokens, on an accelerator a
+           read of the weights, so neither padding rows nor one call per row is free), until
+           none is left; a row whose last pending token went in samples its next token from
+           that call's logits
   decode   one token per decoding slot ([S, 1]); record it, end rows at a stop id or the token
            limit (their pages go back to the free list), park rows at a yield id
   preempt  a shard where no row could get a page frees the pages of its youngest row, which
@@ -24,6 +28,7 @@ Shapes: N rows, P prompt columns, T response tokens, S slots, D shards, V vocab.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -35,7 +40,7 @@ from rlhf_jax.models import paged
 from rlhf_jax.sampling import page_pool, sampler
 
 QUEUED, ACTIVE, PARKED, DONE = 0, 1, 2, 3  # a row's status
-_FOREVER = 2**30  # a step budget that never runs out
+_FOREVER = 2**30  # more than any step budget or admission stamp
 _STATS = ("steps", "prefill_calls", "tokens", "peak_pages", "preemptions")
 
 
@@ -50,7 +55,7 @@ class Sizes(NamedTuple):
     page_size: int  # PS tokens per page
     num_pages: int  # NP pages in the pool, all shards
     chunk: int  # prefill tokens per row per call; 0: token by token
-    prefill_rows: int  # rows per prefill call, all shards
+    prefill_rows: int  # most rows per prefill call, all shards
 
     @property
     def pages_per_row(self) -> int:
@@ -60,13 +65,20 @@ class Sizes(NamedTuple):
     def max_new_pages(self) -> int:  # pages one call can add to a slot
         return -(-max(self.chunk, 1) // self.page_size)
 
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Rows per shard of the prefill calls compiled: 1, 4, 16, ... up to the most."""
+        most = self.prefill_rows // self.shards
+        small = tuple(4**i for i in range(8) if 4**i < most)
+        return small + (most,)
+
 
 def sizes(rows, prompt, new, *, shards=1, num_slots=None, page_size=16, num_pages=None,
           prefill_chunk=None, prefill_rows=None) -> Sizes:  # fmt: skip
     """The engine's sizes for N rows of P prompt columns, checked; None picks the default.
 
     Defaults: one slot per row, a pool that holds every slot at full length (never stalls),
-    a prompt per prefill call, a quarter of each shard's slots per prefill call.
+    a prompt per prefill call, up to every slot in one prefill call.
     """
     slots = num_slots or rows
     if slots % shards:
@@ -80,7 +92,7 @@ def sizes(rows, prompt, new, *, shards=1, num_slots=None, page_size=16, num_page
             f"num_pages >= {r * shards}, a multiple of {shards}"
         )
     chunk = prompt if prefill_chunk is None else prefill_chunk
-    rows_per_call = prefill_rows or shards * max(1, slots // shards // 4)
+    rows_per_call = prefill_rows or slots
     if rows_per_call % shards or rows_per_call > slots:
         raise ValueError(f"prefill_rows={rows_per_call}: a multiple of {shards}, at most {slots}")
     return Sizes(rows, prompt, new, slots, shards, page_size, pages, chunk, rows_per_call)
@@ -257,22 +269,47 @@ def _admit(s, z: Sizes):
     }, count > 0
 
 
+def _prefill_due(s, z: Sizes):
+    """Whether this iteration prefills: once a shard has rows enough for the second-smallest
+    call (4 by default), or the decode batch is half idle, or the queue is empty. Waiting a few
+    steps for company costs the waiting slots those steps; one call per row would cost a call
+    each (on a CPU the measured price of a [1, P] call is that of four rows in a [4, P] one)."""
+    pending, _, running = _pending(s, jnp.arange(z.slots))
+    waiting = running & (pending > 1)
+    company = z.prefill_buckets[min(1, len(z.prefill_buckets) - 1)]
+    most = jnp.max(jnp.sum(waiting.reshape(z.shards, -1), axis=1))
+    idle = 2 * jnp.sum(running & (pending == 1)) <= z.slots
+    return jnp.any(waiting) & ((most >= company) | idle | (s["next_row"] >= z.rows))
+
+
 def _prefill(s, ctx: Ctx):
     """Prefill calls, oldest rows of each shard first, until no row has more than one token
-    pending (or every such row is stalled for pages)."""
+    pending (or every such row is stalled for pages); each call has the smallest compiled
+    number of rows that holds the most waiting rows of any shard."""
     z = ctx.z
-    sl, rl = z.slots // z.shards, z.prefill_rows // z.shards
+    sl = z.slots // z.shards
     offsets = (jnp.arange(z.shards) * sl)[:, None]
+    buckets = z.prefill_buckets
 
     def eligible(s):
         pending, _, running = _pending(s, jnp.arange(z.slots))
         return running & (pending > 1) & ~s["stalled"], pending
 
+    def call(rows, s, ok, pending):
+        age = jnp.where(ok, s["stamp"], _FOREVER).reshape(z.shards, sl)
+        slots = (jax.lax.top_k(-age, rows)[1] + offsets).reshape(-1)  # oldest of each shard
+        return _advance(s, ctx, slots, ok[slots], jnp.minimum(pending[slots], z.chunk), z.chunk)
+
     def body(s):
         ok, pending = eligible(s)
-        age = jnp.where(ok, s["stamp"], _FOREVER).reshape(z.shards, sl)
-        slots = (jax.lax.top_k(-age, rl)[1] + offsets).reshape(-1)  # [D * rl] oldest per shard
-        s = _advance(s, ctx, slots, ok[slots], jnp.minimum(pending[slots], z.chunk), z.chunk)
+        most = jnp.max(jnp.sum(ok.reshape(z.shards, sl), axis=1))
+        pick = jnp.minimum(jnp.sum(most > jnp.asarray(buckets)), len(buckets) - 1)
+        branches = [functools.partial(call, rows) for rows in buckets]
+        s = (
+            jax.lax.switch(pick, branches, s, ok, pending)
+            if len(buckets) > 1
+            else branches[0](s, ok, pending)
+        )
         stats = {**s["stats"], "prefill_calls": s["stats"]["prefill_calls"] + 1}
         return _constrain({**s, "stats": stats})
 
@@ -317,7 +354,7 @@ def run(s, ctx: Ctx, max_steps):
         s, admitted = _admit(s, z)
         s = {**s, "stalled": jnp.zeros_like(s["stalled"]), "moved": jnp.zeros_like(s["moved"])}
         if z.chunk:
-            s = _prefill(s, ctx)
+            s = jax.lax.cond(_prefill_due(s, z), lambda s: _prefill(s, ctx), lambda s: s, s)
         pending, _, running = _pending(s, every)
         take = running & ((pending == 1) if z.chunk else (pending >= 1))
         s = _advance(s, ctx, every, take, jnp.ones_like(pending), 1)
