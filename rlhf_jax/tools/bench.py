@@ -4,13 +4,15 @@
   python -m rlhf_jax.tools.bench decode --size small --batch 64 --prompt-len 64 --new-tokens 256
   python -m rlhf_jax.tools.bench rm --size small --batch 32 --k 4 --seq-len 512
   python -m rlhf_jax.tools.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
+  python -m rlhf_jax.tools.bench rollout --size mini --rows 256 --slots 32 --new-tokens 128
 
 `train` times the real jitted `train_step` of the LM stage on random tokens over all local devices
 (data parallel unless --fsdp/--tensor say otherwise) and prints one JSON line: median step time,
 tokens/s, MFU (6N + attention FLOPs per token over the chip's dense bf16 peak), compile time and
 peak device memory, plus the device and versions. `--out FILE` appends the line to FILE.
 `decode` times the on-device sampler (new tokens/s, ms per step, fraction of the HBM bandwidth
-bound); `rm` and `ppo` are in bench_rlhf.py.
+bound); `rm` and `ppo` are in bench_rlhf.py, `rollout` (the static sampler and the rollout
+engine side by side on skewed and short response lengths) in bench_rollout.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import lm, setup
-from rlhf_jax.tools import bench_rlhf
+from rlhf_jax.tools import bench_rlhf, bench_rollout
 
 
 def environment() -> dict:
@@ -275,6 +277,7 @@ def main(argv=None):
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--out", default="", help="append the JSON result line to this file")
     bench_rlhf.add_parsers(sub, list(model_config.PRESETS))
+    bench_rollout.add_parser(sub, list(model_config.PRESETS))
     args = p.parse_args(argv)
     if args.cmd == "train":
         result = bench_train(args)
@@ -284,8 +287,12 @@ def main(argv=None):
         result = bench_rlhf.bench_rm(args, environment, make_mesh)
     elif args.cmd == "ppo":
         result = bench_rlhf.bench_ppo(args, environment, make_mesh)
+    elif args.cmd == "rollout":
+        result = bench_rollout.bench_rollout(args, environment, make_mesh)
     else:
-        raise ValueError(f"unknown benchmark: {args.cmd!r}; expected train, decode, rm or ppo")
+        raise ValueError(
+            f"unknown benchmark: {args.cmd!r}; expected train, decode, rm, ppo or rollout"
+        )
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:
