@@ -299,8 +299,10 @@ def test_ppo_raises_reward_and_beta_bounds_kl(tmp_path, sft_dir):
             rollout_batch=32,
             minibatch=8,
             epochs=2,
-            lr=2e-3,
-            value_lr=2e-3,
+            # At 2e-3 the beta=0.5 run's KL ran away (40 nats) with XLA's other CPU loop emitter:
+            # the dynamics were chaotic, so the outcome hung on rounding. 1e-3 passes with both.
+            lr=1e-3,
+            value_lr=1e-3,
         )
         c.train.update(steps=16, log_every=1, ckpt_every=16)  # a row per iteration
         run(c, tmp_path / str(beta))
