@@ -9,6 +9,7 @@ ever holds the whole model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,20 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def param_shardings(model_cfg: model_config.ModelConfig, mesh, rules):
-    """(graphdef, abstract params, their NamedShardings)."""
+    """(graphdef, abstract params, their NamedShardings).
+
+    Memoised per (config, mesh, rules): building the model abstractly traces its constructor
+    (about 0.1 s for any size), and a pipeline asks for the same few models a hundred times
+    (every restore, sampler, scorer and step). The dicts returned are fresh copies, so a caller
+    that edits one cannot change another's."""
+    rules = sharding.normalize_rules(rules) if rules is not None else None
+    graphdef, abstract_params, shardings = _param_shardings(model_cfg, mesh, rules)
+    copy = lambda tree: jax.tree.map(lambda x: x, tree)
+    return graphdef, copy(abstract_params), copy(shardings)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shardings(model_cfg, mesh, rules):
     graphdef, abstract_params, axes = model_lib.abstract(model_cfg)
     shardings = sharding.tree_shardings(axes, abstract_params, mesh, rules)
     return graphdef, abstract_params, shardings
