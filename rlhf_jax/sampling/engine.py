@@ -94,7 +94,7 @@ def make_engine(
       prefill_chunk: prompt (and inserted) tokens per row per prefill call (default: P);
         0 consumes them token by token in the decode steps.
       prefill_rows: the most rows per prefill call, a multiple of the shards (default: every
-        slot); calls of 1, 4, 16, ... rows per shard up to it are compiled, and each call
+        slot); calls of 1, 2, 4, ... rows per shard up to it are compiled, and each call
         takes the smallest that holds the waiting rows.
       yield_ids: ids at which a row parks for the host (`Rollout`); none by default.
 

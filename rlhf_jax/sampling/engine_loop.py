@@ -9,7 +9,7 @@ One iteration (nothing crosses to the host until the loop exits):
   prefill  once enough rows wait (`_prefill_due`), rows with more than one token not in their
            cache (a new prompt, inserted tokens, a preempted row's history) run through the
            model `chunk` tokens per call,
-           up to `prefill_rows` rows per call (the smallest of the compiled sizes 1, 4, 16, ...
+           up to `prefill_rows` rows per call (the smallest of the compiled sizes 1, 2, 4, ...
            that holds the waiting rows: on a CPU a call costs its tokens, on an accelerator a
            read of the weights, so neither padding rows nor one call per row is free), until
            none is left; a row whose last pending token went in samples its next token from
@@ -67,10 +67,9 @@ class Sizes(NamedTuple):
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
-        """Rows per shard of the prefill calls compiled: 1, 4, 16, ... up to the most."""
+        """Rows per shard of the prefill calls compiled: 1, 2, 4, ... up to the most."""
         most = self.prefill_rows // self.shards
-        small = tuple(4**i for i in range(8) if 4**i < most)
-        return small + (most,)
+        return tuple(2**i for i in range(most.bit_length()) if 2**i < most) + (most,)
 
 
 def sizes(rows, prompt, new, *, shards=1, num_slots=None, page_size=16, num_pages=None,
@@ -270,13 +269,14 @@ def _admit(s, z: Sizes):
 
 
 def _prefill_due(s, z: Sizes):
-    """Whether this iteration prefills: once a shard has rows enough for the second-smallest
-    call (4 by default), or the decode batch is half idle, or the queue is empty. Waiting a few
+    """Whether this iteration prefills: once a shard has 4 rows waiting (or as many as a call
+    takes), or the decode batch is half idle, or the queue is empty. Waiting a few
     steps for company costs the waiting slots those steps; one call per row would cost a call
-    each (on a CPU the measured price of a [1, P] call is that of four rows in a [4, P] one)."""
+    each (on the 2-core CPU a [1, P] call took 60% of the time of a [4, P] one, and a decode
+    step of 16 slots about as long as the [1, P] call)."""
     pending, _, running = _pending(s, jnp.arange(z.slots))
     waiting = running & (pending > 1)
-    company = z.prefill_buckets[min(1, len(z.prefill_buckets) - 1)]
+    company = min(4, z.prefill_buckets[-1])
     most = jnp.max(jnp.sum(waiting.reshape(z.shards, -1), axis=1))
     idle = 2 * jnp.sum(running & (pending == 1)) <= z.slots
     return jnp.any(waiting) & ((most >= company) | idle | (s["next_row"] >= z.rows))
