@@ -18,7 +18,13 @@ reference) for the same prompt and key.
 Prompt consumption: chunked prefill, the default (`prefill_chunk` tokens of up to
 `prefill_rows` rows per model call, a whole prompt by default), or token by token
 (`prefill_chunk=0`: prompt tokens ride in the decode batch, one per slot per step).
-MEASUREMENTS-TBD
+Both measured by `python -m rlhf_jax.tools.bench rollout [--prefill-chunk 0]` on the 2-core CPU
+(BENCHMARKS.md, "Rollout engine"): level on skewed lengths (3.0x and 2.9x the static sampler),
+but on short uniform rows token by token spends each row's prompt in decode slot-steps (useful
+fraction 0.59 against 1.07) and its lead over the static sampler fell to 1.17x in one run and
+to a 12% loss in another, where chunked prefill kept 1.28x. Chunked prefill is the default; it is
+also what an accelerator wants, where a decode step costs a read of the weights whatever its
+batch, so a prompt token per step costs a weight read per prompt token.
 
 Multi-turn (`Rollout`, from `sample.start`): a row that samples one of `yield_ids` parks (its
 slot and pages kept) and the loop returns to the host once any row parked, nothing else can
