@@ -341,6 +341,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="does not divide over 4"):
         engine.make_engine(graphdef, max_new_tokens=T_NEW, eos_id=EOS, pad_id=PAD, num_slots=6,
                            mesh=mesh_8()).sizes(12, 8)  # fmt: skip
+    with pytest.raises(ValueError, match="use sample.start"):
+        make(num_slots=SLOTS, yield_ids=5)(model("gpt2")[2], *batch(), greedy=True)
     r = make(num_slots=SLOTS, yield_ids=5).start(model("gpt2")[2], *batch(), greedy=True)
     with pytest.raises(ValueError, match="row 0 is not parked"):
         r.append([0], [[1, 2]])

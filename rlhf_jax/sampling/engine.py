@@ -102,7 +102,8 @@ def make_engine(
       prefill_rows: the most rows per prefill call, a multiple of the shards (default: every
         slot); calls of 1, 2, 4, ... rows per shard up to it are compiled, and each call
         takes the smallest that holds the waiting rows.
-      yield_ids: ids at which a row parks for the host (`Rollout`); none by default.
+      yield_ids: ids at which a row parks for the host (`Rollout`, from `sample.start`; the
+        one-shot `sample` then refuses to run); none by default.
 
     Returns:
       `sample(params, prompts, prompt_mask, row_keys, *, temperature=1.0, top_k=0, top_p=1.0,
@@ -168,6 +169,8 @@ def make_engine(
     def sample(
         params, prompts, prompt_mask, row_keys, *, temperature=1.0, top_k=0, top_p=1.0, greedy=False
     ):
+        if yields:
+            raise ValueError("an engine with yield_ids returns at parked rows: use sample.start")
         mode, knobs = sampler.sampling_knobs(temperature, top_k, top_p, greedy)
         return jitted(params, prompts, prompt_mask, row_keys, knobs, mode)
 
