@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 # a per-session persistent compilation cache lets them reuse the executables.
 # Subprocess tests (the real entry point, several processes, sweeps, the pipeline) inherit the
 # cache through the environment, so a rerun or a second process of the same program reuses it.
-_CACHE = tempfile.mkdtemp(prefix="rlhf-jax-xla-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# xdist workers inherit the controller's directory, so every worker and subprocess shares one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf-jax-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -45,6 +46,7 @@ LONGEST_FIRST = (
     "test_multiprocess.py",
     "test_numeric_fixes.py",
     "test_rm_fixes.py",
+    "test_engine.py",
 )
 
 

@@ -7,6 +7,7 @@ with its held-out comparisons and KL eval, GRPO-ptx with its pretraining term an
 the collected comparisons, best-of-K and the evaluation (tests/run_compare.py has the
 tolerances)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -86,15 +87,13 @@ def comps_text(run):
     return (run / "comparisons.jsonl").read_text()
 
 
-def launch(workdir, *extra, processes=1):
+def command(workdir, *extra, processes=1) -> list[str]:
     """The pipeline on 8 CPU devices: one process, or `processes` through launch.local."""
-    devices = 8 // processes
-    env = cpu_env(devices)
     entry = ["-m", "launch.run"]
     if processes > 1:
         entry = ["-m", "launch.local", "--processes", str(processes)]
-        entry += ["--devices_per_process", str(devices), "--"]
-    cmd = [
+        entry += ["--devices_per_process", str(8 // processes), "--"]
+    return [
         sys.executable,
         *entry,
         "--config",
@@ -104,19 +103,52 @@ def launch(workdir, *extra, processes=1):
         *SMALL,
         *extra,
     ]
+
+
+def launch(workdir, *extra, processes=1):
+    env = cpu_env(8 // processes)
+    cmd = command(workdir, *extra, processes=processes)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+# The 2-process twin: one round, plain PPO and SimPO left out (see its test).
+TWIN = ("--config.rounds=1", "--config.skip=ppo,simpo")
+
+
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_runs(tmp_path_factory):
+    """The smallest whole pipeline as 1 process x 8 devices, and its twin as 2 processes x 4,
+    started together through the real entry: neither waits for the other, so the file takes
+    the longer run's time instead of the sum (they share the cores with the other workers)."""
+    one, two = tmp_path_factory.mktemp("pipeline"), tmp_path_factory.mktemp("pipeline2")
+    procs = []
+    with contextlib.ExitStack() as stack:
+        for workdir, extra, n in ((one, (), 1), (two, TWIN, 2)):
+            log = stack.enter_context(open(workdir.parent / f"{workdir.name}.log", "w+"))
+            cmd = command(workdir, *extra, processes=n)
+            env = cpu_env(8 // n)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, text=True)
+            procs.append((proc, log))
+        for proc, log in procs:
+            try:
+                proc.wait(timeout=1500)
+            finally:
+                proc.kill()
+            log.seek(0)
+            proc.output = log.read()
+    return {"one": (one, procs[0][0]), "two": (two, procs[1][0])}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(pipeline_runs):
     """The smallest whole pipeline, 1 process x 8 devices, through the real entry."""
-    workdir = tmp_path_factory.mktemp("pipeline")
-    proc = launch(workdir)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    workdir, proc = pipeline_runs["one"]
+    assert proc.returncode == 0, proc.output[-4000:]
     return workdir
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the fixture runs both pipelines
 def test_pipeline_end_to_end(pipeline_run):
     tmp_path = pipeline_run
     subs = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "rsft/round_1/policy", "dpo", "simpo")
@@ -204,15 +236,16 @@ def test_pipeline_end_to_end(pipeline_run):
 
 
 @pytest.mark.slow
-def test_pipeline_two_processes_match_one(pipeline_run, tmp_path):
+@pytest.mark.timeout(1800)
+def test_pipeline_two_processes_match_one(pipeline_run, pipeline_runs):
     """Every stage, collection, best-of-K and evaluation of the pipeline as 2 processes x 4.
 
     Plain PPO is left out: it is the PPO-ptx stage with gamma = 0 (test_ppo.py checks that the
     loss is then exactly PPO's), so PPO-ptx's 2-process run covers its code; SimPO likewise is
     the DPO stage with another loss."""
     one_run = pipeline_run
-    proc = launch(tmp_path, "--config.rounds=1", "--config.skip=ppo,simpo", processes=2)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    tmp_path, proc = pipeline_runs["two"]
+    assert proc.returncode == 0, proc.output[-4000:]
     subs = ("pretrain", "sft", "rm", "ppo_ptx", "rsft", "rsft/round_1/policy", "dpo", "kto", "grpo")
     for sub in subs:
         assert_same_run(one_run / sub, tmp_path / sub)
