@@ -151,6 +151,15 @@ def base_config() -> mlc.ConfigDict:
             norm_max=100000,  # at most this many reference responses
         )
     )
+    # How every stage, the pipeline and the tools generate (rlhf_jax/sampling/rollout.py).
+    c.rollout = mlc.ConfigDict(
+        dict(
+            engine="static",  # static: sampler.py's batch (the reference); paged: engine.py's
+            slots=0,  # paged: decode slots per call; 0 -> one per row of the call (no queue)
+            page_size=16,  # paged: tokens per KV page
+            pages=0,  # paged: pages in the pool; 0 -> enough for every slot at full length
+        )
+    )
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

@@ -22,6 +22,7 @@ import numpy as np
 
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.sampling import load, reward, sampler
+from rlhf_jax.sampling import rollout as rollout_lib
 
 
 def sample_candidates(
@@ -39,6 +40,7 @@ def sample_candidates(
     template: str | None = None,
     batch_size: int = 64,
     index_offset: int = 0,
+    rollout=None,
 ) -> list[list[dict]]:
     """K completions of every prompt, sampled as `generate` samples them.
 
@@ -54,6 +56,7 @@ def sample_candidates(
       batch_size: rows (prompt x sample) per compiled call.
       index_offset: prompt i draws from stream index_offset + i (a caller sampling a long prompt
         stream in chunks gives each chunk its own streams).
+      rollout: the generator, a `config.rollout` mapping (rollout.py); None: the static sampler.
 
     Returns:
       Per prompt, K records {"prompt", "response", "tokens", "finished", "sample", "logprob",
@@ -72,6 +75,7 @@ def sample_candidates(
             "supported yet"
         )
     rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
+    rollout_lib.resolve(rollout)  # a bad engine name fails before the model loads
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     sampler.sampling_mode(greedy=False, **knobs)  # bad knobs fail before the model loads
     graphdef, params, cfg, tok, meta = load.load_model(policy_dir, mesh, rules)
@@ -128,12 +132,13 @@ def sample_candidates(
             {"tokens": tokens, "mask": mask, "keys": load.row_keys(seed, idx, smp)}, mesh, rules
         )
         keys = dev["keys"]
-        out = sampler.generate(
+        out = rollout_lib.generate(
             graphdef,
             params,
             dev["tokens"],
             dev["mask"],
             keys,
+            rollout_cfg=rollout,
             max_new_tokens=max_new_tokens,
             eos_id=tok.eos_ids,
             pad_id=tok.pad_id,

@@ -33,7 +33,8 @@ import tqdm
 
 from rlhf_jax.data import chat
 from rlhf_jax.infra import sharding
-from rlhf_jax.sampling import load, sampler
+from rlhf_jax.sampling import load
+from rlhf_jax.sampling import rollout as rollout_lib
 
 
 class _Output:
@@ -85,6 +86,7 @@ def write_completions(
     step: int | None = None,
     template: str | None = None,
     rules=None,
+    rollout=None,
 ) -> dict:
     """Samples `num_samples` completions per prompt of the file `prompts` into `out`.
 
@@ -97,6 +99,7 @@ def write_completions(
       batch_size: rows (prompt x sample) per batch, rounded up to the data-parallel size.
       seed, num_samples, step, template: as the generate tool's flags.
       rules: logical sharding rules; default `sharding.DEFAULT_RULES`.
+      rollout: the generator, a `config.rollout` mapping (rollout.py); None: the static sampler.
 
     Returns:
       Summary numbers: completions, prompts, mean_tokens, finished, tokens_per_sec, seconds.
@@ -104,6 +107,7 @@ def write_completions(
     prompts_path = prompts
     prompts, lines = load.read_prompts(prompts_path)  # bad lines fail before the model loads
     rules = rules if rules is not None else sharding.DEFAULT_RULES
+    rollout_lib.resolve(rollout)  # a bad engine name fails before the model loads
     graphdef, params, cfg, tok, meta = load.load_model(checkpoint, mesh, rules, step)
     if cfg.head != "lm":
         raise ValueError(
@@ -129,8 +133,9 @@ def write_completions(
     rows = [(i, s) for i in range(len(ids)) for s in range(num_samples)]
     dp = sharding.data_parallel_size(mesh, rules)
     batch = dp * math.ceil(min(batch_size, len(rows)) / dp)  # rows split evenly over devices
-    sample = sampler.make_sampler(
+    sample = rollout_lib.make(
         graphdef,
+        rollout,
         max_new_tokens=t_new,
         eos_id=tok.eos_ids,
         pad_id=tok.pad_id,

@@ -42,7 +42,7 @@ from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import dpo
-from rlhf_jax.sampling import likelihood, sampler
+from rlhf_jax.sampling import likelihood, rollout, sampler
 from rlhf_jax.stages import accumulate, loop, setup
 
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
@@ -213,12 +213,13 @@ def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules, sectio
 
     def evaluate(params):
         dev = sharding.put_global(host, mesh, rules)
-        out = sampler.generate(
+        out = rollout.generate(
             graphdef,
             params,
             dev["tokens"],
             dev["mask"],
             dev["keys"],
+            rollout_cfg=config.get("rollout"),
             max_new_tokens=c.kl_max_new_tokens,
             eos_id=tok.eos_ids,
             pad_id=tok.pad_id,

@@ -35,7 +35,7 @@ import numpy as np
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
-from rlhf_jax.sampling import sampler
+from rlhf_jax.sampling import rollout
 from rlhf_jax.stages import grpo_steps, loop, rl_data, setup
 
 # The iterator of prompts x G and stacked ptx batches (shared with PPO, G = 1 there).
@@ -88,8 +88,9 @@ def run(config, mesh, workdir: str):
     )
     optim = setup.optim_config_from(t, max(t.steps * c.epochs * n_mb, 1))
     tx = state_lib.make_optimizer(optim)
-    sample = sampler.make_sampler(
+    sample = rollout.make(
         graphdefs["policy"],
+        config.get("rollout"),
         max_new_tokens=c.max_new_tokens,
         eos_id=tok.eos_ids,
         pad_id=tok.pad_id,

@@ -162,6 +162,7 @@ def run(config, mesh, workdir: str):
                 node = node[p]
             node[leaf] = value
         cfg.seed = config.seed
+        cfg.rollout.update(config.rollout)  # one generator for the whole run (rollout.py)
         module.run(cfg, mesh, at(sub))
 
     if config.init_from:  # a Hugging Face model as the pretrained policy: imported, not trained

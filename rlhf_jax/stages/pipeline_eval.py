@@ -6,6 +6,7 @@ on stage workdirs (any model a stage wrote) and writes JSONL/JSON in the project
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,9 +32,10 @@ def sample(
     max_new_tokens: int,
     seed: int,
     greedy: bool = False,
+    rollout=None,
 ) -> list[dict]:
     """Samples `n` completions per prompt as the generate tool does (skipped if `out` already
-    exists) and returns its records."""
+    exists) and returns its records; `rollout` is the generator (`config.rollout`)."""
     if not os.path.exists(out):
         completions.write_completions(
             workdir,
@@ -46,6 +48,7 @@ def sample(
             batch_size=256,
             seed=seed,
             num_samples=n,
+            rollout=rollout,
         )
     with open(out) as f:
         return [json.loads(line) for line in f]
@@ -67,6 +70,7 @@ def collect_comparisons(config, policy_dir: str, out_dir: str, prompts_path: str
         temperature=c.temperature,
         max_new_tokens=c.max_new_tokens,
         seed=seed,
+        rollout=config.get("rollout"),
     )
     # generate writes the k samples of each prompt line consecutively; prompts may repeat.
     groups = [recs[i : i + c.k] for i in range(0, len(recs), c.k)]
@@ -96,11 +100,18 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
     )
     dp = sharding.data_parallel_size(mesh, rules)
     batches = iterators.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
-    fn = jax.jit(lambda p, b: lm.eval_step(p, b, graphdef=graphdef, mesh=mesh, rules=rules))
+    fn = _eval_step(graphdef, mesh, rules)
     # Every process holds every batch: placed as global batches, the scalar sums read back.
     sums = sharding.to_host([fn(params, sharding.put_global(b, mesh, rules)) for b in batches])
     total, count = np.sum(sums, axis=0)
     return float(total / max(count, 1.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(graphdef, mesh, rules):
+    """lm.eval_step jitted once per model graph: every model of an evaluation shares the
+    policy's graph, so the step is traced and compiled once, not once per model."""
+    return jax.jit(functools.partial(lm.eval_step, graphdef=graphdef, mesh=mesh, rules=rules))
 
 
 def rm_mean_score(rm_dir, recs, mesh, rules) -> float:
@@ -177,6 +188,7 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
             greedy=c.temperature == 0,
             max_new_tokens=c.max_new_tokens,
             seed=config.seed + 1,
+            rollout=config.get("rollout"),
         )
         entry = {k: m[k] for k in ("label", "method", "round")} | gold_entry(recs, c.samples)
         entry["heldout_pretrain_loss"] = heldout_loss(
@@ -228,6 +240,7 @@ def best_of_k_entry(config, run_dir, paths, sft_entry, mesh, rules) -> dict:
             seed=config.seed + 1,
             mesh=mesh,
             rules=rules,
+            rollout=config.get("rollout"),
         )
         lm_data.write_jsonl(out, recs)
     with open(out) as f:

@@ -34,7 +34,7 @@ from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import ppo_math
-from rlhf_jax.sampling import sampler
+from rlhf_jax.sampling import rollout as rollout_lib
 from rlhf_jax.stages import loop, ppo_steps, rl_data, setup
 from rlhf_jax.stages import rm as rm_stage
 
@@ -119,8 +119,9 @@ class Iteration:
                 f"ppo.prompt_len + ppo.max_new_tokens = {p + c.max_new_tokens} "
                 f"exceeds model.max_len={cfgs['policy'].max_len}"
             )
-        self.sample = sampler.make_sampler(
+        self.sample = rollout_lib.make(
             graphdefs["policy"],
+            config.get("rollout"),
             max_new_tokens=c.max_new_tokens,
             eos_id=tok.eos_ids,
             pad_id=tok.pad_id,

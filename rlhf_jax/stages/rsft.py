@@ -142,6 +142,7 @@ def sample_round(config, rdir: str, policy: str, prompts: list[str], r: int, mes
         # Sample with the template the SFT step trains the selection under.
         template=config.data.prompt_template,
         index_offset=start,  # each stream position (not each prompt text) has its own PRNG
+        rollout=config.get("rollout"),
     )
     lm_data.write_jsonl(path, recs)
     return recs

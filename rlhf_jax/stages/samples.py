@@ -11,7 +11,7 @@ import jax
 
 from rlhf_jax.data import sft_data
 from rlhf_jax.infra import sharding
-from rlhf_jax.sampling import load, sampler
+from rlhf_jax.sampling import load, rollout
 
 
 class EvalSampler:
@@ -30,8 +30,9 @@ class EvalSampler:
         self.tokens, self.mask = load.left_pad(ids, max(map(len, ids)), tok.pad_id)
         room = model_cfg.max_len - self.tokens.shape[1] if model_cfg.family == "gpt2" else None
         new = sc.max_new_tokens if room is None else max(1, min(sc.max_new_tokens, room))
-        self.sample = sampler.make_sampler(
+        self.sample = rollout.make(
             graphdef,
+            config.get("rollout"),
             max_new_tokens=new,
             eos_id=tok.eos_ids,
             pad_id=tok.pad_id,

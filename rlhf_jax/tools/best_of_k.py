@@ -2,7 +2,7 @@
 
   python -m rlhf_jax.tools.best_of_k --policy SFT_WORKDIR --reward RM_WORKDIR \
       --prompts prompts.jsonl --k 8 --out best.jsonl \
-      [--temperature 1.0] [--max-new-tokens 128] [--seed 0]
+      [--temperature 1.0] [--max-new-tokens 128] [--seed 0] [--engine static|paged]
 
 The usual inference-time baseline for RLHF (and the sampling half of rejection-sampling
 fine-tuning, stages/rsft.py). Sampling is `generate`'s: the same prompt formatting, padding and
@@ -73,6 +73,7 @@ def run(args) -> dict:
         mesh=mesh,
         template=args.template,
         batch_size=args.batch_size,
+        rollout=dict(engine=args.engine),
     )
     if jax.process_index() == 0:  # every process holds every record (gathered on purpose)
         lm_data.write_jsonl(args.out, recs)

@@ -2,7 +2,8 @@
 
   python -m rlhf_jax.tools.generate --checkpoint WORKDIR --prompts prompts.jsonl --out out.jsonl \
       [--max-new-tokens 128] [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--greedy] \
-      [--batch-size 32] [--seed 0] [--num-samples 1] [--step N] [--template STR]
+      [--batch-size 32] [--seed 0] [--num-samples 1] [--step N] [--template STR] \
+      [--engine static|paged]
 
 The command around `rlhf_jax/sampling/completions.py` (prompt formatting, batching, per-row PRNG
 streams and the output format are documented there). One JSON line per completion:
@@ -49,6 +50,7 @@ def run(args) -> dict:
     kw = vars(args).copy()
     for name in ("coordinator_address", "num_processes", "process_id"):
         kw.pop(name, None)
+    kw["rollout"] = dict(engine=kw.pop("engine"))
     return completions.write_completions(mesh=mesh, **kw)
 
 
@@ -78,6 +80,12 @@ def add_sampling_flags(p: argparse.ArgumentParser, batch_size: int) -> None:
         "--batch-size", type=int, default=batch_size, help="rows (prompt x sample) per batch"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine",
+        choices=("static", "paged"),
+        default="static",
+        help="generator: the static sampler or the paged rollout engine (sampling/rollout.py)",
+    )
     p.add_argument(
         "--template", default=None, help="format string with {prompt} (default: the policy's)"
     )
