@@ -252,6 +252,7 @@ def best_of_k(
     top_p: float = 1.0,
     batch_size: int = 64,
     index_offset: int = 0,
+    rollout=None,
 ) -> list[dict]:
     """Samples K responses per prompt from `policy_dir` and keeps the one `rm_dir` scores best.
 
@@ -259,7 +260,7 @@ def best_of_k(
       policy_dir: the policy's stage workdir (LM head).
       rm_dir: the reward model's stage workdir (scalar head; its stored bias is added).
       prompts, k, temperature, top_k, top_p, max_new_tokens, seed, template, batch_size,
-        index_offset: as `sample_candidates`.
+        index_offset, rollout: as `sample_candidates`.
       mesh, rules: where the models are placed (one at a time: the policy is freed before the
         RM loads).
 
@@ -284,6 +285,7 @@ def best_of_k(
         template=template,
         batch_size=batch_size,
         index_offset=index_offset,
+        rollout=rollout,
     )
     score = load_scorer(rm_dir, mesh, rules)
     cands = [c for g in groups for c in g]
