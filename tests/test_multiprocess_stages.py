@@ -8,7 +8,8 @@ fine-tuning, collection and evaluation) are compared the same way as the whole 2
 in test_pipeline.py. Here: PPO-ptx scored by a reward function, SIGTERM to one of the two
 processes after the first iteration (both agree on a step, checkpoint it and exit 75), the same
 command resuming, every logged number and sampled text equal to one uninterrupted process; and
-each tool through `launch.local --module rlhf_jax.tools.NAME` writing what one process writes.
+each tool through `launch.local --module rlhf_jax.tools.NAME` writing what one process writes
+(the generate tool also through the paged rollout engine, `--engine paged`).
 """
 
 import json
@@ -95,6 +96,11 @@ def test_tools_two_processes_match_one(chain, tmp_path):
         one_process(None, *flags, "--out", str(r / f"{name}1.jsonl"), module=module)
         two_processes(None, *flags, "--out", str(r / f"{name}2.jsonl"), module=module)
         assert_same_records(read_jsonl(r / f"{name}1.jsonl"), read_jsonl(r / f"{name}2.jsonl"))
+    # The paged rollout engine, slots and pages sharded over 2 processes x 4 devices, writes the
+    # static sampler's records (tokens exactly; log-probs within tolerance).
+    paged = [*tools["generate"], "--engine", "paged", "--out", str(r / "generate_paged2.jsonl")]
+    two_processes(None, *paged, module="rlhf_jax.tools.generate")
+    assert_same_records(read_jsonl(r / "generate1.jsonl"), read_jsonl(r / "generate_paged2.jsonl"))
     assert (
         len(read_jsonl(r / "generate2.jsonl")) == 10 and len(read_jsonl(r / "score2.jsonl")) == 10
     )
