@@ -29,13 +29,14 @@ Attention (`attend`, the `impl` of the model config as attention.py reads it):
           and runs `attention.xla` with each query's position as its slot, so GQA, sliding
           windows and soft-capping are the dense path's.
   kernel  TPU (auto or splash): `jax.experimental.pallas.ops.tpu.paged_attention` for decode
-          steps (one query per row) of global layers; prefill chunks and sliding-window layers
-          (the kernel has no window) run xla. Off TPU it runs in Pallas interpret mode (parity
-          tests). The kernel casts keys and values to bfloat16 inside (its dequantize step), so a
-          float32 pool attends bfloat16-rounded keys there. `ragged_paged_attention` (which mixes
-          prefill and decode rows in one call) is not used: in jax 0.10.2 its interpret mode
-          fails on CPU ("'ReshapeTransform' object has no attribute 'indices'"), so it could not
-          be parity-tested here.
+          steps (one query per row) of global layers whose head dim is a multiple of 128 (on a
+          TPU, Mosaic refuses the kernel's blocks otherwise: GPT-2's 64 falls back); prefill
+          chunks and sliding-window layers (the kernel has no window) run xla. Off TPU it runs
+          in Pallas interpret mode (parity tests). The kernel casts keys and values to bfloat16
+          inside (its dequantize step), so a float32 pool attends bfloat16-rounded keys there.
+          `ragged_paged_attention` (which mixes prefill and decode rows in one call) is not
+          used: in jax 0.10.2 its interpret mode fails on CPU ("'ReshapeTransform' object has
+          no attribute 'indices'"), so it could not be parity-tested here.
 
 Shapes: B rows, T new tokens per row, N query heads, K kv heads, H head dim, L layers, NP pages,
 PS page size, R pages per row.
@@ -122,8 +123,9 @@ def write(pool, layer, new, idx: dict):
     return run(pool, jnp.asarray(layer, jnp.int32), new, idx["page"], idx["offset"])
 
 
-def choose(impl: str, t: int, window) -> tuple[bool, str]:
-    """(whether the TPU kernel runs, why not when it was asked for) for T queries per row."""
+def choose(impl: str, t: int, window, head_dim: int | None = None) -> tuple[bool, str]:
+    """(whether the TPU kernel runs, why not when it was asked for) for T queries per row of
+    `head_dim` (None: not checked)."""
     if impl not in attention.IMPLS:
         raise ValueError(f"unknown attention implementation: {impl!r}; expected {attention.IMPLS}")
     wanted = impl == "splash" or (impl == "auto" and attention._platform() == "tpu")
@@ -133,6 +135,11 @@ def choose(impl: str, t: int, window) -> tuple[bool, str]:
         return False, f"{t} queries per row (a prefill chunk; the kernel takes decode steps)"
     if window is not None:
         return False, "a sliding-window layer (paged_attention has no window)"
+    if head_dim is not None and head_dim % 128 and attention._platform() == "tpu":
+        # Mosaic refuses the kernel's [.., 1] statistics blocks of width H unless 128 divides H
+        # (GPT-2's H = 64: "last two dimensions ... divisible by 8 and 128"); interpret mode
+        # (the parity tests) does not lower through Mosaic.
+        return False, f"head dim {head_dim} (the kernel's TPU blocks need a multiple of 128)"
     return True, ""
 
 
@@ -152,7 +159,7 @@ def attend(q, k_pool, v_pool, layer, idx: dict, *, impl="auto", window=None, sof
     """
     h = q.shape[-1]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    kernel, _ = choose(impl, q.shape[1], window)
+    kernel, _ = choose(impl, q.shape[1], window, h)
     interpret = attention._platform() != "tpu"
 
     def local(q, k_pool, v_pool, layer, pages, positions, kv_len):
@@ -204,6 +211,12 @@ def _gather(pool, layer, pages):
     return x.transpose(1, 2, 3, 0, 4).reshape(b, r * ps, k, h)
 
 
+def kernel_block(pages_per_row: int) -> int:
+    """Pages per compute block of the TPU kernel: the most, up to 8, that divide R (as it
+    requires); it reads a row's pages in whole blocks up to the row's length."""
+    return max(d for d in range(1, min(pages_per_row, 8) + 1) if pages_per_row % d == 0)
+
+
 def _kernel(q, k_pool, v_pool, layer, pages, kv_len, softcap, scale, interpret: bool):
     """The TPU paged-attention kernel on one decode query per row: q [B, 1, N, H]."""
     from jax.experimental.pallas import tpu as pltpu
@@ -212,7 +225,7 @@ def _kernel(q, k_pool, v_pool, layer, pages, kv_len, softcap, scale, interpret: 
     k, n_layers, n_pages, ps, h = k_pool.shape
     flat = lambda pool: pool.reshape(k, n_layers * n_pages, ps, h)  # layers folded into pages
     r = pages.shape[1]
-    block = max(d for d in range(1, min(r, 8) + 1) if r % d == 0)  # divides R, as it requires
+    block = kernel_block(r)
     scaled = (q[:, 0].astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
     mode = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
     with mode:
