@@ -1,7 +1,7 @@
 """The ahead-of-time planner: compile a stage for a TPU topology on a CPU host, report its fit.
 
   python -m launch.aot --config experiments/<name>.py[:args] --topology v5e:2x2 \
-      [--num_slices N] [--rm_size SIZE] [--out plan.json] [--config.k=v ...]
+      [--num_slices N] [--rm_size SIZE] [--only FN,...] [--out plan.json] [--config.k=v ...]
 
 Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU. Every compiled function of the stage
 (rlhf_jax/stages/aot.py's `PLANNERS`: LM/SFT, RM and DPO train and eval steps; PPO's and GRPO's
@@ -17,6 +17,11 @@ A function whose arguments alone exceed HBM is not compiled. If any function doe
 table is followed by `error: <function> needs X GiB per chip, <topology> chips have Y GiB` on
 stderr and exit code 2; bad flags and configs are one `error:` line and exit code 2 too.
 `--num_slices N` plans N slices joined over DCN (`config.mesh.dcn.data` defaults to N).
+`--only rollout` compiles and reports only the functions named (no iteration bound then).
+
+With `config.rollout.engine=paged` the sampling stages' `rollout` is the paged rollout engine's
+(rlhf_jax/stages/aot_rollout.py): its row adds the engine, slots, pages, page pool bytes per chip
+and the decode steps it takes.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ _RM_SIZE = flags.DEFINE_string(
     "here (default: the policy's).",
 )
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Plan only these functions of the stage (e.g. rollout); default: all of them."
+)
 
 
 def _versions() -> dict:
@@ -62,8 +70,9 @@ def _versions() -> dict:
     return out
 
 
-def plan_stage(config, topology: str, num_slices: int, rm_size: str) -> dict:
-    """Compiles every function of `config.stage` for `topology`; returns the report dict."""
+def plan_stage(config, topology: str, num_slices: int, rm_size: str, only=()) -> dict:
+    """Compiles every function of `config.stage` (those named in `only`, when given) for
+    `topology`; returns the report dict."""
     from rlhf_jax.infra import mesh as mesh_lib
     from rlhf_jax.stages import aot
 
@@ -81,8 +90,15 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str) -> dict:
         f"mesh {dict(mesh.shape)}",
         flush=True,
     )
+    fns = aot.functions(config, mesh, rm_size)
+    unknown = set(only) - {fn.name for fn in fns}
+    if unknown:
+        raise ValueError(
+            f"--only {sorted(unknown)}: not a function of {config.stage}; expected some of "
+            f"{[fn.name for fn in fns]}"
+        )
     rows = []
-    for fn in aot.functions(config, mesh, rm_size):
+    for fn in [fn for fn in fns if not only or fn.name in only]:
         t0 = time.time()
         stats = None
         if plan.chip_bytes(fn.args) + plan.chip_bytes(fn.resident) <= chip.hbm_bytes:
@@ -102,7 +118,9 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str) -> dict:
         "versions": _versions(),
         "functions": rows,
     }
-    it = plan.iteration(rows, chip, n)  # an RL iteration, an rsft round
+    if only:
+        report["only"] = list(only)
+    it = None if only else plan.iteration(rows, chip, n)  # an RL iteration, an rsft round
     if it is not None:
         report["iteration"] = it
     return report
@@ -116,7 +134,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.ERROR)
     paths.resolve_config(_CONFIG.value)
     report = cli.run_or_exit(
-        plan_stage, _CONFIG.value, _TOPOLOGY.value, _SLICES.value, _RM_SIZE.value
+        plan_stage, _CONFIG.value, _TOPOLOGY.value, _SLICES.value, _RM_SIZE.value, _ONLY.value
     )
     print()
     print(plan.table(report["functions"]))

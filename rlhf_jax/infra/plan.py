@@ -269,6 +269,7 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
         "compile_s": round(compile_s, 1),
         "note": fn.note,
         "calls": fn.calls,
+        **fn.extra,
     }
     if stats is None or stats["oom"]:
         args = r["params_bytes"] + r["opt_state_bytes"] + r["frozen_bytes"] + r["batch_bytes"]

@@ -30,8 +30,8 @@ from rlhf_jax.infra import plan, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import dpo as dpo_math
-from rlhf_jax.sampling import best_of_k, reward, sampler
-from rlhf_jax.stages import aot_rl, dpo, kto, lm, rm, rsft, setup
+from rlhf_jax.sampling import best_of_k, reward
+from rlhf_jax.stages import aot_rl, aot_rollout, dpo, kto, lm, rm, rsft, setup
 from rlhf_jax.stages.aot_inputs import (
     Function,
     describe,
@@ -255,12 +255,11 @@ def plan_rsft(config, mesh, rules, rm_size: str = "") -> list[Function]:
     batch = dp * math.ceil(min(default(best_of_k.best_of_k, "batch_size"), n_rows) / dp)
     graphdef, _, _ = state_lib.param_shardings(policy, mesh, rules)
     params = state_lib.abstract_params(policy, mesh, rules)
-    sample = sampler.make_sampler(
-        graphdef, max_new_tokens=tn, eos_id=-1, pad_id=0, mesh=mesh, rules=rules
-    )
-    roll = aot_rl.rollout_function(
-        sample.jitted, policy, params, mesh, rules, (batch, p, tn), (rc.temperature, 0, 1.0)
-    )
+    sample = aot_rollout.make(graphdef, config.get("rollout"), mesh, rules, tn)
+    roll = aot_rollout.function(
+        sample, config.get("rollout"), policy, params, mesh, rules, (batch, p, tn),
+        (rc.temperature, 0, 1.0),
+    )  # fmt: skip
     roll.calls = math.ceil(n_rows / batch)
     roll.note = f"policy {describe(policy, params)}; {roll.note}; {roll.calls} batches"
 

@@ -43,6 +43,7 @@ class Function:
     # Calls in one iteration of an RL stage (one rsft round), whose time bound is the sum of
     # calls x roofline; 0 for a function outside it (an eval step, every LM stage's function).
     calls: int = 0
+    extra: dict = dataclasses.field(default_factory=dict)  # more report fields (the engine's)
 
     def lower(self):
         return self.jitted.lower(*self.args, *self.static)

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from rlhf_jax.infra import plan, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
-from rlhf_jax.sampling import sampler
-from rlhf_jax.stages import grpo_steps, ppo, ppo_steps, setup
+from rlhf_jax.stages import aot_rollout, grpo_steps, ppo, ppo_steps, setup
 from rlhf_jax.stages.aot_inputs import (
     Function,
     describe,
@@ -31,57 +30,6 @@ from rlhf_jax.stages.aot_inputs import (
     scalar,
     train_state,
 )
-
-# The KV cache's logical layout, as sampling/sampler.py constrains it: [L, B, S, K, H].
-_CACHE_AXES = (None, "act_batch", None, "act_heads", None)
-
-
-def rollout_function(jitted, cfg, params, mesh, rules, shape, knobs, resident=None) -> Function:
-    """The sampler's `jitted` function (`make_sampler(...).jitted`) on B prompts of P tokens
-    decoding T new ones each, `shape` = (B, P, T), at sampling `knobs` (temperature, top_k,
-    top_p).
-
-    FLOPs: prefill P tokens, then T - 1 decode steps of one token per row, all attending to the
-    S = P + T cache slots. XLA counts the prefill and one trip of the decode loop; every trip
-    reads the policy's weights (gathered from their FSDP shards, in the compute dtype) and this
-    chip's rows of the KV cache from HBM.
-    """
-    b, p, t = shape
-    s, n = p + t, mesh.devices.size
-    prompts = (
-        rows(mesh, rules, (b, p), jnp.int32),
-        rows(mesh, rules, (b, p), jnp.bool_),
-        rows(mesh, rules, (b,), key_dtype()),
-    )
-    abstract_knobs = {
-        "temperature": scalar(mesh, jnp.float32),
-        "top_k": scalar(mesh, jnp.int32),
-        "top_p": scalar(mesh, jnp.float32),
-    }
-    prefill = plan.forward_flops(cfg, params, b * p, s, b)
-    step = plan.forward_flops(cfg, params, b, s)
-    kv_shape = (cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim)
-    kv_spec = sharding.logical_to_spec(_CACHE_AXES, rules, mesh, kv_shape)
-    kv = jax.ShapeDtypeStruct(
-        kv_shape, jnp.dtype(cfg.dtype), sharding=jax.sharding.NamedSharding(mesh, kv_spec)
-    )
-    step_bytes = plan.gathered_bytes(params, cfg.dtype) + 2 * plan.chip_bytes(kv)
-    temperature, top_k, top_p = knobs
-    return Function(
-        "rollout",
-        jitted,
-        (params, *prompts, abstract_knobs),
-        {"params": params, "batch": prompts},
-        prefill + (t - 1) * step,
-        b * t,
-        b,
-        resident=resident,
-        flops_seen=(prefill + step) / n,
-        loop_bytes=max(t - 2, 0) * step_bytes,
-        static=(sampler.sampling_mode(temperature, top_k, top_p, False),),
-        calls=1,
-        note=f"{b} rows of {p} prompt + {t} new tokens",
-    )
 
 
 def _check_len(cfg, p: int, t: int, section: str) -> None:
@@ -136,10 +84,11 @@ def plan_ppo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     )
     resident = {"value": params["value"], "opt_state": opt, **models}
     knobs = (c.temperature, c.top_k, c.top_p)
-    sample = rollout_function(
-        it.sample.jitted, pol, params["policy"], mesh, rules, (b, p, t), knobs, resident
-    )
-    sample.note = f"{note}; {t} new tokens per row"
+    sample = aot_rollout.function(
+        it.sample, config.get("rollout"), pol, params["policy"], mesh, rules, (b, p, t), knobs,
+        resident,
+    )  # fmt: skip
+    sample.note = f"{note}; " + (sample.note if sample.extra else f"{t} new tokens per row")
 
     # 2 score: policy and reference (head on the T response positions), value and reward.
     frozen = {
@@ -238,11 +187,11 @@ def plan_grpo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     fwd = lambda k, tokens, ctx, head=None: plan.forward_flops(cfgs[k], every[k], tokens, ctx, head)
     kw = dict(g=g, p=p, mesh=mesh, rules=rules)
 
-    sample = sampler.make_sampler(
-        graphdef, max_new_tokens=t, eos_id=-1, pad_id=0, mesh=mesh, rules=rules
-    )
     knobs, resident = (c.temperature, 0, 1.0), {"opt_state": opt, **models}
-    roll = rollout_function(sample.jitted, policy, params, mesh, rules, (b, p, t), knobs, resident)
+    sample = aot_rollout.make(graphdef, config.get("rollout"), mesh, rules, t)
+    roll = aot_rollout.function(
+        sample, config.get("rollout"), policy, params, mesh, rules, (b, p, t), knobs, resident
+    )
     roll.note = f"policy {describe(policy, params)}; G={c.group_size}; {roll.note}"
 
     score_fn = jax.jit(functools.partial(grpo_steps.score_step, graphdefs=graphdefs, **kw))
