@@ -3,7 +3,8 @@
 Tiny stages compiled by the real TPU compiler (libtpu) for a v5e:2x2 slice from this CPU host:
 per-chip parameter and optimizer bytes against a hand count from the architecture and the mesh,
 the pretrain step's FLOPs against 6 N tokens + attention (and the compiler's own count), a step
-the compiler refuses for HBM reported as a result, RM and PPO byte accounting, the command line
+the compiler refuses for HBM reported as a result, RM and PPO byte accounting, the paged rollout
+engine's page pool against a hand count and below the static sampler's cache, the command line
 refusing a config far too large for the slice, and the README's tiny command run verbatim.
 Skipped where libtpu is missing (`pip install -e ".[tpu]"`).
 """
@@ -132,6 +133,36 @@ def test_rm_and_ppo_plans_account_every_model():
     bound = sum(r["roofline_s"] for r in rows.values())
     assert it["roofline_s"] == pytest.approx(bound)
     assert it["samples_per_s"] == pytest.approx(roll["samples"] / bound)
+
+
+@pytest.mark.slow
+def test_paged_rollout_row_holds_its_page_pool_and_less_than_the_static_cache():
+    # 2,048 rows of 32 + 224 tokens (the tiny model's whole context): the static sampler holds
+    # every row's KV cache at full length; the engine runs 64 slots over a pool of 64 pages of
+    # 16 tokens, 1/64 of what its slots would need at full length (R = 16 pages per row).
+    config = ppo_ptx.get_config(f"fsdp={FSDP}")
+    config.ppo.update(rollout_batch=2048, prompt_len=32, max_new_tokens=224)
+    static = _plan(config, compile_only={"rollout"})["rollout"]
+    slots, pages, page_size = 64, 64, 16
+    config.rollout.update(engine="paged", slots=slots, pages=pages, page_size=page_size)
+    paged = _plan(config, compile_only={"rollout"})["rollout"]
+    assert "engine" not in static  # the static row is the one it always was
+    assert (paged["engine"], paged["slots"], paged["pages"]) == ("paged", slots, pages)
+    _, _, k = _tiny_counts()
+    heads, head_dim = 4, k["d"] // 4  # tiny: no GQA
+    # Keys and values of every page in every layer, float32, pages split over the 4 fsdp shards.
+    hand = pages * page_size * k["layers"] * 2 * heads * head_dim * 4 // FSDP
+    assert paged["page_pool_bytes"] == hand
+    assert paged["temp_bytes"] >= hand  # the pool is one of the engine's temporaries
+    assert slots * (32 + 224) > pages * page_size
+    for r in (static, paged):
+        assert _fits_with_a_bound(r) and r["samples"] == 2048
+    assert paged["total_bytes"] < static["total_bytes"]
+    # The same model FLOPs; with one row per shard at full length the engine takes 512 waves of
+    # 223 decode steps, each reading the weights: a slower bound than one batch of 223 steps.
+    assert paged["model_flops"] == pytest.approx(static["model_flops"])
+    assert (paged["live_rows"], paged["decode_steps"]) == (4, 512 * 223)
+    assert paged["roofline_s"] > static["roofline_s"]
 
 
 def _ppo_parts(rm_size="", **ppo):
