@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("layers", None),
     ("norm", None),
     ("pos", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis: small, replicated (models/lora.py)
 )
 
 _log = logging.getLogger(__name__)

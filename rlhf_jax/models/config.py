@@ -24,6 +24,10 @@ import math
 
 FAMILIES = ("gpt2", "llama")
 MLPS = ("gelu", "swiglu", "geglu")
+# The projections a LoRA adapter may sit on: attention q/k/v/o, the MLP's up/gate/down (gate only
+# in a gated MLP), the embedding lookup and the unembedding ("head", an untied LM head only).
+LORA_TARGETS = ("q", "k", "v", "o", "up", "gate", "down", "embed", "head")
+LORA_DEFAULT_TARGETS = "q,k,v,o,up,gate,down"
 
 # The flags each published llama-family architecture fixes (`dataclasses.replace(cfg, **v)`);
 # sizes, windows, soft-caps, query scaling and RoPE bases vary per checkpoint.
@@ -36,6 +40,28 @@ VARIANTS: dict[str, dict] = {
         norm_plus_one=True, sandwich_norms=True, mlp="geglu", embed_scale=True, qk_norm=True
     ),
 }
+
+
+def target_list(targets: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def check_lora(rank: int, alpha: float, targets: str, base_dtype: str) -> None:
+    """One sentence on a bad `config.lora` (the entry checks it before any stage starts)."""
+    if rank < 0:
+        raise ValueError(f"lora.rank={rank} must be >= 0 (0 turns LoRA off)")
+    if rank == 0:
+        return
+    unknown = [t for t in target_list(targets) if t not in LORA_TARGETS]
+    if unknown or not target_list(targets):
+        raise ValueError(
+            f"unknown lora.targets entry {(unknown or [''])[0]!r} in {targets!r}; "
+            f"expected a comma-separated subset of {','.join(LORA_TARGETS)}"
+        )
+    if base_dtype not in ("", "float32", "bfloat16"):
+        raise ValueError(f"unknown lora.base_dtype: {base_dtype!r}; expected float32 or bfloat16")
+    if alpha <= 0:
+        raise ValueError(f"lora.alpha={alpha} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +103,13 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots
     attention: str = "auto"  # auto | xla | splash | cudnn (models/attention.py)
     head: str = "lm"  # lm: logits over the vocabulary; scalar: one score per position (RM, value)
+    # LoRA (models/lora.py): rank > 0 adds adapters on the `lora_targets` projections (comma-
+    # separated, LORA_TARGETS), scaled by alpha / rank; the base is then frozen and held in
+    # `lora_base_dtype` ("" -> param_dtype). Set from `config.lora`, never from `config.model`.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ""
+    lora_base_dtype: str = ""
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -109,6 +142,7 @@ class ModelConfig:
                 "model.qk_norm, norm_plus_one, sandwich_norms, sliding_window and "
                 "rope_local_theta are llama-family options; set model.family=llama"
             )
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_base_dtype)
         set_ = functools.partial(object.__setattr__, self)
         if not self.n_kv_heads:
             set_("n_kv_heads", self.n_heads)
@@ -121,11 +155,23 @@ class ModelConfig:
                 set_("d_ff", 256 * math.ceil(int(8 * self.d_model / 3) / 256))
         if self.tie_embeddings is None:
             set_("tie_embeddings", self.family == "gpt2")
+        if self.lora_on("head") and self.head == "lm" and self.tie_embeddings:
+            raise ValueError(
+                "lora.targets has 'head' but this model's head is its embedding "
+                "(tie_embeddings); target 'embed', or drop 'head'"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads={self.n_heads} is not a multiple of "
                 f"model.n_kv_heads={self.n_kv_heads}"
             )
+
+    def lora_target_list(self) -> tuple[str, ...]:
+        return target_list(self.lora_targets)
+
+    def lora_on(self, target: str) -> bool:
+        """Whether `target` (one of LORA_TARGETS) carries an adapter in this model."""
+        return self.lora_rank > 0 and target in self.lora_target_list()
 
     @property
     def use_bias(self) -> bool:
@@ -156,7 +202,8 @@ class ModelConfig:
 # preset's), with their types: all but the family, sizes and layout the experiments name
 # themselves and the head a stage picks, the numerics (dtype, remat, attention) and param dtype.
 _NOT_ARCH = ("family", "vocab_size", "max_len", "n_kv_heads", "dtype", "param_dtype",
-             "scan_layers", "remat", "attention", "head")  # fmt: skip
+             "scan_layers", "remat", "attention", "head", "lora_rank", "lora_alpha",
+             "lora_targets", "lora_base_dtype")  # fmt: skip
 ARCH_FIELDS: dict[str, type] = {
     f.name: bool if f.default is None else type(f.default)  # tie_embeddings: None -> bool
     for f in dataclasses.fields(ModelConfig)

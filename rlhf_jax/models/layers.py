@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 
 
@@ -131,21 +132,34 @@ class MLP(nnx.Module):
         if cfg.use_bias:
             self.up_bias = param(rngs, (f,), ("mlp",), cfg, init="zeros")
             self.down_bias = param(rngs, (d,), ("norm",), cfg, init="zeros")
+        # LoRA adapters (models/lora.py), None where off; created after the base params.
+        self.up_lora = lora.adapter(cfg, rngs, "up", (d,), ("embed",), (f,), ("mlp",))
+        self.down_lora = lora.adapter(cfg, rngs, "down", (f,), ("mlp",), (d,), ("embed",))
+        gated = cfg.mlp_kind != "gelu"
+        self.gate_lora = (
+            lora.adapter(cfg, rngs, "gate", (d,), ("embed",), (f,), ("mlp",)) if gated else None
+        )
+
+    def _proj(self, name, x, dt):
+        """x @ W for the param `name`, plus its adapter's update where it has one."""
+        y = x @ getattr(self, name)[...].astype(dt)
+        ad = getattr(self, f"{name}_lora")
+        return y if ad is None else y + ad(x, dt)
 
     def __call__(self, x):  # [B, T, D]
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
-        h = x @ self.up[...].astype(dt)  # [B, T, F]
+        h = self._proj("up", x, dt)  # [B, T, F]
         if cfg.use_bias:
             h = h + self.up_bias[...].astype(dt)
         if cfg.mlp_kind == "swiglu":
-            h = jax.nn.silu(x @ self.gate[...].astype(dt)) * h
+            h = jax.nn.silu(self._proj("gate", x, dt)) * h
         elif cfg.mlp_kind == "geglu":
-            h = jax.nn.gelu(x @ self.gate[...].astype(dt), approximate=True) * h
+            h = jax.nn.gelu(self._proj("gate", x, dt), approximate=True) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = sharding.constrain(h, ("act_batch", "act_len", "act_mlp"))
-        y = h @ self.down[...].astype(dt)
+        y = self._proj("down", h, dt)
         if cfg.use_bias:
             y = y + self.down_bias[...].astype(dt)
         return y

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.infra import sharding
-from rlhf_jax.models import attention, layers, paged
+from rlhf_jax.models import attention, layers, lora, paged
 from rlhf_jax.models.config import ModelConfig
 
 # The per-position pieces live in layers.py; these names stay importable from here.
@@ -66,6 +66,18 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = Norm(cfg, rngs, dim=h)
             self.k_norm = Norm(cfg, rngs, dim=h)
+        # LoRA adapters (models/lora.py), None where off; created after the base params.
+        emb = ((d,), ("embed",))
+        self.q_lora = lora.adapter(cfg, rngs, "q", *emb, (n, h), ("heads", "head_dim"))
+        self.k_lora = lora.adapter(cfg, rngs, "k", *emb, (k, h), ("kv_heads", "head_dim"))
+        self.v_lora = lora.adapter(cfg, rngs, "v", *emb, (k, h), ("kv_heads", "head_dim"))
+        self.o_lora = lora.adapter(cfg, rngs, "o", (n, h), ("heads", "head_dim"), *emb)
+
+    def _proj(self, name, spec, x, dt):
+        """einsum(spec, x, W) for the param `name`, plus its adapter's update where it has one."""
+        y = jnp.einsum(spec, x, getattr(self, name)[...].astype(dt))
+        ad = getattr(self, f"{name}_lora")
+        return y if ad is None else y + ad(x, dt)
 
     def __call__(self, x, positions, key_mask, kv, local=False):
         """x: [B, T, D]; positions: [B, T]; key_mask: [B, S] bool or None;
@@ -76,9 +88,9 @@ class Attention(nnx.Module):
         Returns (y [B, T, D], (k, v) written cache or None)."""
         cfg = self.cfg
         dt = _dt(cfg.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        q = self._proj("q", "btd,dnh->btnh", x, dt)
+        k = self._proj("k", "btd,dkh->btkh", x, dt)
+        v = self._proj("v", "btd,dkh->btkh", x, dt)
         if cfg.use_bias or cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -110,7 +122,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             q_slot = index + jnp.arange(x.shape[1])  # cache slot of each query  [T]
         y = self._attend(q, k, v, q_slot, key_mask, local, pool)
-        y = jnp.einsum("btnh,nhd->btd", y, self.o[...].astype(dt))
+        y = self._proj("o", "btnh,nhd->btd", y, dt)
         if cfg.use_bias:
             y = y + self.o_bias[...].astype(dt)
         return y, new_kv
@@ -201,6 +213,14 @@ class Transformer(nnx.Module):
             self.score_bias = _param(rngs, (), (), cfg, init="zeros")
         elif not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), cfg)
+        # LoRA (models/lora.py): the embedding's adapter picks rows of A by token id; a tied head
+        # unembeds with the adapted embedding too. "head" adapts an untied LM head only.
+        self.embed_lora = lora.adapter(cfg, rngs, "embed", (v,), ("vocab",), (d,), ("embed",),
+                                       rows=True)  # fmt: skip
+        lm = cfg.head == "lm" and not cfg.tie_embeddings
+        self.lm_head_lora = (
+            lora.adapter(cfg, rngs, "head", (d,), ("embed",), (v,), ("vocab",)) if lm else None
+        )
 
     def __call__(
         self, tokens, *, positions=None, key_mask=None, cache=None, return_hidden: bool = False
@@ -232,6 +252,8 @@ class Transformer(nnx.Module):
             )
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        if self.embed_lora is not None:
+            x = x + self.embed_lora(tokens, dt)
         if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype, as Gemma computes it
             x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
         if cfg.family == "gpt2":
@@ -308,6 +330,14 @@ class Transformer(nnx.Module):
         """
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D, V]
         logits = head_matmul(x, w)
+        # LoRA updates of the head, in the head's float32: an untied head's own adapter
+        # x A B, or a tied head's embedding adapter x (A B).T = (x B.T) A.T (A [V, r], B [r, D]).
+        ad = self.embed_lora if self.cfg.tie_embeddings else self.lm_head_lora
+        if ad is not None:
+            a, b = ad.a[...], ad.b[...]
+            if self.cfg.tie_embeddings:
+                a, b = b.T, a.T  # [D, r], [r, V]
+            logits = logits + head_matmul(head_matmul(x, a), b) * ad.scale
         if cap := self.cfg.final_softcap:  # Gemma 2: every path's logits and log-probs see it
             logits = cap * jnp.tanh(logits / cap)
         return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab"))
