@@ -160,6 +160,17 @@ def base_config() -> mlc.ConfigDict:
             pages=0,  # paged: pages in the pool; 0 -> enough for every slot at full length
         )
     )
+    # LoRA (rlhf_jax/models/lora.py): rank > 0 trains low-rank adapters on `targets` (and a
+    # stage's scalar head) over a frozen base held in `base_dtype`; checkpoints hold only what
+    # trains and name their base (init_from). Targets: q,k,v,o,up,gate,down,embed,head.
+    c.lora = mlc.ConfigDict(
+        dict(
+            rank=0,  # 0: off, every param trains
+            alpha=16.0,  # the update is scaled by alpha / rank
+            targets=arch_lib.LORA_DEFAULT_TARGETS,  # attention q/k/v/o and the MLP
+            base_dtype="float32",  # float32 | bfloat16: the frozen base's dtype
+        )
+    )
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

@@ -37,6 +37,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
+
 def dispatch(config, mesh, workdir):
     """Runs the stage module the method table (rlhf_jax/methods.py) names for config.stage."""
     return methods.stage_module(config.stage).run(config, mesh, workdir)
@@ -105,6 +106,7 @@ def start(config, workdir: str):
 
     paths.check_sources(config)
     setup.check_counts(config)  # every stage's, nested pipeline stages' too
+    setup.check_lora(config)  # likewise: a bad lora section stops here, in one line
     config_hash = provenance.config_hash(config.to_dict())
     version = provenance.code_version()
     check_same_run(config_hash, version["source_hash"])

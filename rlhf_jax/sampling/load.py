@@ -18,7 +18,7 @@ import numpy as np
 
 from rlhf_jax.data import chat, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
-from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.infra import checkpoint, restore, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 
@@ -33,7 +33,8 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
       step: the checkpoint step; None means the latest.
 
     Returns:
-      (graphdef, params pure dict, ModelConfig, Tokenizer, meta dict).
+      (graphdef, params pure dict, ModelConfig, Tokenizer, meta dict). A LoRA workdir comes
+      back as its merged model (base + adapters folded in, `restore.restore_params`).
 
     Raises:
       FileNotFoundError: no checkpoint (or tokenizer file) there.
@@ -47,7 +48,7 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
     unknown = sorted(set(meta["model"]) - fields)
     if unknown:
         raise ValueError(f"checkpoint in {workdir} has unknown model config keys {unknown}")
-    model_cfg = model_config.ModelConfig(**meta["model"])
+    model_cfg = restore.stored_model(meta, workdir)  # a LoRA workdir is read merged
     template = chat.from_config(meta.get("config"))  # how this lineage renders messages rows
     tok = tok_lib.load_tokenizer(_tokenizer_path(workdir, meta), chat_template=template)
     tok.check_model_vocab(model_cfg.vocab_size)
@@ -55,7 +56,7 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    params = checkpoint.restore_params(workdir, abstract, step=step)
+    params = restore.restore_params(workdir, abstract, rules, step)
     return graphdef, params, model_cfg, tok, meta
 
 

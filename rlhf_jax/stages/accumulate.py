@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
 
 
 def microbatches(batch, n: int):
@@ -33,7 +34,8 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
     Args:
       fn: (params, microbatch) -> (loss [], metrics {name: []}); the loss is a mean over
         metrics[weight] units.
-      params: the differentiated pytree.
+      params: the model's params; only their trainable part is differentiated (all of them
+        without LoRA; `state.value_and_grad_trainable`).
       batch: arrays with the batch axis first (the global batch, sharded over data axes).
       grad_accum: the number of microbatches (it divides the per-device rows).
       weight: the metric that counts the loss's units.
@@ -43,9 +45,9 @@ def accumulate(fn, params, batch, grad_accum: int, *, weight: str, means: dict[s
       sums: further metrics summed over microbatches, like the counts (a count no mean names).
 
     Returns:
-      (loss [], metrics, grads like params).
+      (loss [], metrics, grads like params' trainable part).
     """
-    grad_fn = jax.value_and_grad(fn, has_aux=True)
+    grad_fn = state_lib.value_and_grad_trainable(fn)
     if grad_accum == 1:
         (loss, m), grads = grad_fn(params, batch)
         return loss, m, grads

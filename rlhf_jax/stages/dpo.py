@@ -13,7 +13,10 @@ computed IN THE STEP, as one more forward pass on the frozen params (an ordinary
 never donated, never in the optimizer): for one epoch this is the same work as a pass over the
 data up front, it needs no second copy of the data or a table to keep in step with the
 shuffled iterator, and it resumes with nothing extra to restore. Log-probs sum over response
-tokens only (EOS included), from the float32 head.
+tokens only (EOS included), from the float32 head. With LoRA (`lora.rank` > 0) and no
+`dpo.reference_from`, the reference is the policy's own frozen base with the adapters off
+(`lora.adapters_off`, the step's reference argument an empty dict): no second copy is held, and
+at step 0 policy and reference are the same computation.
 
 Resuming is the supervised loop's (stages/loop.py): params, optimizer state and the data
 position from `<workdir>/checkpoints`; the reference is restored again from its source.
@@ -40,6 +43,7 @@ import optax
 from rlhf_jax.data import dpo_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import dpo
 from rlhf_jax.sampling import likelihood, rollout, sampler
@@ -89,6 +93,12 @@ def response_logprobs(graphdef, params, tokens, mask, prompt_len, with_lengths=F
     return total
 
 
+def reference(params, ref_params):
+    """The reference's params: `ref_params`, or where that is empty (a LoRA policy without
+    reference_from) the policy's own base, adapters off and no gradient."""
+    return ref_params or lora.adapters_off(params)
+
+
 def batch_loss(params, ref_params, batch, *, graphdef, c):
     """(loss, metrics) of a comparison batch under `c.loss`; SimPO never reads `ref_params`."""
     args = (batch["tokens"], batch["mask"], batch["prompt_len"])
@@ -100,7 +110,7 @@ def batch_loss(params, ref_params, batch, *, graphdef, c):
             label_smoothing=c.label_smoothing,
         )  # fmt: skip
     logp = response_logprobs(graphdef, params, *args)
-    logp_ref = response_logprobs(graphdef, ref_params, *args)
+    logp_ref = response_logprobs(graphdef, reference(params, ref_params), *args)
     return dpo.dpo_loss(
         logp, logp_ref, ranks, kmask, beta=c.beta, loss=c.loss,
         label_smoothing=c.label_smoothing,
@@ -117,8 +127,9 @@ def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules, grad_a
         loss, m, grads = accumulate.accumulate(
             fn, state["params"], batch, grad_accum, weight="prompts", means=means
         )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state = state_lib.apply_gradients(
+            tx, grads, state["params"], state["opt_state"]
+        )
         out = {
             "dpo/loss": loss,
             "dpo/grad_norm": optax.tree.norm(grads),
@@ -164,7 +175,8 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     """The jitted train and eval steps with explicit shardings; state donated, reference not.
     A reference-free loss (SimPO) takes an empty reference `{}`: nothing of it is held."""
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
-    ref_sh = None if config.dpo.loss in dpo.REFERENCE_FREE else shardings["params"]
+    free = config.dpo.loss in dpo.REFERENCE_FREE
+    ref_sh = None if free else reference_shardings(config, "dpo", shardings)
     kw = dict(graphdef=graphdef, c=config.dpo, mesh=mesh, rules=rules)
     train = jax.jit(
         functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
@@ -205,7 +217,7 @@ def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules, sectio
         with sharding.use_rules(mesh, rules):
             full = jnp.concatenate([mask, response_mask], axis=1)
             lp = lambda w: sampler.sequence_logprobs(graphdef, w, tokens, full, start=p - 1)
-            diff = jnp.where(response_mask, lp(params) - lp(ref), 0.0)  # [B, T]
+            diff = jnp.where(response_mask, lp(params) - lp(reference(params, ref)), 0.0)
             return diff.sum(axis=1)
 
     rows_sh = lambda nd: sharding.batch_sharding(mesh, rules, nd)
@@ -238,20 +250,42 @@ def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules, sectio
     return evaluate
 
 
+def shares_base(config, section: str, model_cfg) -> bool:
+    """Whether the reference is the LoRA policy's own base (no `reference_from`)."""
+    return bool(model_cfg.lora_rank) and not config[section].reference_from
+
+
+def reference_shardings(config, section: str, shardings):
+    """The step's reference argument shardings: the params', or none for the empty dict that
+    stands for a LoRA policy's own base."""
+    shared = lora.has_adapters(shardings["params"]) and not config[section].reference_from
+    return None if shared else shardings["params"]
+
+
 def reference_params(config, model_cfg, mesh, rules, section="dpo"):
     """The frozen reference: `<section>.reference_from`, else `init_from`, else the seeded
-    init (tests)."""
-    _, _, p_shard = state_lib.param_shardings(model_cfg, mesh, rules)
+    init (tests). A LoRA policy's reference is `{}` (its own base, `reference`) without
+    `reference_from`; with it, that model plus zero adapters, so the policy's step runs it."""
+    if shares_base(config, section, model_cfg):
+        return {}
+    base_cfg = lora.base_config(model_cfg)
+    _, _, p_shard = state_lib.param_shardings(base_cfg, mesh, rules)
     ref_from = config[section].reference_from
     src = ref_from or config.init_from
     if not src:
-        return state_lib.init_params(model_cfg, config.seed, p_shard)
-    if ref_from:
-        meta = setup.read_init_meta(src) or {}
-        setup.check_same_model(meta, model_cfg, src)
-        if meta.get("model", {}).get("head", "lm") != "lm":
-            raise ValueError(f"{section}.reference_from {src!r} is not an LM-head model")
-    return setup.restore_init_params(src, state_lib.abstract_params(model_cfg, mesh, rules))
+        params = state_lib.init_params(base_cfg, config.seed, p_shard)
+    else:
+        if ref_from:
+            meta = setup.read_init_meta(src) or {}
+            setup.check_same_model(meta, base_cfg, src)
+            if meta.get("model", {}).get("head", "lm") != "lm":
+                raise ValueError(f"{section}.reference_from {src!r} is not an LM-head model")
+        abstract = state_lib.abstract_params(base_cfg, mesh, rules)
+        params = setup.restore_init_params(src, abstract, rules=rules)
+    if not model_cfg.lora_rank:
+        return params
+    _, _, lora_sh = state_lib.param_shardings(model_cfg, mesh, rules)
+    return state_lib.lora_params(model_cfg, config.seed, lora_sh, base=params)
 
 
 def prepare(config, mesh, workdir: str, section: str, build_data):
@@ -313,7 +347,7 @@ def train(config, mesh, workdir, section, p, *, compile_fn, summarize_fn, ref, k
         step_fn=None,
         loss_key=loss_key,
         tokens_per_step=tokens_per_step,
-        init_params=(lambda a: setup.restore_init_params(config.init_from, a))
+        init_params=(lambda a: setup.restore_init_params(config.init_from, a, rules=rules))
         if config.init_from
         else None,
         meta=setup.checkpoint_meta(config, model_cfg, tok, config.stage),

@@ -68,11 +68,10 @@ def run(config, mesh, workdir: str):
     reward_cfg, reward_meta = rl_data.reward_model_config(config, "grpo", policy_cfg)
     reward_fn = rl_data.load_reward_fn(config, "grpo")
     bias = float((reward_meta or {}).get("reward_bias", 0.0))
-    ref_src = c.reference_from or config.init_from
-    frozen = {
-        "ref": rl_data.restore(ref_src, policy_cfg, mesh, rules),
-        "reward_bias": jnp.float32(bias),
-    }
+    frozen = {"reward_bias": jnp.float32(bias)}
+    ref = rl_data.reference(config, "grpo", policy_cfg, mesh, rules)
+    if ref is not None:  # else a LoRA policy's own base (grpo_steps.score_step)
+        frozen["ref"] = ref
     graphdefs = {"policy": model_lib.abstract(policy_cfg)[0]}
     if reward_cfg is not None:
         frozen["reward"] = rl_data.restore(c.reward_from, reward_cfg, mesh, rules)
@@ -110,7 +109,7 @@ def run(config, mesh, workdir: str):
         step_fn=None,
         loss_key="grpo/loss",
         tokens_per_step=rows * (p + c.max_new_tokens),
-        init_params=lambda a: setup.restore_init_params(config.init_from, a),
+        init_params=lambda a: setup.restore_init_params(config.init_from, a, rules=rules),
         meta=setup.checkpoint_meta(config, policy_cfg, tok, "grpo", reward_bias=bias),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)

@@ -4,8 +4,9 @@ Arrays of a rollout (B = N * G rows, the G samples of each prompt in consecutive
 slots, T response slots), as ppo_steps.py lays them out:
   tokens [B, P + T]  prompt (left-padded) then response (pad after EOS)
   prompt_mask [B, P], response_mask [B, T] (True up to and including EOS)
-Models: `policy` (trained), `ref` (the frozen SFT policy) and optionally `reward` (the frozen
-RM); frozen params are ordinary arguments, never donated, never in the optimizer. Every log-prob
+Models: `policy` (trained), `ref` (the frozen SFT policy; absent for a LoRA policy, whose own
+base with the adapters off is the reference) and optionally `reward` (the frozen RM); frozen
+params are ordinary arguments, never donated, never in the optimizer. Every log-prob
 is the sampling distribution's (logits / temperature), so the first minibatch's ratio is 1.
 
 The loss, minimised, of one minibatch and one pretraining batch:
@@ -23,6 +24,7 @@ import optax
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl import grpo, losses
 from rlhf_jax.sampling import likelihood, reward
 from rlhf_jax.stages import ppo_steps
@@ -109,7 +111,8 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
 
     Args:
       params: the policy's params.
-      frozen: {"ref", ["reward"], "reward_bias" []} frozen inputs.
+      frozen: {["ref"], ["reward"], "reward_bias" []} frozen inputs; without "ref" the
+        reference is the (LoRA) policy's base, adapters off.
       batch: {"tokens" [B, P + T], "prompt_mask" [B, P], "response_mask" [B, T]}, B = N * G
         with each prompt's G samples in consecutive rows.
       ext_scores: [B] reward-function scores (zeros with an RM).
@@ -129,7 +132,8 @@ def score_step(params, frozen, batch, ext_scores, *, graphdefs, g: GRPOConfig, p
 
         rows = g.minibatch_rows
         logp = _chunked(functools.partial(lp, params), [tokens, mask], rows)
-        logp_ref = _chunked(functools.partial(lp, frozen["ref"]), [tokens, mask], rows)
+        ref = frozen["ref"] if "ref" in frozen else lora.adapters_off(params)
+        logp_ref = _chunked(functools.partial(lp, ref), [tokens, mask], rows)
         logp, logp_ref = (jnp.where(rmask, x, 0.0) for x in (logp, logp_ref))
         if "reward" in frozen:
             scores = reward.sequence_scores(graphdefs["reward"], frozen["reward"], tokens, mask)
@@ -195,8 +199,11 @@ def update_step(state, batch, ptx, rng, *, graphdef, tx, g: GRPOConfig, p: int, 
     with sharding.use_rules(mesh, rules):
         b = batch["tokens"].shape[0]
         n_mb = b // g.minibatch_rows
+        # Only the trainable params (all without LoRA) are carried, differentiated and updated.
+        trainable, frozen = lora.split_trainable(state["params"])
+        loss_fn = functools.partial(grpo_loss, graphdef=graphdef, g=g, p=p)
         grad_fn = jax.value_and_grad(
-            functools.partial(grpo_loss, graphdef=graphdef, g=g, p=p), has_aux=True
+            lambda t, mb, px: loss_fn(lora.combine(t, frozen), mb, px), has_aux=True
         )
 
         def one_epoch(carry, epoch):
@@ -204,22 +211,23 @@ def update_step(state, batch, ptx, rng, *, graphdef, tx, g: GRPOConfig, p: int, 
             idx = jnp.where(epoch == 0, jnp.arange(b), shuffled).reshape(n_mb, g.minibatch_rows)
 
             def one_mb(carry, i):
-                params, opt_state = carry
+                trainable, opt_state = carry
                 mb = jax.tree.map(lambda x: x[idx[i]], batch)
                 mb = jax.tree.map(
                     lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
                 )
                 px = None if ptx is None else jax.tree.map(lambda x: x[:, epoch * n_mb + i], ptx)
-                (_, m), grads = grad_fn(params, mb, px)
-                updates, opt_state = tx.update(grads, opt_state, params)
+                (_, m), grads = grad_fn(trainable, mb, px)
+                updates, opt_state = tx.update(grads, opt_state, trainable)
                 m["grpo/grad_norm"] = optax.tree.norm(grads)
-                return (optax.apply_updates(params, updates), opt_state), m
+                return (optax.apply_updates(trainable, updates), opt_state), m
 
             return jax.lax.scan(one_mb, carry, jnp.arange(n_mb))
 
-        (params, opt_state), ms = jax.lax.scan(
-            one_epoch, (state["params"], state["opt_state"]), jnp.arange(g.epochs)
+        (trainable, opt_state), ms = jax.lax.scan(
+            one_epoch, (trainable, state["opt_state"]), jnp.arange(g.epochs)
         )
+        params = lora.combine(trainable, frozen)
         metrics = jax.tree.map(jnp.mean, ms)
         metrics["grpo/first_ratio_max"] = ms["grpo/ratio_max"][0, 0]
         metrics["grpo/first_ratio_min"] = ms["grpo/ratio_min"][0, 0]

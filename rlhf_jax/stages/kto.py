@@ -27,6 +27,7 @@ import optax
 
 from rlhf_jax.data import kto_data
 from rlhf_jax.infra import sharding
+from rlhf_jax.infra import state as state_lib
 from rlhf_jax.rl import kto
 from rlhf_jax.stages import accumulate
 from rlhf_jax.stages import dpo as dpo_stage
@@ -50,7 +51,8 @@ def logratios(params, ref_params, batch, slot: int, graphdef):
     args = (batch["tokens"][:, slot : slot + 1], batch["mask"][:, slot : slot + 1],
             batch["prompt_len"])  # fmt: skip
     logp = dpo_stage.response_logprobs(graphdef, params, *args)[:, 0]
-    logp_ref = dpo_stage.response_logprobs(graphdef, ref_params, *args)[:, 0]
+    ref = dpo_stage.reference(params, ref_params)  # a LoRA policy's own base when empty
+    logp_ref = dpo_stage.response_logprobs(graphdef, ref, *args)[:, 0]
     return logp, logp_ref
 
 
@@ -85,14 +87,13 @@ def train_step(state, ref_params, batch, *, graphdef, tx, c, mesh, rules, grad_a
         loss, m, grads = accumulate.accumulate(
             lambda p, mb: fn(p, batch=mb), params, batch, grad_accum, weight="rows", means=MEANS
         )
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params, opt_state = state_lib.apply_gradients(tx, grads, params, state["opt_state"])
         out = {
             "kto/loss": loss,
             "kto/grad_norm": optax.tree.norm(grads),
             **{f"kto/{k}": v for k, v in m.items()},
         }
-        new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates)}
-        return {**new, "opt_state": opt_state}, out
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
 
 
 def eval_step(params, ref_params, batch, *, graphdef, c, mesh, rules, microbatches: int = 1):
@@ -124,15 +125,16 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     """The jitted train and eval steps with explicit shardings; state donated, reference not."""
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
     kw = dict(graphdef=graphdef, c=config.kto, mesh=mesh, rules=rules)
+    ref_sh = dpo_stage.reference_shardings(config, "kto", shardings)
     train = jax.jit(
         functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
-        in_shardings=(shardings, shardings["params"], batch_sh),
+        in_shardings=(shardings, ref_sh, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     evaluate = jax.jit(
         functools.partial(eval_step, microbatches=config.train.grad_accum, **kw),
-        in_shardings=(shardings["params"], shardings["params"], batch_sh),
+        in_shardings=(shardings["params"], ref_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
     )
     return train, evaluate

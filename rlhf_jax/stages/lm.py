@@ -60,8 +60,7 @@ def train_step(state, batch, *, graphdef, tx, grad_accum: int, mesh, rules):
         loss, m, grads = accumulate.accumulate(
             fn, params, batch, grad_accum, weight="tokens", means={}
         )
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params, opt_state = state_lib.apply_gradients(tx, grads, params, state["opt_state"])
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         out = {
             "train/loss": loss,
@@ -166,7 +165,7 @@ def run(config, mesh, workdir: str):
 
     def init_params(abstract_params):
         if config.init_from:  # hand-off: params only, fresh optimizer
-            return setup.restore_init_params(config.init_from, abstract_params)
+            return setup.restore_init_params(config.init_from, abstract_params, rules=rules)
         return None
 
     s = loop.Setup(

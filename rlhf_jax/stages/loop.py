@@ -30,6 +30,7 @@ import numpy as np
 
 from rlhf_jax.infra import checkpoint, metrics, plan, preemption, sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.stages import setup as setup_lib
 
 
@@ -102,23 +103,16 @@ def restore_or_init(s: Setup, rules):
         graphdef, abstract, shardings = state_lib.abstract_train_state(
             s.model_cfg, s.tx, s.mesh, rules
         )
-
-        def init():
-            params = s.init_params(abstract["params"]) if s.init_params else None
-            _, st, _ = state_lib.create_train_state(
-                s.model_cfg, s.tx, s.mesh, rules, s.config.seed, params=params
-            )
-            return {k: v for k, v in st.items() if k != "step"}
-
         rest = {k: v for k, v in abstract.items() if k != "step"}
-        layout = Layout(abstract=rest, shardings=shardings, init=init)
+        layout = _one_model_layout(s, rules, rest, shardings)
     s.layout = layout
     t = s.config.train
     ckpt = checkpoint.Checkpointer(os.path.join(s.workdir, "checkpoints"), max_to_keep=t.keep_ckpts)
     start = ckpt.latest_step()
     if start is not None:
+        # The model first: a checkpoint of another model (or LoRA setting) is one sentence.
+        setup_lib.check_same_model(ckpt.read_meta(start), s.model_cfg, ckpt.directory)
         restored, data_state, old_meta = ckpt.restore(start, layout.to_items(layout.abstract))
-        setup_lib.check_same_model(old_meta, s.model_cfg, ckpt.directory)
         state = layout.from_items(restored)
         s.train_iter.set_state(data_state)
         if s.host_state is not None:
@@ -128,6 +122,41 @@ def restore_or_init(s: Setup, rules):
         state = layout.init()
     step = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings["step"])
     return graphdef, {"step": step, **state}, layout.shardings, start, ckpt
+
+
+def _one_model_layout(s: Setup, rules, abstract, shardings) -> Layout:
+    """One model and one optimizer. With LoRA the checkpoint holds only the trainable params
+    (and their optimizer state); the frozen base is rebuilt from its source on resume, as a fresh
+    run builds it (`s.init_params`, or the seeded init), so a resume is bitwise."""
+    cfg = s.model_cfg
+    base_cfg = lora.base_config(cfg)
+
+    def base():  # the params of the model without adapters: init_from's, or None (seeded)
+        if s.init_params is None:
+            return None
+        target = state_lib.abstract_params(base_cfg, s.mesh, rules) if cfg.lora_rank else None
+        return s.init_params(abstract["params"] if target is None else target)
+
+    def init():
+        _, st, _ = state_lib.create_train_state(
+            cfg, s.tx, s.mesh, rules, s.config.seed, params=base()
+        )
+        return {k: v for k, v in st.items() if k != "step"}
+
+    if not cfg.lora_rank:
+        return Layout(abstract=abstract, shardings=shardings, init=init)
+
+    def to_items(state):
+        trainable = lora.split_trainable(state["params"])[0]
+        return {"params": trainable, "opt_state": state["opt_state"]}
+
+    def from_items(items):
+        full = state_lib.lora_params(cfg, s.config.seed, shardings["params"], base=base())
+        params = lora.combine(items["params"], lora.split_trainable(full)[1])
+        return {"params": params, "opt_state": items["opt_state"]}
+
+    return Layout(abstract=abstract, shardings=shardings, init=init, to_items=to_items,
+                  from_items=from_items)  # fmt: skip
 
 
 def train(s: Setup, state, start: int, ckpt, schedule=None):

@@ -19,6 +19,12 @@ any LM stage's), "value", "opt_state" (both), the KL coefficient in its meta and
 iterators' positions; all RNG derives from seed and iteration, so a killed run resumes to the
 same params as the uninterrupted one. The pure steps are ppo_steps.py's; what PPO shares with
 GRPO (prompts, ptx text, rewards, eval batches, rollout keys) is rl_data.py's.
+
+With LoRA (`lora.rank` > 0) policy and value each train adapters (the value its head too) over
+a frozen base: the policy's from `init_from`, the value model's from the RM (or the SFT
+backbone); checkpoints hold only what trains, and resuming rebuilds the bases from their
+sources. Without `ppo.reference_from` the reference is the policy's own base with the adapters
+off, not a second copy.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import ppo_math
 from rlhf_jax.sampling import rollout as rollout_lib
@@ -46,14 +53,14 @@ def build_models(config, tok, mesh, rules):
     its config is the value model's either way. Trained params: `trained_params`."""
     c = config.ppo
     policy_cfg, _ = setup.resolve_model(config, tok)
-    cfgs = {"policy": policy_cfg, "ref": policy_cfg}
+    cfgs = {"policy": policy_cfg, "ref": lora.base_config(policy_cfg)}
     reward_cfg, reward_meta = rl_data.reward_model_config(config, "ppo", policy_cfg)
     if reward_cfg is not None:
         cfgs["reward"] = reward_cfg
     if c.value_init == "rm":
         if reward_cfg is None:
             raise ValueError("ppo.value_init='rm' needs ppo.reward_from (an RM workdir)")
-        cfgs["value"] = reward_cfg
+        cfgs["value"] = dataclasses.replace(reward_cfg, **setup.lora_fields(config))
     elif c.value_init == "sft":
         cfgs["value"] = dataclasses.replace(policy_cfg, head="scalar")
     else:
@@ -62,8 +69,9 @@ def build_models(config, tok, mesh, rules):
     graphdefs = {k: model_lib.abstract(v)[0] for k, v in held.items()}
     # The KL reference is the SFT policy even when the policy starts elsewhere (a later round
     # of iterated RLHF continues from the previous round's policy).
-    ref_from = c.reference_from or config.init_from
-    frozen = {"ref": rl_data.restore(ref_from, policy_cfg, mesh, rules, held["ref"])}
+    # (A LoRA policy without ppo.reference_from is its own reference: no "ref" is held.)
+    ref = rl_data.reference(config, "ppo", policy_cfg, mesh, rules, held["ref"])
+    frozen = {} if ref is None else {"ref": ref}
     if reward_cfg is not None and not c.reward_fn:
         frozen["reward"] = rl_data.restore(c.reward_from, reward_cfg, mesh, rules, held["reward"])
     bias = float((reward_meta or {}).get("reward_bias", 0.0))
@@ -72,14 +80,26 @@ def build_models(config, tok, mesh, rules):
 
 def trained_params(config, cfgs, mesh, rules):
     """{"policy", "value"} of a fresh run: the policy from `init_from`, the value model from
-    the RM (`ppo.value_init="rm"`) or the SFT backbone with a fresh scalar head."""
-    params = {"policy": rl_data.restore(config.init_from, cfgs["policy"], mesh, rules)}
+    the RM (`ppo.value_init="rm"`) or the SFT backbone with a fresh scalar head; with LoRA
+    those are the bases, each given fresh adapters (the value's seeded apart from the
+    policy's)."""
+    base = {k: lora.base_config(cfgs[k]) for k in ("policy", "value")}
+    params = {"policy": rl_data.restore(config.init_from, base["policy"], mesh, rules)}
     if config.ppo.value_init == "rm":
-        params["value"] = rl_data.restore(config.ppo.reward_from, cfgs["value"], mesh, rules)
+        params["value"] = rl_data.restore(config.ppo.reward_from, base["value"], mesh, rules)
     else:
-        meta = {"model": dataclasses.asdict(cfgs["policy"])}
-        params["value"] = rm_stage.backbone_params(config, cfgs["value"], mesh, rules, meta)
+        meta = {"model": dataclasses.asdict(base["policy"])}
+        params["value"] = rm_stage.backbone_params(config, base["value"], mesh, rules, meta)
+    for i, k in enumerate(("policy", "value")):
+        if cfgs[k].lora_rank:
+            _, _, shardings = state_lib.param_shardings(cfgs[k], mesh, rules)
+            params[k] = state_lib.lora_params(cfgs[k], config.seed + i, shardings, params[k])
     return params
+
+
+def value_base(config) -> str:
+    """Where the value model's params start: the RM workdir, or the SFT one's backbone."""
+    return config.ppo.reward_from if config.ppo.value_init == "rm" else config.init_from
 
 
 def train_state_shardings(cfgs, tx, mesh, rules):
@@ -87,7 +107,11 @@ def train_state_shardings(cfgs, tx, mesh, rules):
     keys = ("policy", "value")
     p_shard = {k: state_lib.param_shardings(cfgs[k], mesh, rules)[2] for k in keys}
     abstract = {k: state_lib.abstract_params(cfgs[k], mesh, rules) for k in keys}
-    opt = {k: state_lib.opt_shardings(tx[k], abstract[k], p_shard[k], mesh) for k in keys}
+    # Optimizer state for the trainable params only (all of them without LoRA).
+    train = lambda tree: lora.split_trainable(tree)[0]  # noqa: E731
+    opt = {
+        k: state_lib.opt_shardings(tx[k], train(abstract[k]), train(p_shard[k]), mesh) for k in keys
+    }
     o_shard = {k: opt[k][1] for k in keys}
     abstract_opt = {k: state_lib.with_sharding(opt[k][0], o_shard[k]) for k in keys}
     shardings = {"step": sharding.replicated(mesh), "params": p_shard, "opt_state": o_shard}
@@ -95,16 +119,26 @@ def train_state_shardings(cfgs, tx, mesh, rules):
 
 
 def _items(state) -> dict:
-    """PPO's checkpoint items: the policy as "params" (what every LM-stage reader loads)."""
-    p = state["params"]
+    """PPO's checkpoint items: the policy as "params" (what every LM-stage reader loads); with
+    LoRA each model's trainable part only."""
+    p = {k: lora.split_trainable(v)[0] for k, v in state["params"].items()}
     return {"params": p["policy"], "value": p["value"], "opt_state": state["opt_state"]}
 
 
-def _from_items(items) -> dict:
-    return {
-        "params": {"policy": items["params"], "value": items["value"]},
-        "opt_state": items["opt_state"],
-    }
+def from_items(config, cfgs, mesh, rules):
+    """The inverse of `_items`: a LoRA run's frozen bases rebuilt from their sources as a
+    fresh run builds them (`trained_params`), so the resume is bitwise."""
+
+    def restore(items) -> dict:
+        params = {"policy": items["params"], "value": items["value"]}
+        if cfgs["policy"].lora_rank:
+            fresh = trained_params(config, cfgs, mesh, rules)
+            params = {
+                k: lora.combine(v, lora.split_trainable(fresh[k])[1]) for k, v in params.items()
+            }
+        return {"params": params, "opt_state": items["opt_state"]}
+
+    return restore
 
 
 class Iteration:
@@ -277,7 +311,7 @@ def run(config, mesh, workdir: str):
 
     def init():
         params = trained_params(config, cfgs, mesh, rules)
-        init_opt = lambda ps: {k: tx[k].init(ps[k]) for k in ps}
+        init_opt = lambda ps: {k: tx[k].init(lora.split_trainable(ps[k])[0]) for k in ps}
         opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
         return {"params": params, "opt_state": opt_state}
 
@@ -300,13 +334,15 @@ def run(config, mesh, workdir: str):
             "ppo",
             value_model=dataclasses.asdict(cfgs["value"]),
             reward_bias=bias,
+            # A LoRA value model's base (its adapters and head are the "value" item).
+            **({"value_base": value_base(config)} if cfgs["value"].lora_rank else {}),
         ),
         layout=loop.Layout(
             abstract={"params": abstract_params, "opt_state": abstract_opt},
             shardings=shardings,
             init=init,
             to_items=_items,
-            from_items=_from_items,
+            from_items=from_items(config, cfgs, mesh, rules),
         ),
         host_state=kl,
         after_step=after_step,

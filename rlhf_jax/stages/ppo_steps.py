@@ -7,8 +7,10 @@ Response token t sits at column P + t and is predicted by the logits at column P
 value of the state before emitting token t is the value head's output at that same column.
 
 Models: `policy` (LM head, trained), `value` (scalar head, trained), `ref` (the frozen SFT
-policy) and `reward` (the frozen RM). The frozen params are ordinary arguments: they are never
-donated and never reach the optimizer.
+policy; absent for a LoRA policy, whose own base with the adapters off is the reference) and
+`reward` (the frozen RM). The frozen params are ordinary arguments: they are never donated and
+never reach the optimizer. With LoRA only each trained model's adapters (and the value head)
+are differentiated and updated; its frozen base passes through the step.
 
 Every log-prob (logp_old, logp_ref, the update's logp, the entropy) is that of the rollout's
 sampling distribution, the logits divided by `cfg.temperature` (`check_sampling` refuses
@@ -31,6 +33,7 @@ import optax
 
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl import losses, ppo_math
 from rlhf_jax.sampling import likelihood, reward, sampler
 
@@ -168,7 +171,8 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
 
     Args:
       params: {"policy", "value"} trained params.
-      frozen: {"ref", "reward"} frozen params ("reward" absent with a reward function) and
+      frozen: {"ref", "reward"} frozen params ("reward" absent with a reward function, "ref"
+        for a LoRA policy that is its own reference with the adapters off) and
         "kl_coef" [] (the current beta), "reward_bias" [], "ext_scores" [B] (reward-function
         scores, zeros with an RM).
       batch: rollout arrays (module docstring).
@@ -185,7 +189,8 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
             return policy_forward(graphdefs["policy"], params_, t, m, p, cfg.temperature)[0]
 
         logp = _chunked(functools.partial(lp, params["policy"]), [tokens, mask], mb)
-        logp_ref = _chunked(functools.partial(lp, frozen["ref"]), [tokens, mask], mb)
+        ref = frozen["ref"] if "ref" in frozen else lora.adapters_off(params["policy"])
+        logp_ref = _chunked(functools.partial(lp, ref), [tokens, mask], mb)
         values = _chunked(
             lambda t, m: value_forward(graphdefs["value"], params["value"], t, m, p),
             [tokens, mask],
@@ -279,12 +284,15 @@ def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rul
     with sharding.use_rules(mesh, rules):
         b = batch["tokens"].shape[0]
         n_mb = b // cfg.minibatch_rows
-        grad_fn = jax.value_and_grad(
-            functools.partial(ppo_loss, graphdefs=graphdefs, cfg=cfg, p=p), has_aux=True
-        )
+        # Only the trainable params (all without LoRA) are carried, differentiated and updated.
+        split = {k: lora.split_trainable(v) for k, v in state["params"].items()}
+        frozen = {k: v[1] for k, v in split.items()}
+        full = lambda t: {k: lora.combine(t[k], frozen[k]) for k in t}  # noqa: E731
+        loss_fn = functools.partial(ppo_loss, graphdefs=graphdefs, cfg=cfg, p=p)
+        grad_fn = jax.value_and_grad(lambda t, mb, px: loss_fn(full(t), mb, px), has_aux=True)
 
         def one_epoch(carry, epoch):
-            params, opt_state = carry
+            trainable, opt_state = carry
             # Epoch 0 keeps rollout order so its first minibatch is exactly what score_step
             # chunked; later epochs reshuffle.
             perm = jnp.where(
@@ -293,23 +301,25 @@ def update_step(state, batch, ptx, rng, *, graphdefs, tx, cfg, p: int, mesh, rul
             idx = perm.reshape(n_mb, cfg.minibatch_rows)
 
             def one_mb(carry, i):
-                params, opt_state = carry
+                trainable, opt_state = carry
                 mb = jax.tree.map(lambda x: x[idx[i]], batch)
                 mb = jax.tree.map(
                     lambda x: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), mb
                 )
                 px = None if ptx is None else jax.tree.map(lambda x: x[:, epoch * n_mb + i], ptx)
-                (_, m), grads = grad_fn(params, mb, px)
-                params, opt_state = apply_tx(tx, grads, opt_state, params)
+                (_, m), grads = grad_fn(trainable, mb, px)
+                trainable, opt_state = apply_tx(tx, grads, opt_state, trainable)
                 m["ppo/grad_norm_policy"] = optax.tree.norm(grads["policy"])
                 m["ppo/grad_norm_value"] = optax.tree.norm(grads["value"])
-                return (params, opt_state), m
+                return (trainable, opt_state), m
 
-            return jax.lax.scan(one_mb, (params, opt_state), jnp.arange(n_mb))
+            return jax.lax.scan(one_mb, (trainable, opt_state), jnp.arange(n_mb))
 
-        (params, opt_state), ms = jax.lax.scan(
-            one_epoch, (state["params"], state["opt_state"]), jnp.arange(cfg.epochs)
+        trainable = {k: v[0] for k, v in split.items()}
+        (trainable, opt_state), ms = jax.lax.scan(
+            one_epoch, (trainable, state["opt_state"]), jnp.arange(cfg.epochs)
         )
+        params = full(trainable)
         metrics = jax.tree.map(jnp.mean, ms)
         metrics["ppo/first_ratio_max"] = ms["ppo/ratio_max"][0, 0]
         metrics["ppo/first_clipfrac"] = ms["ppo/clipfrac"][0, 0]

@@ -21,6 +21,7 @@ from rlhf_jax.data import iterators, lm_data, sft_data
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
+from rlhf_jax.models import lora
 from rlhf_jax.stages import setup
 
 
@@ -197,15 +198,32 @@ def reward_model_config(config, stage: str, policy_cfg):
     meta = setup.read_init_meta(path) or {}
     if "model" not in meta:
         raise ValueError(f"{stage}.reward_from {path!r}: checkpoint has no model config")
-    cfg = dataclasses.replace(model_config.ModelConfig(**meta["model"]), dtype=policy_cfg.dtype)
-    return cfg, meta
+    # A LoRA RM is read merged (infra/restore.py): the model without adapters.
+    cfg = lora.base_config(model_config.ModelConfig(**meta["model"]))
+    return dataclasses.replace(cfg, dtype=policy_cfg.dtype), meta
+
+
+def reference(config, stage: str, policy_cfg, mesh, rules, held=None):
+    """The frozen KL reference: `<stage>.reference_from`, else `init_from`, as stored (held in
+    `held.param_dtype` when given). A LoRA policy without `reference_from` has none (None): its
+    own base with the adapters off is the reference (the steps' `lora.adapters_off`), no second
+    copy; with it, that model plus zero adapters, so it runs with the policy's graphdef."""
+    ref_from = config[stage].reference_from
+    if policy_cfg.lora_rank and not ref_from:
+        return None
+    src = ref_from or config.init_from
+    if not policy_cfg.lora_rank:
+        return restore(src, policy_cfg, mesh, rules, held)
+    base = restore(src, lora.base_config(policy_cfg), mesh, rules)
+    _, _, shardings = state_lib.param_shardings(policy_cfg, mesh, rules)
+    return state_lib.lora_params(policy_cfg, config.seed, shardings, base=base)
 
 
 def restore(path: str, cfg, mesh, rules, held=None):
     """Params of a workdir (or `hf:DIR`) as stored (`cfg`), held in `held.param_dtype` when
     given (frozen models in `ppo.frozen_dtype`)."""
     abstract = state_lib.abstract_params(cfg, mesh, rules)
-    return setup.restore_init_params(path, abstract, held and held.param_dtype)
+    return setup.restore_init_params(path, abstract, held and held.param_dtype, rules)
 
 
 def decode_rows(tok, rollout, p: int, rows) -> tuple[list[str], list[str]]:

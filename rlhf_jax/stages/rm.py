@@ -36,6 +36,7 @@ import optax
 from rlhf_jax.data import rm_data, sft_data
 from rlhf_jax.infra import checkpoint, sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import losses
 from rlhf_jax.sampling import reward
@@ -104,8 +105,9 @@ def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, gra
         loss, m, grads = accumulate.accumulate(
             fn, state["params"], batch, grad_accum, weight=weight, means=means, sums=("prompts",)
         )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state = state_lib.apply_gradients(
+            tx, grads, state["params"], state["opt_state"]
+        )
         out = {
             "rm/loss": loss,
             "rm/grad_norm": optax.tree.norm(grads),
@@ -191,10 +193,11 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
 
 def backbone_params(config, model_cfg, mesh, rules, init_meta):
     """Params of `init_from` with the LM head swapped for a fresh scalar head (or kept if the
-    source is already a scalar-head model)."""
+    source is already a scalar-head model): the model without adapters (a LoRA model's base)."""
+    model_cfg = lora.base_config(model_cfg)
     src_cfg = dataclasses.replace(model_cfg, head=init_meta["model"].get("head", "lm"))
     abstract = state_lib.abstract_params(src_cfg, mesh, rules)
-    src = setup.restore_init_params(config.init_from, abstract)
+    src = setup.restore_init_params(config.init_from, abstract, rules=rules)
     if src_cfg.head == "scalar":
         return src
     _, _, shardings = state_lib.param_shardings(model_cfg, mesh, rules)

@@ -18,10 +18,11 @@ import jax
 
 from rlhf_jax.data import chat, lm_data
 from rlhf_jax.data import tokenizer as tok_lib
-from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.infra import restore, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf_init
+from rlhf_jax.models import lora as lora_lib
 
 TOKENIZER_FILE, HF_TOKENIZER_DIR = hf_init.TOKENIZER_FILE, hf_init.HF_TOKENIZER_DIR
 
@@ -34,14 +35,18 @@ def flops_per_token(cfg: model_config.ModelConfig, n_params: int, seq_len: int) 
 
 def checkpoint_meta(config, model_cfg, tok, stage: str, **extra) -> dict:
     """What every stage's checkpoints carry: the resolved config, the model (what `init_from`
-    rebuilds), the tokenizer file and the stage, plus stage extras (a reward bias, a KL coef)."""
-    return {
+    rebuilds), the tokenizer file and the stage, plus stage extras (a reward bias, a KL coef).
+    A LoRA stage's checkpoint stores only what it trains, so it names its base too ("lora":
+    init_from, or "" and the seed of a seeded base; infra/restore.py rebuilds from it)."""
+    out = {
         "config": config.to_dict(),
         "model": dataclasses.asdict(model_cfg),
         "tokenizer": tok.WORKDIR_NAME,
         "stage": stage,
-        **extra,
     }
+    if model_cfg.lora_rank:
+        out["lora"] = {"base": config.init_from, "seed": config.seed}
+    return {**out, **extra}
 
 
 def optim_config_from(train_cfg, total_steps: int) -> state_lib.OptimConfig:
@@ -67,18 +72,14 @@ def _sync(name: str):
 
 def read_init_meta(path: str) -> dict | None:
     """Meta of an `init_from` source: a stage workdir, or a Hugging Face dir as `hf:DIR`."""
-    if hf_init.is_hf_path(path):
-        return hf_init.init_meta(path)
-    return checkpoint.read_meta(path)
+    return restore.read_meta(path)
 
 
-def restore_init_params(path: str, abstract_params, dtype: str | None = None):
-    """Params of an `init_from` source, straight into the shardings `abstract_params` asks
-    (its dtypes, the stored ones), then cast leaf by leaf to `dtype` when given."""
-    if hf_init.is_hf_path(path):
-        params = hf_init.restore_params(path, abstract_params)
-    else:
-        params = checkpoint.restore_params(path, abstract_params)
+def restore_init_params(path: str, abstract_params, dtype: str | None = None, rules=None):
+    """Params of an `init_from` source (a LoRA workdir merged: infra/restore.py), straight into
+    the shardings `abstract_params` asks (its dtypes, the stored ones), then cast leaf by leaf
+    to `dtype` when given. `rules`: the run's sharding rules (a LoRA source's pieces)."""
+    params = restore.restore_params(path, abstract_params, rules)
     if not dtype:
         return params
 
@@ -213,9 +214,40 @@ def resolve_model(config, tok) -> tuple[model_config.ModelConfig, dict | None]:
             )
         _check_set_fields_match(config, stored)
         stored = {**stored, **{k: getattr(current, k) for k in NUMERICS}}
-        current = model_config.ModelConfig(**stored)
+        # A LoRA source is read merged (infra/restore.py): its adapters are not this run's.
+        current = lora_lib.base_config(model_config.ModelConfig(**stored))
+    current = dataclasses.replace(current, **lora_fields(config))
     tok.check_model_vocab(current.vocab_size)
     return current, init_meta
+
+
+def lora_fields(config) -> dict:
+    """`config.lora` as ModelConfig fields; the defaults (no adapters) when rank is 0, so a run
+    without LoRA stores the model it always did whatever the other lora keys say."""
+    c = config.get("lora")
+    if c is None:
+        return {}
+    model_config.check_lora(c.rank, c.alpha, c.targets, c.base_dtype)
+    if c.rank == 0:
+        return {}
+    return dict(
+        lora_rank=c.rank, lora_alpha=float(c.alpha), lora_targets=c.targets,
+        lora_base_dtype=c.base_dtype,
+    )  # fmt: skip
+
+
+def check_lora(config, prefix: str = "config.") -> None:
+    """One line on a bad `lora` section (at any depth: a pipeline nests stage configs), run by
+    the entry before any stage starts and again by every stage's `resolve_model`."""
+    for key in list(config.keys()):
+        value = config[key]
+        if key == "lora" and hasattr(value, "keys"):
+            try:
+                model_config.check_lora(value.rank, value.alpha, value.targets, value.base_dtype)
+            except ValueError as e:
+                raise ValueError(f"{prefix}{e}") from None
+        elif hasattr(value, "keys"):
+            check_lora(value, f"{prefix}{key}.")
 
 
 def _check_set_fields_match(config, stored: dict) -> None:
