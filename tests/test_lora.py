@@ -1,0 +1,398 @@
+"""LoRA (models/lora.py, infra/state.py, infra/restore.py): fresh adapters leave the model its
+base exactly; an adapter's forward is the merged weight's (numpy); adapters shard like their
+base; one step moves the adapters and not a bit of the base, and only adapters have optimizer
+state; a LoRA SFT run lowers its loss, stores only adapters naming its base, resumes bitwise and
+hands on base + adapters; LoRA RM, DPO, GRPO and PPO train through their stages."""
+
+import dataclasses
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import dpo, grpo, ppo_ptx, pretrain, rm, sft
+from rlhf_jax.data import lm_data
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.infra import checkpoint, metrics, restore, sharding
+from rlhf_jax.infra import mesh as mesh_lib
+from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import config as model_config
+from rlhf_jax.models import lora
+from rlhf_jax.models import transformer as M
+from rlhf_jax.sampling import load
+from rlhf_jax.stages import dpo as dpo_stage
+from rlhf_jax.stages import grpo as grpo_stage
+from rlhf_jax.stages import lm, setup
+from rlhf_jax.stages import ppo as ppo_stage
+from rlhf_jax.stages import rm as rm_stage
+
+ALL = "q,k,v,o,up,gate,down"
+FAMILIES = {  # a tied GPT-2 with an embedding adapter; a scanned llama with a head adapter
+    "gpt2": dict(family="gpt2", lora_targets=ALL + ",embed"),
+    "llama": dict(family="llama", scan_layers=True, lora_targets=ALL + ",embed,head"),
+}
+
+
+def lora_cfg(family, rank=4, **kw):
+    return model_config.preset("tiny", dtype="float32", lora_rank=rank, lora_alpha=8.0,
+                               **{**FAMILIES[family], **kw})  # fmt: skip
+
+
+def pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def forward(cfg, params, tokens):
+    logits, _ = jax.jit(lambda p, t: nnx.merge(M.abstract(cfg)[0], p)(t))(params, tokens)
+    return np.asarray(logits)
+
+
+def numpy_merge(cfg, params):
+    """W + A B alpha / r for every adapter, by a naive loop over the flattened tree."""
+    flat = {path: np.asarray(x, np.float64) for path, x in _flat(params).items()}
+    scale = cfg.lora_alpha / cfg.lora_rank
+    out = {}
+    for path, w in flat.items():
+        if any(str(k).endswith("_lora") for k in path):
+            continue
+        a = flat.get(path[:-1] + (f"{path[-1]}_lora", "a"))
+        if a is not None:
+            b = flat[path[:-1] + (f"{path[-1]}_lora", "b")]
+            r = a.shape[-1]
+            if "layers" in path:  # scanned: one product per layer
+                delta = np.stack([a[i].reshape(-1, r) @ b[i].reshape(r, -1) for i in range(len(a))])
+            else:
+                delta = a.reshape(-1, r) @ b.reshape(r, -1)
+            w = w + delta.reshape(w.shape) * scale
+        out[path] = w
+    return _unflat(out)
+
+
+def _flat(tree, path=()):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, (*path, k)) if isinstance(v, dict) else {(*path, k): v})
+    return out
+
+
+def _unflat(flat):
+    out = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fresh_adapters_are_the_base_and_forward_is_the_merged_weights(family):
+    cfg = lora_cfg(family)
+    params = pure(M.build(cfg, seed=0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+    base_cfg = lora.base_config(cfg)
+    base = lora.split_adapters(params)[1]
+    # B = 0: the LoRA model computes exactly its base, logit for logit.
+    np.testing.assert_array_equal(forward(cfg, params, tokens), forward(base_cfg, base, tokens))
+
+    # Random B: the adapted forward is the base model's with W + A B alpha / r (numpy merge).
+    rng = np.random.default_rng(1)
+    noisy = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
+        if str(p[-1].key) == "b" else x,
+        params,
+    )  # fmt: skip
+    merged = numpy_merge(cfg, noisy)
+    got = forward(cfg, noisy, tokens)
+    want = forward(base_cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged), tokens)
+    assert np.abs(got - forward(base_cfg, base, tokens)).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    # lora.merge (what a LoRA workdir is read as) is the numpy merge.
+    ours = jax.tree.map(np.asarray, lora.merge(cfg, noisy))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ours, merged)
+
+
+def test_adapters_shard_along_their_base_axes_and_replicate_the_rank():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
+    cfg = model_config.preset("tiny", family="llama", lora_rank=4, lora_targets=ALL + ",head")
+    _, _, sh = state_lib.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+    attn, mlp = sh["blocks"][0]["attn"], sh["blocks"][0]["mlp"]
+
+    def spec(s):  # trailing replicated dims dropped
+        out = tuple(s.spec)
+        while out and out[-1] is None:
+            out = out[:-1]
+        return out
+
+    # q [D, N, H] is (fsdp, tensor); its A [D, r] keeps fsdp, its B [r, N, H] keeps tensor.
+    assert spec(attn["q"]) == ("fsdp", "tensor") and spec(attn["q_lora"]["a"]) == ("fsdp",)
+    assert spec(attn["q_lora"]["b"]) == (None, "tensor")
+    assert spec(attn["o_lora"]["a"]) == ("tensor",) and spec(attn["o_lora"]["b"]) == (None, "fsdp")
+    assert spec(mlp["down_lora"]["a"]) == ("tensor",)
+    assert spec(mlp["up_lora"]["b"]) == (None, "tensor")
+    assert spec(sh["lm_head_lora"]["a"]) == ("fsdp",)
+    assert spec(sh["lm_head_lora"]["b"]) == (None, "tensor")
+
+
+def test_one_step_moves_adapters_only_and_only_they_have_optimizer_state():
+    mesh = mesh_lib.build_mesh(sft.get_config().mesh, jax.devices())
+    rules = sharding.DEFAULT_RULES
+    cfg = lora_cfg("llama", lora_base_dtype="bfloat16")
+    tx = state_lib.make_optimizer(state_lib.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=4))
+    graphdef, state, shardings = state_lib.create_train_state(cfg, tx, mesh, rules, seed=0)
+    trainable, frozen = lora.split_trainable(state["params"])
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
+    assert jax.tree.structure(trainable) == jax.tree.structure(lora.split_adapters(trainable)[0])
+    # AdamW's two moments per trainable leaf, plus step counts: nothing of the base.
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+    assert len(moments) == 2 * len(jax.tree.leaves(trainable))
+    assert sum(x.nbytes for x in moments) == 2 * nbytes(trainable) < nbytes(frozen) / 2
+    before = jax.device_get(state["params"])
+
+    train, _ = lm.compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum=1)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, cfg.vocab_size, (8, 17))
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "mask": np.ones((8, 16), np.float32)}
+    state, m = train(state, sharding.put_batch(batch, mesh, rules))
+    after = jax.device_get(state["params"])
+    same = lambda a, b: all(  # noqa: E731
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert same(lora.split_trainable(after)[1], lora.split_trainable(before)[1])  # bit for bit
+    bs = lambda t: [x for p, x in _flat(t).items() if p[-1] == "b"]  # noqa: E731
+    assert all(np.abs(y).max() > 0 for y in bs(after)) and all(not x.any() for x in bs(before))
+    assert np.isfinite(float(m["train/loss"]))
+
+
+def test_bad_lora_config_is_one_line():
+    c = sft.get_config()
+    c.lora.rank = -1
+    with pytest.raises(ValueError, match=r"^config\.lora\.rank=-1 must be >= 0"):
+        setup.check_lora(c)
+    c.lora.rank, c.lora.targets = 4, "q,v,attn"
+    with pytest.raises(ValueError, match=r"unknown lora\.targets entry 'attn'.*q,k,v,o"):
+        setup.check_lora(c)
+    with pytest.raises(ValueError, match="head is its embedding"):
+        model_config.preset("tiny", lora_rank=4, lora_targets="q,head")  # GPT-2: tied
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def write_base_dir(root):
+    """A seeded tiny LM saved as a stage workdir `root/base` (training it would test nothing
+    more), and its tokenizer."""
+    docs = lm_data.read_documents(pretrain.get_config().data.train)
+    tok_path = tok_lib.train_tokenizer(docs, str(root / "tok.model"), 512)
+    cfg = setup.model_config_from(sft.get_config(), tok_lib.Tokenizer.load(tok_path).vocab_size)
+    mesh = mesh_lib.build_mesh(sft.get_config().mesh, jax.devices())
+    _, _, shard = state_lib.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+    params = state_lib.init_params(cfg, 0, shard)
+    with checkpoint.Checkpointer(str(root / "base" / "checkpoints")) as ckpt:
+        ckpt.save(1, {"params": params}, meta={"model": dataclasses.asdict(cfg), "stage": "sft"})
+    shutil.copyfile(tok_path, root / "base" / setup.TOKENIZER_FILE)
+    return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return root, write_base_dir(root)
+
+
+def with_lora(c, rank=4):
+    c.lora.update(rank=rank, alpha=8.0)
+    return c
+
+
+def sft_config(root):
+    c = with_lora(sft.get_config())
+    c.init_from = str(root / "base")
+    c.sft.eval_samples = 0
+    c.train.update(epochs=0.0, steps=8, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
+                   ckpt_every=4, eval_every=0)  # fmt: skip
+    return c
+
+
+def mesh_of(config):
+    return mesh_lib.build_mesh(config.mesh, jax.devices())
+
+
+class Crash(Exception):
+    pass
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+@pytest.fixture(scope="module")
+def lora_sft(chain):
+    """A LoRA SFT run from the seeded base: (its final state, its workdir)."""
+    root, _ = chain
+    config = sft_config(root)
+    return lm.run(config, mesh_of(config), str(root / "sft")), root / "sft"
+
+
+@pytest.fixture(scope="module")
+def lora_rm(chain, lora_sft):
+    """A LoRA RM run from the LoRA SFT workdir: (its final state, its workdir)."""
+    root, _ = chain
+    c = with_lora(rm.get_config())
+    c.init_from = str(lora_sft[1])
+    c.rm.norm_max = 16
+    c.train.update(steps=3, batch_size=8, seq_len=64, log_every=1, ckpt_every=3, eval_every=0,
+                   lr=1e-2, warmup_steps=0)  # fmt: skip
+    return rm_stage.run(c, mesh_of(c), str(root / "rm")), root / "rm"
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_stores_adapters_resumes_bitwise_and_hands_on(chain, lora_sft, monkeypatch):
+    root, base = chain
+    config = sft_config(root)
+    straight = lora_sft[0]
+    losses = [r["train/loss"] for r in metrics.read_metrics(str(root / "sft" / "metrics.jsonl"))
+              if "train/loss" in r]  # fmt: skip
+    assert losses[-1] < losses[0] - 0.1, losses
+    trainable, frozen = lora.split_trainable(straight["params"])
+    assert leaves_equal(frozen, base)  # the base never moved
+    # The checkpoint holds the adapters and their optimizer state only, and names its base.
+    meta = checkpoint.read_meta(str(root / "sft"))
+    assert meta["lora"] == {"base": str(root / "base"), "seed": 0}
+    stored = checkpoint.restore_params(
+        str(root / "sft"),
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable
+        ),
+    )
+    assert leaves_equal(stored, trainable)
+
+    real_write = metrics.MetricsWriter.write
+
+    def crash_at_6(self, step, m):
+        real_write(self, step, m)
+        if step == 6:
+            raise Crash("simulated preemption after step 6 (last checkpoint: 4)")
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", crash_at_6)
+    with pytest.raises(Crash):
+        lm.run(config, mesh_of(config), str(root / "sft_b"))
+    monkeypatch.undo()
+    resumed = lm.run(config, mesh_of(config), str(root / "sft_b"))
+    assert leaves_equal(straight["params"], resumed["params"])
+    assert leaves_equal(straight["opt_state"], resumed["opt_state"])
+
+    # Read back (a tool, or init_from): the merged model, whose logits are the LoRA model's.
+    graphdef, merged, cfg, _, _ = load.load_model(str(root / "sft"), mesh_of(config))
+    assert cfg.lora_rank == 0 and not lora.has_adapters(merged)
+    tokens = jnp.asarray(np.arange(24).reshape(2, 12) % cfg.vocab_size)
+    tok = tok_lib.load_tokenizer(str(root / "tok.model"))
+    lora_model = setup.resolve_model(config, tok)[0]
+    np.testing.assert_allclose(
+        forward(cfg, merged, tokens), forward(lora_model, straight["params"], tokens), atol=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_lora_rm_and_dpo_from_a_lora_sft(chain, lora_sft, lora_rm):
+    root, _ = chain
+    sft_dir, (state, rm_dir) = lora_sft[1], lora_rm
+    mesh = mesh_of(sft.get_config())
+    merged = load.load_model(str(sft_dir), mesh)[1]
+    trainable, frozen = lora.split_trainable(state["params"])
+    assert {"score_head", "score_bias"} <= set(trainable)  # the head trains beside the adapters
+    assert np.abs(jax.device_get(trainable["score_head"])).max() > 0
+    assert leaves_equal(frozen, {k: merged[k] for k in frozen})  # the merged SFT, frozen
+    rm_meta = checkpoint.read_meta(str(rm_dir))
+    assert rm_meta["lora"]["base"] == str(sft_dir) and "reward_bias" in rm_meta
+    # A LoRA RM is read as base + adapters + head, as PPO's reward and value models read it.
+    rules = sharding.DEFAULT_RULES
+    abstract = state_lib.abstract_params(restore.stored_model(rm_meta, "rm"), mesh, rules)
+    rm_merged = restore.restore_params(str(rm_dir), abstract)
+    np.testing.assert_array_equal(rm_merged["score_head"], trainable["score_head"])
+
+    d = with_lora(dpo.get_config())
+    d.init_from = str(sft_dir)
+    d.dpo.kl_prompts = 0
+    d.train.update(steps=2, batch_size=8, seq_len=64, log_every=1, ckpt_every=2, eval_every=0,
+                   lr=1e-2, warmup_steps=0)  # fmt: skip
+    state = dpo_stage.run(d, mesh_of(d), str(root / "dpo"))
+    rows = [r for r in metrics.read_metrics(str(root / "dpo" / "metrics.jsonl")) if "dpo/loss" in r]
+    # The reference is the policy's own frozen base: at step 1 every margin is exactly 0.
+    assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["dpo/tie_frac"] == 1.0 and rows[1]["dpo/loss"] != rows[0]["dpo/loss"]
+    assert leaves_equal(lora.split_trainable(state["params"])[1], merged)
+
+
+def count_a(prompts, responses):
+    return [min(r.count("a"), 5) / 5 for r in responses]
+
+
+@pytest.mark.slow
+def test_lora_grpo_is_on_policy_with_its_base_as_reference(chain):
+    root, base = chain
+    c = with_lora(grpo.get_config())
+    c.init_from = str(root / "base")
+    c.grpo.reward_fn = "test_lora:count_a"
+    c.grpo.update(prompts=4, group_size=4, minibatch=8, epochs=2, prompt_len=32,
+                  max_new_tokens=8, eval_prompts=0, beta=0.1)  # fmt: skip
+    c.train.update(steps=2, log_every=1, ckpt_every=2, eval_every=0, lr=1e-2)
+    state = grpo_stage.run(c, mesh_of(c), str(root / "grpo"))
+    rows = [r for r in metrics.read_metrics(str(root / "grpo" / "metrics.jsonl"))
+            if "grpo/loss" in r]  # fmt: skip
+    assert rows[0]["grpo/first_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0]["grpo/kl_per_seq"] == 0.0  # policy == its base at the first rollout
+    assert rows[1]["grpo/kl_per_seq"] != 0.0
+    assert leaves_equal(lora.split_trainable(state["params"])[1], base)
+
+
+def count_apples(prompts, responses):
+    return [min(r.count("apples"), 3) for r in responses]
+
+
+@pytest.mark.slow
+def test_lora_ppo_trains_adapters_and_value_head_and_resumes_bitwise(
+    chain, lora_sft, lora_rm, monkeypatch
+):
+    root, _ = chain
+    (sft_dir, rm_dir) = lora_sft[1], lora_rm[1]
+    c = with_lora(ppo_ptx.get_config())
+    c.init_from, c.ppo.reward_from = str(sft_dir), str(rm_dir)  # value from the LoRA RM too
+    c.ppo.update(rollout_batch=8, minibatch=8, epochs=1, prompt_len=48, max_new_tokens=8,
+                 ptx_coef=0.0, value_lr=1e-2, eval_prompts=0)  # fmt: skip
+    c.train.update(steps=2, lr=1e-2, log_every=1, eval_every=0, ckpt_every=1)
+    run = lambda w: ppo_stage.run(c, mesh_lib.build_mesh(c.mesh, jax.devices()[:2]), str(w))  # noqa: E731
+    straight = run(root / "ppo")
+    rows = [r for r in metrics.read_metrics(str(root / "ppo" / "metrics.jsonl")) if "ppo/loss" in r]
+    assert rows[0]["ppo/first_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0]["ppo/kl_per_seq"] == 0.0  # the reference is the policy's own base
+    mesh = mesh_lib.build_mesh(c.mesh, jax.devices()[:2])
+    sft_merged, rm_merged = (load.load_model(str(d), mesh)[1] for d in (sft_dir, rm_dir))
+    policy, value = straight["params"]["policy"], straight["params"]["value"]
+    assert leaves_equal(lora.split_trainable(policy)[1], sft_merged)
+    v_train, v_frozen = lora.split_trainable(value)
+    assert leaves_equal(v_frozen, {k: rm_merged[k] for k in v_frozen})
+    assert not np.array_equal(v_train["score_head"], rm_merged["score_head"])  # the head trains
+    assert checkpoint.read_meta(str(root / "ppo"))["value_base"] == str(rm_dir)
+
+    real_write = metrics.MetricsWriter.write
+
+    def crash_at_1(self, step, m):
+        real_write(self, step, m)
+        if step == 1:
+            raise Crash("simulated preemption after iteration 1")
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", crash_at_1)
+    with pytest.raises(Crash):
+        run(root / "ppo_b")
+    monkeypatch.undo()
+    resumed = run(root / "ppo_b")
+    assert leaves_equal(straight["params"], resumed["params"])
+    assert leaves_equal(straight["opt_state"], resumed["opt_state"])
