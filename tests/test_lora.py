@@ -29,6 +29,7 @@ from rlhf_jax.stages import grpo as grpo_stage
 from rlhf_jax.stages import lm, setup
 from rlhf_jax.stages import ppo as ppo_stage
 from rlhf_jax.stages import rm as rm_stage
+from rlhf_jax.tools import convert
 
 ALL = "q,k,v,o,up,gate,down"
 FAMILIES = {  # a tied GPT-2 with an embedding adapter; a scanned llama with a head adapter
@@ -295,9 +296,14 @@ def test_lora_sft_learns_stores_adapters_resumes_bitwise_and_hands_on(chain, lor
     tokens = jnp.asarray(np.arange(24).reshape(2, 12) % cfg.vocab_size)
     tok = tok_lib.load_tokenizer(str(root / "tok.model"))
     lora_model = setup.resolve_model(config, tok)[0]
-    np.testing.assert_allclose(
-        forward(cfg, merged, tokens), forward(lora_model, straight["params"], tokens), atol=1e-4
-    )
+    want = forward(lora_model, straight["params"], tokens)
+    np.testing.assert_allclose(forward(cfg, merged, tokens), want, atol=1e-4)
+    # Exported for Hugging Face: the merged weights, read back as `hf:DIR` with the same logits.
+    hf_dir = root / "hf_sft"
+    convert.export_workdir(str(root / "sft"), str(hf_dir), mesh_of(config), config.sharding.rules)
+    abstract = state_lib.abstract_params(cfg, mesh_of(config), config.sharding.rules)
+    exported = restore.restore_params(f"hf:{hf_dir}", abstract)
+    np.testing.assert_allclose(forward(cfg, exported, tokens), want, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ import shutil
 import jax
 
 from rlhf_jax.infra import cli
-from rlhf_jax.models import config as model_config
 from rlhf_jax.models import hf, hf_init
 from rlhf_jax.models.hf_import import check_tokenizer, import_to_workdir
 
@@ -34,16 +33,15 @@ from rlhf_jax.models.hf_import import check_tokenizer, import_to_workdir
 def export_workdir(
     workdir: str, out_dir: str, mesh, rules, *, step=None, dtype=None, max_shard_bytes=5 * 2**30
 ) -> list[str]:
-    """Exports a workdir's params (its latest checkpoint, or `step`) to a HF directory."""
-    from rlhf_jax.infra import checkpoint
+    """Exports a workdir's params (its latest checkpoint, or `step`) to a HF directory; a LoRA
+    workdir's adapters are merged into its base (infra/restore.py)."""
+    from rlhf_jax.infra import checkpoint, restore
     from rlhf_jax.infra import state as state_lib
 
     meta = checkpoint.read_meta(workdir, step)
-    if not meta or "model" not in meta:
-        raise ValueError(f"checkpoint in {workdir} has no model config in its meta")
-    cfg = model_config.ModelConfig(**meta["model"])
+    cfg = restore.stored_model(meta, workdir)
     abstract = state_lib.abstract_params(cfg, mesh, rules)
-    params = checkpoint.restore_params(workdir, abstract, step=step)
+    params = restore.restore_params(workdir, abstract, rules, step)
     ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id")}
     tok = os.path.join(workdir, hf_init.TOKENIZER_FILE)
     tok = tok if os.path.isfile(tok) else os.path.join(workdir, hf_init.HF_TOKENIZER_DIR)
