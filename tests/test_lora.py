@@ -177,7 +177,7 @@ def test_bad_lora_config_is_one_line():
     with pytest.raises(ValueError, match=r"^config\.lora\.rank=-1 must be >= 0"):
         setup.check_lora(c)
     c.lora.rank, c.lora.targets = 4, "q,v,attn"
-    with pytest.raises(ValueError, match=r"unknown lora\.targets entry 'attn'.*q,k,v,o"):
+    with pytest.raises(ValueError, match=r"^unknown config\.lora\.targets entry 'attn'.*q,k,v,o"):
         setup.check_lora(c)
     with pytest.raises(ValueError, match="head is its embedding"):
         model_config.preset("tiny", lora_rank=4, lora_targets="q,head")  # GPT-2: tied

@@ -121,6 +121,16 @@ def restore_or_init(s: Setup, rules):
         start = 0
         state = layout.init()
     step = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings["step"])
+    cfg = s.model_cfg
+    if cfg.lora_rank and jax.process_index() == 0:
+        n = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+        trainable = n(lora.split_trainable(state["params"])[0])
+        print(
+            f"lora: rank {cfg.lora_rank} on {cfg.lora_targets}; {trainable / 1e6:.3f}M of "
+            f"{n(state['params']) / 1e6:.2f}M params train, the base held in "
+            f"{state_lib.base_dtype(cfg).name}",
+            flush=True,
+        )
     return graphdef, {"step": step, **state}, layout.shardings, start, ckpt
 
 

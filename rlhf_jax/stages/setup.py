@@ -245,7 +245,7 @@ def check_lora(config, prefix: str = "config.") -> None:
             try:
                 model_config.check_lora(value.rank, value.alpha, value.targets, value.base_dtype)
             except ValueError as e:
-                raise ValueError(f"{prefix}{e}") from None
+                raise ValueError(str(e).replace("lora.", f"{prefix}lora.", 1)) from None
         elif hasattr(value, "keys"):
             check_lora(value, f"{prefix}{key}.")
 
