@@ -141,7 +141,8 @@ def test_every_architecture_field_is_a_config_key_and_reaches_the_model(monkeypa
     """A ModelConfig field the experiments cannot set would leave a model family unreachable
     from pretraining; with init_from, a set field the stored model contradicts is one error."""
     every = {f.name for f in dataclasses.fields(model_config.ModelConfig)}
-    assert every - set(common.model_config()) == {"head"}  # the one a stage picks
+    # head a stage picks; the lora_* fields are config.lora's (setup.lora_fields)
+    assert every - set(common.model_config()) == {"head", *model_config.LORA_FIELDS}
     c = pretrain.get_config()
     unset = setup.model_config_from(c, 500)
     preset = model_config.preset("tiny")

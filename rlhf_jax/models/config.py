@@ -28,6 +28,8 @@ MLPS = ("gelu", "swiglu", "geglu")
 # in a gated MLP), the embedding lookup and the unembedding ("head", an untied LM head only).
 LORA_TARGETS = ("q", "k", "v", "o", "up", "gate", "down", "embed", "head")
 LORA_DEFAULT_TARGETS = "q,k,v,o,up,gate,down"
+# The ModelConfig fields `config.lora` sets (not `config.model` keys).
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_dtype")
 
 # The flags each published llama-family architecture fixes (`dataclasses.replace(cfg, **v)`);
 # sizes, windows, soft-caps, query scaling and RoPE bases vary per checkpoint.
@@ -202,8 +204,7 @@ class ModelConfig:
 # preset's), with their types: all but the family, sizes and layout the experiments name
 # themselves and the head a stage picks, the numerics (dtype, remat, attention) and param dtype.
 _NOT_ARCH = ("family", "vocab_size", "max_len", "n_kv_heads", "dtype", "param_dtype",
-             "scan_layers", "remat", "attention", "head", "lora_rank", "lora_alpha",
-             "lora_targets", "lora_base_dtype")  # fmt: skip
+             "scan_layers", "remat", "attention", "head", *LORA_FIELDS)  # fmt: skip
 ARCH_FIELDS: dict[str, type] = {
     f.name: bool if f.default is None else type(f.default)  # tie_embeddings: None -> bool
     for f in dataclasses.fields(ModelConfig)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import LORA_FIELDS, ModelConfig
 
 SUFFIX = "_lora"
 HEADS = ("score_head", "score_bias")  # trained beside the adapters (RM score, PPO value)
@@ -82,8 +82,7 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
     """The model the adapters sit on: `cfg` without LoRA (what `init_from` stores, what a
     reference or reward model is)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    lora = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_dtype")
-    return dataclasses.replace(cfg, **{k: defaults[k] for k in lora})
+    return dataclasses.replace(cfg, **{k: defaults[k] for k in LORA_FIELDS})
 
 
 def _key(k) -> str:

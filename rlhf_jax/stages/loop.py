@@ -111,7 +111,8 @@ def restore_or_init(s: Setup, rules):
     start = ckpt.latest_step()
     if start is not None:
         # The model first: a checkpoint of another model (or LoRA setting) is one sentence.
-        setup_lib.check_same_model(ckpt.read_meta(start), s.model_cfg, ckpt.directory)
+        meta = checkpoint.read_meta(str(ckpt.directory), start)  # a plain file read
+        setup_lib.check_same_model(meta, s.model_cfg, ckpt.directory)
         restored, data_state, old_meta = ckpt.restore(start, layout.to_items(layout.abstract))
         state = layout.from_items(restored)
         s.train_iter.set_state(data_state)
@@ -122,7 +123,7 @@ def restore_or_init(s: Setup, rules):
         state = layout.init()
     step = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings["step"])
     cfg = s.model_cfg
-    if cfg.lora_rank and jax.process_index() == 0:
+    if getattr(cfg, "lora_rank", 0) and jax.process_index() == 0:
         n = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
         trainable = n(lora.split_trainable(state["params"])[0])
         print(

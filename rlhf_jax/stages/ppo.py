@@ -125,18 +125,27 @@ def _items(state) -> dict:
     return {"params": p["policy"], "value": p["value"], "opt_state": state["opt_state"]}
 
 
+def _from_items(items) -> dict:
+    return {
+        "params": {"policy": items["params"], "value": items["value"]},
+        "opt_state": items["opt_state"],
+    }
+
+
 def from_items(config, cfgs, mesh, rules):
-    """The inverse of `_items`: a LoRA run's frozen bases rebuilt from their sources as a
+    """The inverse of `_items`; with LoRA the frozen bases are rebuilt from their sources as a
     fresh run builds them (`trained_params`), so the resume is bitwise."""
+    if not cfgs["policy"].lora_rank:
+        return _from_items
 
     def restore(items) -> dict:
-        params = {"policy": items["params"], "value": items["value"]}
-        if cfgs["policy"].lora_rank:
-            fresh = trained_params(config, cfgs, mesh, rules)
-            params = {
-                k: lora.combine(v, lora.split_trainable(fresh[k])[1]) for k, v in params.items()
-            }
-        return {"params": params, "opt_state": items["opt_state"]}
+        state = _from_items(items)
+        fresh = trained_params(config, cfgs, mesh, rules)
+        state["params"] = {
+            k: lora.combine(v, lora.split_trainable(fresh[k])[1])
+            for k, v in state["params"].items()
+        }
+        return state
 
     return restore
 
