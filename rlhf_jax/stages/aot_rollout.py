@@ -132,9 +132,10 @@ def engine_function(sample, cfg, params, mesh, rules, shape, knobs, resident=Non
     chip's live rows: with the TPU kernel (`paged.choose`) a row's pages up to its length in the
     kernel's blocks, averaged over the T - 1 steps; with the XLA gather (sliding windows, heads
     the kernel refuses) all R pages of every slot. Model FLOPs are the static sampler's (B x P
-    prefill tokens, B x (T - 1) decode tokens); `hw_factor` adds the idle slots' tokens. XLA
-    counts one trip of each loop (init, a prefill call, a decode step); the other trips are
-    `loop_bytes`.
+    prefill tokens, B x (T - 1) decode tokens); `hw_factor` adds the idle slots' tokens. Bytes as
+    the static sampler's row counts them: XLA counts one trip of each loop (a prefill call of
+    every slot, a decode step; a scanned model's one layer), scaled to every trip by model FLOPs
+    (plan.row), plus the weights and KV pages of the decode steps after the first.
     """
     b, p, t = shape
     s = p + t
@@ -157,14 +158,13 @@ def engine_function(sample, cfg, params, mesh, rules, shape, knobs, resident=Non
     else:  # the gather reads every page in the slot's table
         pages_read = r
     slots_chip = (live if kernel else z.slots) / z.shards
-    weights = plan.gathered_bytes(params, cfg.dtype)
-    step_bytes = weights + slots_chip * pages_read * page_chip
-    prefill_bytes = weights + live / z.shards * r * page_chip
+    step_bytes = plan.gathered_bytes(params, cfg.dtype) + slots_chip * pages_read * page_chip
 
     prefill = plan.forward_flops(cfg, params, b * p, s, b)
     flops = prefill + (t - 1) * plan.forward_flops(cfg, params, b, s)
     step_flops = plan.forward_flops(cfg, params, z.slots, s)
     hw = prefill + steps * step_flops
+    seen = plan.forward_flops(cfg, params, z.prefill_rows * p, s, z.prefill_rows) + step_flops
     temperature, top_k, top_p = knobs
     attn = "paged_attention kernel" if kernel else "XLA gather"
     note = (
@@ -183,10 +183,8 @@ def engine_function(sample, cfg, params, mesh, rules, shape, knobs, resident=Non
         b,
         resident=resident,
         hw_factor=hw / flops,
-        # The compiler's bytes are one trip of each loop, taken as counted (1 FLOP seen:
-        # plan.row scales them by nothing); the unseen trips are loop_bytes.
-        flops_seen=1.0,
-        loop_bytes=max(steps - 1, 0) * step_bytes + (waves - 1) * prefill_bytes,
+        flops_seen=seen / mesh.devices.size,
+        loop_bytes=max(steps - 1, 0) * step_bytes,
         static=(sampler.sampling_mode(temperature, top_k, top_p, False),),
         calls=1,
         note=note,
