@@ -58,12 +58,34 @@ def restore_params(path: str, abstract_params, rules=None, step: int | None = No
     return _restore_lora(path, meta, abstract_params, rules, step)
 
 
+def restore_trainable(path: str, mesh, rules=None, step: int | None = None):
+    """What a LoRA workdir's checkpoint stores, unmerged: (its model config with LoRA, the
+    trainable params: adapters and scalar heads, sharded by `rules`, its meta). The PEFT export
+    (models/hf_peft.py) writes these.
+
+    Raises:
+      ValueError: `path` is not a LoRA workdir.
+    """
+    meta = checkpoint.read_meta(path, step) or {}
+    if not (meta.get("model") or {}).get("lora_rank"):
+        raise ValueError(f"{path} is not a LoRA workdir (its model has no adapters)")
+    cfg = model_config.ModelConfig(**meta["model"])
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    trainable = checkpoint.restore_params(path, _split_abstract(cfg, mesh, rules)[0], step=step)
+    return cfg, trainable, meta
+
+
+def _split_abstract(cfg, mesh, rules):
+    """(trainable, frozen) abstract params of a LoRA model, as its stage held them."""
+    _, held, held_sh = state_lib.param_shardings(cfg, mesh, rules)
+    return lora.split_trainable(state_lib.with_sharding(held, held_sh))
+
+
 def _restore_lora(path, meta, abstract_params, rules, step):
     cfg = model_config.ModelConfig(**meta["model"])
     mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
     rules = sharding.DEFAULT_RULES if rules is None else rules
-    _, held, held_sh = state_lib.param_shardings(cfg, mesh, rules)
-    train_abs, frozen_abs = lora.split_trainable(state_lib.with_sharding(held, held_sh))
+    train_abs, frozen_abs = _split_abstract(cfg, mesh, rules)
     trainable = checkpoint.restore_params(path, train_abs, step=step)
     base = _base_params(path, meta, cfg, mesh, rules)
     frozen = _select(base, frozen_abs, path, (meta.get("lora") or {}).get("base", ""))

@@ -2,6 +2,7 @@
 
   python -m rlhf_jax.tools.convert import --hf /models/Llama-3.2-1B --out runs/llama1b
   python -m rlhf_jax.tools.convert export --checkpoint runs/sft --out hf/sft
+  python -m rlhf_jax.tools.convert export --checkpoint runs/sft_lora --out hf/lora --adapters-only
 
 `import` writes a normal checkpoint workdir (step 0, params only) whose meta holds the model
 config, plus the tokenizer found beside the weights (`tokenizer.model`, else `tokenizer.json` and
@@ -11,6 +12,11 @@ its configs as `tokenizer/`), so `init_from=runs/llama1b` works like any stage's
 `*ForSequenceClassification` with one label (see hf_map.py), with the RM's normalisation bias kept
 as config field `rlhf_jax_reward_bias`. The tensor mapping itself lives in hf_map.py, reading and
 writing safetensors directories in hf.py.
+
+`export --adapters-only` writes a LoRA workdir's adapters alone, unmerged, in PEFT's layout
+(`adapter_config.json` + `adapter_model.safetensors`, models/hf_peft.py) for
+`peft.PeftModel.from_pretrained(base, DIR)`, where base is the HF model the adapters sit on: the
+workdir's `hf:DIR` base, named in the config, or else the merged export of its base workdir.
 
 `init_from="hf:DIR"` reads the HF directory directly, without this tool (models/hf_init.py).
 """
@@ -74,6 +80,39 @@ def export_workdir(
     return files
 
 
+def export_adapters(workdir: str, out_dir: str, mesh, rules, *, step=None, dtype=None):
+    """Writes a LoRA workdir's adapters (its latest checkpoint, or `step`) in PEFT's layout.
+
+    Returns:
+      (the files written, `base_model_name_or_path`: the HF directory of the workdir's `hf:DIR`
+      base, else a note naming the base workdir whose merged export PEFT needs)."""
+    from rlhf_jax.infra import checkpoint, restore
+    from rlhf_jax.models import config as model_config
+    from rlhf_jax.models import hf_peft
+
+    meta = checkpoint.read_meta(workdir, step) or {}
+    if "model" not in meta:
+        raise ValueError(f"checkpoint in {workdir} has no model config in its meta")
+    try:  # before any restore: a model PEFT cannot hold is refused at once
+        hf_peft.check(model_config.ModelConfig(**meta["model"]))
+    except ValueError as e:
+        raise ValueError(f"export --adapters-only of {workdir}: {e}") from None
+    cfg, trainable, meta = restore.restore_trainable(workdir, mesh, rules, step)
+    src = (meta.get("lora") or {}).get("base", "")
+    if hf_init.is_hf_path(src):
+        base = os.path.abspath(hf_init.hf_dir(src))
+    elif src:
+        base = (
+            f"not a Hugging Face model: the rlhf_jax workdir {src}; write it with "
+            f"`python -m rlhf_jax.tools.convert export --checkpoint {src} --out DIR`"
+        )
+    else:
+        seed = (meta.get("lora") or {}).get("seed", 0)
+        base = f"not a Hugging Face model: the seeded init (seed {seed}) of {workdir}'s model"
+    files = hf_peft.export_adapters(trainable, cfg, out_dir, base=base, dtype=dtype)
+    return files, base
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -113,6 +152,16 @@ def run(args) -> list[str] | dict:
             flush=True,
         )
         return meta
+    if args.adapters_only:
+        files, base = export_adapters(
+            args.checkpoint, args.out, mesh, rules, step=args.step, dtype=args.dtype
+        )
+        print(
+            f"exported the adapters of {args.checkpoint} -> {args.out} ({len(files)} files); "
+            f"their base: {base}",
+            flush=True,
+        )
+        return files
     files = export_workdir(
         args.checkpoint,
         args.out,
@@ -145,6 +194,11 @@ def parse_args(argv=None):
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     exp.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    exp.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="a LoRA workdir's adapters alone, unmerged, in PEFT's layout",
+    )
     return p.parse_args(argv)
 
 
