@@ -26,7 +26,7 @@ from rlhf_jax.models import transformer as M
 from rlhf_jax.sampling import load
 from rlhf_jax.stages import dpo as dpo_stage
 from rlhf_jax.stages import grpo as grpo_stage
-from rlhf_jax.stages import lm, setup
+from rlhf_jax.stages import lm, ppo_steps, setup
 from rlhf_jax.stages import ppo as ppo_stage
 from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.tools import convert
@@ -387,6 +387,18 @@ def test_lora_ppo_trains_adapters_and_value_head_and_resumes_bitwise(
     assert leaves_equal(v_frozen, {k: rm_merged[k] for k in v_frozen})
     assert not np.array_equal(v_train["score_head"], rm_merged["score_head"])  # the head trains
     assert checkpoint.read_meta(str(root / "ppo"))["value_base"] == str(rm_dir)
+    # One frozen base for reward and value: of the RM only its head is held; the reward model's
+    # other params are the value model's base arrays themselves, one base fewer in bytes.
+    tok, rules = setup.load_tokenizer(c, str(root / "ppo")), c.sharding.rules
+    cfgs, _, frozen, _ = ppo_stage.build_models(c, tok, mesh, rules)
+    params = ppo_stage.trained_params(c, cfgs, mesh, rules)
+    reward, v_base = ppo_steps.reward_params(params, frozen), lora.split_lora(params["value"])[1]
+    assert set(frozen) == {"reward_head"} and leaves_equal(reward, rm_merged)
+    pairs = zip(jax.tree.leaves(lora.split_lora(reward)[1]), jax.tree.leaves(v_base), strict=True)
+    assert all(x is y for x, y in pairs)
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    distinct = {id(x): x.nbytes for x in jax.tree.leaves((params, frozen, reward))}
+    assert sum(distinct.values()) == nbytes((params, reward)) - nbytes(v_base) > 0
 
     real_write = metrics.MetricsWriter.write
 

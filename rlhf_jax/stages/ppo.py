@@ -24,7 +24,8 @@ With LoRA (`lora.rank` > 0) policy and value each train adapters (the value its 
 a frozen base: the policy's from `init_from`, the value model's from the RM (or the SFT
 backbone); checkpoints hold only what trains, and resuming rebuilds the bases from their
 sources. Without `ppo.reference_from` the reference is the policy's own base with the adapters
-off, not a second copy.
+off, not a second copy; with the value from the RM, the reward model is the value model's base
+with the RM's head (`build_models`), not a second copy either: two frozen bases in all.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ from rlhf_jax.stages import rm as rm_stage
 
 
 def build_models(config, tok, mesh, rules):
-    """(held configs, graphdefs, frozen params {"ref", ["reward"]}, reward bias).
+    """(held configs, graphdefs, frozen params {"ref", ["reward" | "reward_head"]}, reward bias).
 
-    "reward" is restored only when it scores (no `ppo.reward_fn`); with `ppo.value_init="rm"`
-    its config is the value model's either way. Trained params: `trained_params`."""
+    The RM is restored only when it scores (no `ppo.reward_fn`); with `ppo.value_init="rm"` its
+    config is the value model's either way. With LoRA and `value_init="rm"` the value model's
+    frozen base is the RM's, so the reward model is that base plus the RM's own scalar head:
+    only the head is held here ("reward_head"; `ppo_steps.reward_params` joins them), and the
+    reward model is held in the value base's dtype (`lora.base_dtype`), not
+    `ppo.frozen_dtype`. Trained params: `trained_params`."""
     c = config.ppo
     policy_cfg, _ = setup.resolve_model(config, tok)
     cfgs = {"policy": policy_cfg, "ref": lora.base_config(policy_cfg)}
@@ -66,6 +71,10 @@ def build_models(config, tok, mesh, rules):
     else:
         raise ValueError(f"unknown ppo.value_init: {c.value_init!r}; expected 'rm' or 'sft'")
     held = setup.frozen_configs(cfgs, c.frozen_dtype)
+    shared = shares_reward_base(config, cfgs)
+    if shared:
+        dtype = state_lib.base_dtype(cfgs["value"]).name
+        held["reward"] = dataclasses.replace(held["reward"], param_dtype=dtype)
     graphdefs = {k: model_lib.abstract(v)[0] for k, v in held.items()}
     # The KL reference is the SFT policy even when the policy starts elsewhere (a later round
     # of iterated RLHF continues from the previous round's policy).
@@ -73,9 +82,20 @@ def build_models(config, tok, mesh, rules):
     ref = rl_data.reference(config, "ppo", policy_cfg, mesh, rules, held["ref"])
     frozen = {} if ref is None else {"ref": ref}
     if reward_cfg is not None and not c.reward_fn:
-        frozen["reward"] = rl_data.restore(c.reward_from, reward_cfg, mesh, rules, held["reward"])
+        rm = rl_data.restore(c.reward_from, reward_cfg, mesh, rules, held["reward"])
+        if shared:  # the rest of the RM, dropped here, is the value model's base
+            frozen["reward_head"] = lora.split_lora(rm)[0]
+        else:
+            frozen["reward"] = rm
     bias = float((reward_meta or {}).get("reward_bias", 0.0))
     return held, graphdefs, frozen, bias
+
+
+def shares_reward_base(config, cfgs) -> bool:
+    """Whether the reward model is the value model's frozen base plus the RM's head: LoRA, the
+    value from the RM (`ppo.value_init="rm"`) and the RM scoring (no `ppo.reward_fn`)."""
+    c = config.ppo
+    return bool(cfgs["value"].lora_rank) and c.value_init == "rm" and not c.reward_fn
 
 
 def trained_params(config, cfgs, mesh, rules):
@@ -360,7 +380,8 @@ def run(config, mesh, workdir: str):
     if jax.process_index() == 0:
         print(
             f"ppo: policy {model_lib.param_count(abstract_params['policy']) / 1e6:.2f}M, "
-            f"value {model_lib.param_count(abstract_params['value']) / 1e6:.2f}M params; "
+            f"value {model_lib.param_count(abstract_params['value']) / 1e6:.2f}M params"
+            f"{' (its frozen base is the reward model)' if 'reward_head' in frozen else ''}; "
             f"data: {info}; {t.steps} iterations; starting at {start}",
             flush=True,
         )

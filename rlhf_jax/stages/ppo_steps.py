@@ -8,9 +8,11 @@ value of the state before emitting token t is the value head's output at that sa
 
 Models: `policy` (LM head, trained), `value` (scalar head, trained), `ref` (the frozen SFT
 policy; absent for a LoRA policy, whose own base with the adapters off is the reference) and
-`reward` (the frozen RM). The frozen params are ordinary arguments: they are never donated and
-never reach the optimizer. With LoRA only each trained model's adapters (and the value head)
-are differentiated and updated; its frozen base passes through the step.
+`reward` (the frozen RM; with LoRA and the value from the RM, only the RM's scalar head
+`reward_head`, on the value model's frozen base: `reward_params`). The frozen params are
+ordinary arguments: they are never donated and never reach the optimizer. With LoRA only each
+trained model's adapters (and the value head) are differentiated and updated; its frozen base
+passes through the step.
 
 Every log-prob (logp_old, logp_ref, the update's logp, the entropy) is that of the rollout's
 sampling distribution, the logits divided by `cfg.temperature` (`check_sampling` refuses
@@ -156,6 +158,15 @@ def value_forward(graphdef, params, tokens, mask, p: int):
     return per_pos[:, p - 1 : -1]
 
 
+def reward_params(params, frozen):
+    """The reward model's params: `frozen["reward"]`, or, with a shared base, the value model's
+    frozen leaves (the RM's base, adapters merged) under the RM's own scalar head
+    `frozen["reward_head"]`: the same arrays the value model reads, no copy."""
+    if "reward" in frozen:
+        return frozen["reward"]
+    return lora.combine(lora.split_lora(params["value"])[1], frozen["reward_head"])
+
+
 def _chunked(fn, batch_fields, chunk: int):
     """Applies fn over rows in chunks of `chunk` (the update's minibatch size), so logp_old is
     computed with exactly the shapes — hence the same numerics — as the first update."""
@@ -171,7 +182,8 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
 
     Args:
       params: {"policy", "value"} trained params.
-      frozen: {"ref", "reward"} frozen params ("reward" absent with a reward function, "ref"
+      frozen: {"ref", "reward" or "reward_head"} frozen params (no reward with a reward
+        function, "reward_head" where reward and value share a base (`reward_params`), no "ref"
         for a LoRA policy that is its own reference with the adapters off) and
         "kl_coef" [] (the current beta), "reward_bias" [], "ext_scores" [B] (reward-function
         scores, zeros with an RM).
@@ -197,8 +209,9 @@ def score_step(params, frozen, batch, *, graphdefs, cfg, p: int, mesh, rules):
             mb,
         )
         logp, logp_ref, values = (x * rmask_f for x in (logp, logp_ref, values))
-        if "reward" in frozen:
-            scores = reward.sequence_scores(graphdefs["reward"], frozen["reward"], tokens, mask)
+        if "reward" in frozen or "reward_head" in frozen:
+            rm = reward_params(params, frozen)
+            scores = reward.sequence_scores(graphdefs["reward"], rm, tokens, mask)
             scores = scores + frozen["reward_bias"]
         else:
             scores = frozen["ext_scores"]
