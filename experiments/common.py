@@ -171,6 +171,16 @@ def base_config() -> mlc.ConfigDict:
             base_dtype="float32",  # float32 | bfloat16: the frozen base's dtype
         )
     )
+    # Weights & Biases beside metrics.jsonl and TensorBoard (rlhf_jax/infra/tracking.py): mode
+    # online | offline | disabled; disabled never imports wandb (the optional `wandb` extra).
+    # name "" -> the workdir's name; a sweep sets group to its own name (launch/sweep.py).
+    c.log = mlc.ConfigDict(
+        dict(
+            wandb=mlc.ConfigDict(
+                dict(mode="disabled", project="rlhf-jax", entity="", group="", name="")
+            )
+        )
+    )
     c.train = train_config()
     c.mesh = mesh_config()
     c.sharding = mlc.ConfigDict(dict(rules=[list(r) for r in sharding.DEFAULT_RULES]))

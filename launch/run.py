@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlhf_jax import methods
-from rlhf_jax.infra import cli, distributed, paths, preemption, provenance
+from rlhf_jax.infra import cli, distributed, paths, preemption, provenance, tracking
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -107,6 +107,7 @@ def start(config, workdir: str):
     paths.check_sources(config)
     setup.check_counts(config)  # every stage's, nested pipeline stages' too
     setup.check_lora(config)  # likewise: a bad lora section stops here, in one line
+    tracking.check(config)  # wandb on but not installed: one line, before any work
     config_hash = provenance.config_hash(config.to_dict())
     version = provenance.code_version()
     check_same_run(config_hash, version["source_hash"])

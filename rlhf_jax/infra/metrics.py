@@ -14,6 +14,9 @@ killed run keeps everything it logged.
 
 Resuming from a checkpoint at `start_step` drops the lines a killed run logged after that step
 (they are about to be logged again), and TensorBoard hides them through `purge_step`.
+
+With a `tracker` (tracking.py: a wandb run, `config.log.wandb`), every row and text goes there
+too, at the same step.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class MetricsWriter:
         desc: str = "train",
         tensorboard: bool = True,
         progress: bool = True,
+        tracker=None,
     ):
         """Opens the metrics outputs of a run, truncating what a killed run logged past resume.
 
@@ -85,6 +89,8 @@ class MetricsWriter:
             desc: progress-bar label.
             tensorboard: also write TensorBoard event files.
             progress: show a tqdm progress bar on stderr.
+            tracker: a `tracking.Tracker` (wandb) that gets every row and text too, or None;
+                finished by `close`.
         """
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -92,6 +98,7 @@ class MetricsWriter:
         self._tb = None
         self._bar = None
         self._postfix: dict[str, str] = {}
+        self._tracker = tracker if self.active else None
         if not self.active:
             return
 
@@ -142,12 +149,16 @@ class MetricsWriter:
         metrics = jax.device_get(dict(metrics))
         row = {key: _to_json_value(key, value) for key, value in metrics.items()}
         self._append(step, row)
+        if self._tracker is not None:  # non-finite values as they are (wandb charts NaN as gaps)
+            self._tracker.log(
+                step, {k: _raw(metrics[k]) if v is None else v for k, v in row.items()}
+            )
         if self._tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, global_step=step)
                 elif value is None:  # non-finite: TensorBoard shows NaN/inf faithfully
-                    self._tb.add_scalar(key, float(np.asarray(metrics[key])), global_step=step)
+                    self._tb.add_scalar(key, _raw(metrics[key]), global_step=step)
         if self._bar is not None:
             for key, value in row.items():
                 if key.endswith("/loss") and isinstance(value, (int, float)):
@@ -171,6 +182,8 @@ class MetricsWriter:
         if key in _RESERVED:
             raise ValueError(f"metric key {key!r} is reserved; use a namespaced key")
         self._append(step, {key: str(text)})
+        if self._tracker is not None:
+            self._tracker.log_text(step, key, str(text))
         if self._tb is not None:
             self._tb.add_text(key, str(text), global_step=step)
 
@@ -194,6 +207,11 @@ class MetricsWriter:
 
     def close(self):
         """Flushes and closes every output. Idempotent."""
+        if self._tracker is not None:
+            # Called from the loop's `finally`: an exception in flight (NaN stop, preemption,
+            # bug) marks the wandb run failed or preempting rather than finished.
+            self._tracker.finish(sys.exc_info()[1])
+            self._tracker = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -281,6 +299,10 @@ def _truncate_after(path: str, start_step: int):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _raw(value: Any) -> float:
+    return float(np.asarray(value).reshape(()))
 
 
 def _to_json_value(key: str, value: Any) -> Any:

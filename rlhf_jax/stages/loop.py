@@ -3,7 +3,8 @@
 A stage brings its step and its data; this module owns what is the same for all of them:
 restoring or creating the state, the step loop, one `device_get` of scalar metrics per log step,
 the NaN/Inf stop (before any later checkpoint is written), eval hooks, async checkpoints with the
-data-iterator position, and progress/metrics output.
+data-iterator position, and progress/metrics output (JSONL, TensorBoard, wandb when
+config.log.wandb is on).
 
 Hooks for a stage that is more than one model and one optimizer (PPO):
   `layout`      the train state and its checkpoint items (PPO: policy as "params", "value",
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.infra import checkpoint, metrics, plan, preemption, sharding
+from rlhf_jax.infra import checkpoint, metrics, plan, preemption, sharding, tracking
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
 from rlhf_jax.stages import setup as setup_lib
@@ -176,8 +177,9 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
     rules = s.config.sharding.rules
     peak = _peak()
     writer = metrics.MetricsWriter(
-        s.workdir, total_steps=s.steps, start_step=start, desc=s.config.stage
-    )
+        s.workdir, total_steps=s.steps, start_step=start, desc=s.config.stage,
+        tracker=tracking.start(s.config, s.workdir),  # None unless config.log.wandb is on
+    )  # fmt: skip
     pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
 
     def do_eval(step):

@@ -54,7 +54,7 @@ import jax
 
 from rlhf_jax import methods
 from rlhf_jax.data import lm_data
-from rlhf_jax.infra import preemption, sharding
+from rlhf_jax.infra import preemption, sharding, tracking
 from rlhf_jax.models import hf_import, hf_init
 from rlhf_jax.stages import lm, rm
 from rlhf_jax.stages import pipeline_eval as ev
@@ -163,6 +163,7 @@ def run(config, mesh, workdir: str):
             node[leaf] = value
         cfg.seed = config.seed
         cfg.rollout.update(config.rollout)  # one generator for the whole run (rollout.py)
+        tracking.nest(cfg, config, workdir, at(sub))  # wandb: `<run>/<sub>`, grouped by run
         module.run(cfg, mesh, at(sub))
 
     if config.init_from:  # a Hugging Face model as the pretrained policy: imported, not trained
@@ -274,8 +275,36 @@ def run(config, mesh, workdir: str):
         from rlhf_jax.task import report
 
         path = report.build_report(workdir)
+        track_report(config, workdir)
         total = sum(timings.values())
         print(f"[pipeline] done in {total / 60:.1f} min; report: {path}", flush=True)
+
+
+def track_report(config, workdir: str):
+    """The report's plots (wandb.Image) and eval.json's results (a wandb.Table, and numbers in
+    the run summary) in the pipeline's own wandb run, when config.log.wandb is on."""
+    from rlhf_jax.task import report_plots, report_read
+
+    tracker = tracking.start(config, workdir, parent=True)
+    if tracker is None:
+        return
+    with tracker:
+        row = {}
+        for name in (*report_plots.TRAINING_PLOTS, report_plots.GOLD_KL, report_plots.ROUNDS):
+            path = os.path.join(workdir, name)
+            key = f"report/{name.removeprefix('report_').removesuffix('.png')}"
+            if os.path.exists(path):  # the report removes the plots it has no data for
+                row[key] = tracker.image(path)
+        models, _ = report_read.read_eval(os.path.join(workdir, "eval.json"))
+        if models:
+            nums = [
+                k for k in report_read.NUMBERS if any(m[k] is not None for m in models.values())
+            ]
+            rows = [[key, m["label"], *(m[k] for k in nums)] for key, m in models.items()]
+            row["report/results"] = tracker.table(["model", "label", *nums], rows)
+            summary = {f"eval/{key}/{k}": m[k] for key, m in models.items() for k in nums}
+            tracker.run.summary.update({k: v for k, v in summary.items() if v is not None})
+        tracker.log(None, row)
 
 
 def round_meta(workdir: str, r: dict) -> dict:

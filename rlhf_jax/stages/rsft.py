@@ -34,7 +34,7 @@ import os
 import numpy as np
 
 from rlhf_jax.data import lm_data, sft_data
-from rlhf_jax.infra import checkpoint, metrics, preemption
+from rlhf_jax.infra import checkpoint, metrics, preemption, tracking
 from rlhf_jax.sampling import best_of_k
 from rlhf_jax.stages import lm
 
@@ -221,8 +221,9 @@ def run(config, mesh, workdir: str) -> str:
     done = read_json(rounds_path, [])[: rc.rounds]
     policy = os.path.join(workdir, done[-1]["policy"]) if done else config.init_from
     writer = metrics.MetricsWriter(
-        workdir, total_steps=rc.rounds, start_step=len(done), desc="rsft", progress=False
-    )
+        workdir, total_steps=rc.rounds, start_step=len(done), desc="rsft", progress=False,
+        tracker=tracking.start(config, workdir, parent=True),  # its rounds' SFT runs nest in it
+    )  # fmt: skip
     try:
         for r in range(len(done) + 1, rc.rounds + 1):
             preemption.check(f"rsft before round {r}")
@@ -243,7 +244,9 @@ def run(config, mesh, workdir: str) -> str:
                     "rsft.prompts_per_round or lower rsft.threshold"
                 )
             sub = os.path.join(rdir, "policy")
-            lm.run(sft_config(config, os.path.join(rdir, "selected.jsonl"), policy), mesh, sub)
+            cfg = sft_config(config, os.path.join(rdir, "selected.jsonl"), policy)
+            tracking.nest(cfg, config, workdir, sub)
+            lm.run(cfg, mesh, sub)
             policy = sub
             stats["sft_final_loss"] = _last_loss(sub)
             done.append({"round": r, "policy": os.path.relpath(sub, workdir), **stats})

@@ -50,12 +50,21 @@ class EvalSampler:
         out = sharding.to_host(
             self.sample(params, batch["t"], batch["m"], batch["k"], **self.knobs)
         )
-        lines = [f"step {step}"]
-        for i, d in enumerate(self.demos):
-            n = int(out["lengths"][i])
-            text = self.tok.decode([int(x) for x in out["response"][i][:n]])
-            end = "" if out["finished"][i] else " [no EOS]"
-            lines.append(
-                f"prompt: {d['prompt']!r}\n  sample: {text!r}{end}\n  reference: {d['response']!r}"
-            )
-        return "\n".join(lines)
+        rows = range(len(self.demos))  # not the padding rows
+        texts = [
+            self.tok.decode([int(x) for x in out["response"][i][: int(out["lengths"][i])]])
+            for i in rows
+        ]
+        return format_samples(step, self.demos, texts, [bool(out["finished"][i]) for i in rows])
+
+
+def format_samples(step: int, demos: list[dict], texts: list[str], finished: list[bool]) -> str:
+    """The samples text: a `step N` line, then prompt / sample / reference lines per demo
+    (infra/tracking.py reads this layout back into a wandb.Table's columns)."""
+    lines = [f"step {step}"]
+    for d, text, done in zip(demos, texts, finished, strict=True):
+        end = "" if done else " [no EOS]"
+        lines.append(
+            f"prompt: {d['prompt']!r}\n  sample: {text!r}{end}\n  reference: {d['response']!r}"
+        )
+    return "\n".join(lines)

@@ -40,8 +40,8 @@ MODELS = {k: methods.method(k).label for k in ("pretrained", "sft", "ppo", "ppo_
 METHODS = {m.key: m.label for m in (*methods.METHODS, methods.BEST_OF_K) if m.key != "rm"}
 # An alignment tax is reported for these.
 RLHF_METHODS = (*methods.POLICY_METHODS, methods.BEST_OF_K.key)
-_NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
-_NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
+NUMBERS = ("gold_score", "gold_score_std", "heldout_pretrain_loss", "rm_score")
+NUMBERS += ("response_length", "finished_fraction", "kl_from_sft", "n")
 
 
 def round_dirs(run_dir: str) -> list[int]:
@@ -73,7 +73,7 @@ def read_stage(path: str) -> list[dict[str, Any]] | None:
 def read_eval(path: str) -> tuple[dict | None, dict]:
     """(models, meta) of an eval.json; (None, {}) if it is missing.
 
-    Every model entry comes back with each of `_NUMBERS` as a float or None, its samples, and
+    Every model entry comes back with each of `NUMBERS` as a float or None, its samples, and
     `label`, `method`, `round`, `kl_is_bound` (defaults for files from before they existed: the
     MODELS/METHODS name or key, the key, 1 for RLHF methods and 0 otherwise, False). meta.rounds
     comes back as a list of {"round", "rm_accuracy", "comparisons", ...} ([] if absent).
@@ -91,7 +91,7 @@ def read_eval(path: str) -> tuple[dict | None, dict]:
     out = {}
     for name, m in models.items():
         where = f"{path}: models.{name}"
-        out[name] = {k: _num(m, k, where) for k in _NUMBERS}
+        out[name] = {k: _num(m, k, where) for k in NUMBERS}
         method = _typed(m, "method", str, name, where)
         out[name]["method"] = method
         out[name]["label"] = _typed(m, "label", str, METHODS.get(name, name), where)
