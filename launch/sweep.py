@@ -46,6 +46,7 @@ POINT_FILE = "sweep_point.json"
 SWEEP_FILE = "sweep.json"
 EMIT_KINDS = ("local", "slurm", "tpu")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")  # no ",": data paths split on it
+GROUP_KEY = "log.wandb.group"  # rlhf_jax/infra/tracking.py: a sweep's points group under it
 
 
 # --- building the list of points -------------------------------------------------------------
@@ -184,8 +185,12 @@ def point_names(points: list[dict]) -> list[str]:
 
 
 def run_args(sweep: Sweep, i: int, workdir: str) -> list[str]:
-    """launch.run's arguments for point i: FIXED first, then the point's own overrides."""
+    """launch.run's arguments for point i in `workdir` (WORKDIR/<name>): FIXED first, then the
+    point's own overrides, then the wandb group, the sweep's name (WORKDIR's), unless they set
+    it: with config.log.wandb on, the points are one group in wandb (rlhf_jax/infra/tracking.py)."""
     overrides = {**sweep.fixed, **sweep.points[i]}
+    if GROUP_KEY not in overrides:
+        overrides[GROUP_KEY] = os.path.basename(os.path.dirname(os.path.abspath(workdir)))
     flags = [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
     return ["--config", sweep.config, "--workdir", workdir, *flags]
 

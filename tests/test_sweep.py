@@ -171,6 +171,7 @@ def test_emit_prints_commands(tmp_path):
     run_args = [
         ["--config", "experiments/pretrain.py", "--workdir", os.path.join(workdir, name)]
         + [*FIXED_FLAGS, f"--config.seed={seed}", f"--config.train.lr={lr}"]
+        + ["--config.log.wandb.group=w"]  # the sweep's name: its points are one wandb group
         for name, (seed, lr) in POINTS.items()
     ]
     slurm = ["python", "-m", "launch.slurm", "--nodes", "2", "--"]
@@ -185,6 +186,19 @@ def test_emit_prints_commands(tmp_path):
     assert proc.stdout.splitlines() == [shlex.join(local + args) for args in run_args]
     bad = sweep_cli("run", path, "--workdir", workdir, *launcher)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --launcher_args")
+
+
+def test_sweep_points_are_grouped_by_the_sweep(tmp_path):
+    path = tmp_path / "s.py"
+    path.write_text(
+        "CONFIG = 'experiments/pretrain.py'\nFIXED = {'train.steps': 2}\n"
+        "def get_sweep():\n    return [{'seed': 0}, {'seed': 1, 'log.wandb.group': 'mine'}]\n"
+    )
+    s = sweep.load_sweep(str(path))
+    args = [sweep.run_args(s, i, str(tmp_path / "lr_sweep" / n)) for i, n in enumerate(s.names)]
+    assert args[0][-1] == "--config.log.wandb.group=lr_sweep"
+    assert args[1][-1] == "--config.log.wandb.group=mine"
+    assert sum("log.wandb.group" in a for a in args[1]) == 1
 
 
 # --- real sweeps --------------------------------------------------------------------------------
