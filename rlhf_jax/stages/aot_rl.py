@@ -1,9 +1,10 @@
-"""The RL stages' planners (PPO, GRPO) and the rollout every sampling stage plans the same way.
+"""The RL stages' planners (PPO, GRPO).
 
 Each iteration of an RL stage is three compiled functions, each a `Function` with `calls=1`:
-`rollout` (the on-device sampler: prefill, then one decode step per response token), `score`
+`rollout` (the generator `config.rollout` names, the static sampler or the paged engine, as
+aot_rollout.py plans it for every sampling stage), `score`
 (teacher-forced log-probs, the reward, advantages) and `update` (epochs x minibatches, one loss).
-They are built by the stages' own builders: `ppo.Iteration` for PPO; for GRPO the sampler and
+They are built by the stages' own builders: `ppo.Iteration` for PPO; for GRPO `rollout.make` and
 grpo_steps.py's `score_step` and `update_step`, jitted with grpo.py's shardings and donation.
 rlhf_jax/stages/aot.py's `PLANNERS` points here; aot_inputs.py has the shared shapes.
 """
