@@ -77,6 +77,7 @@ SMALL = [
     "--config.stages.grpo.grpo.ptx_batch=8",
     "--config.evaluate.best_of_k=2",
     "--config.rounds=2",
+    "--config.iterate.methods=ppo_ptx,dpo",  # plain PPO's round 2 is PPO-ptx's code at gamma 0
     "--config.collect.k=3",
     "--config.collect.max_new_tokens=12",
     "--config.evaluate.max_new_tokens=12",
@@ -155,9 +156,11 @@ def test_pipeline_end_to_end(pipeline_run):
     for sub in (*subs, "kto", "grpo"):
         assert os.path.isdir(tmp_path / sub / "checkpoints"), sub
         assert os.path.getsize(tmp_path / sub / "metrics.jsonl") > 0, sub
-    # Round 2: a new RM, PPO continued from round 1, DPO online on its own policy's samples.
-    for sub in ("rm", "ppo", "ppo_ptx", "dpo"):
+    # Round 2: a new RM, PPO-ptx continued from round 1, DPO online on its own policy's samples;
+    # plain PPO, not in `iterate.methods`, stays at round 1.
+    for sub in ("rm", "ppo_ptx", "dpo"):
         assert os.path.isdir(tmp_path / "round_2" / sub / "checkpoints"), sub
+    assert not os.path.exists(tmp_path / "round_2" / "ppo")
     r2 = checkpoint.read_meta(str(tmp_path / "round_2" / "ppo_ptx"))["config"]
     assert r2["init_from"] == str(tmp_path / "ppo_ptx")
     assert r2["ppo"]["reference_from"] == str(tmp_path / "sft")
@@ -197,7 +200,7 @@ def test_pipeline_end_to_end(pipeline_run):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert list(ev["models"]) == [
         *("pretrained", "sft", "best_of_k", "ppo", "ppo_ptx", "rsft", "dpo", "simpo", "kto"),
-        *("grpo", "ppo_r2", "ppo_ptx_r2", "dpo_r2"),
+        *("grpo", "ppo_ptx_r2", "dpo_r2"),
     ]
     assert (
         ev["models"]["dpo_r2"]["label"] == "DPO, round 2" and ev["models"]["dpo_r2"]["round"] == 2
@@ -215,9 +218,9 @@ def test_pipeline_end_to_end(pipeline_run):
     assert ", DPO " in tax and ", GRPO-ptx " in tax and ", SimPO " in tax and ", KTO " in tax
     again = launch(tmp_path)  # everything is done: every step is skipped
     assert again.returncode == 0, again.stderr[-4000:]
-    # pretrain, sft, collect, rm, 7 methods; collect_r2, rm_r2, ppo_r2, ppo_ptx_r2,
-    # collect_dpo_r2, dpo_r2; evaluate
-    assert again.stdout.count("skipping") == 4 + len(methods.POLICY_METHODS) + 6 + 1
+    # pretrain, sft, collect, rm, 7 methods; collect_r2, rm_r2, ppo_ptx_r2, collect_dpo_r2,
+    # dpo_r2; evaluate
+    assert again.stdout.count("skipping") == 4 + len(methods.POLICY_METHODS) + 5 + 1
 
     # A PPO-only run on top of the finished one: links its SFT model and RM, runs PPO only.
     ppo_only = tmp_path / "ppo_only"
