@@ -229,6 +229,18 @@ class Crash(Exception):
     pass
 
 
+def crash_after(monkeypatch, crash_step: int):
+    """A simulated preemption: the run raises Crash once step `crash_step` is logged."""
+    real_write = metrics.MetricsWriter.write
+
+    def write(self, step, m):
+        real_write(self, step, m)
+        if step == crash_step:
+            raise Crash(f"simulated preemption after step {crash_step}")
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write)
+
+
 def leaves_equal(a, b):
     la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
@@ -275,14 +287,7 @@ def test_lora_sft_learns_stores_adapters_resumes_bitwise_and_hands_on(chain, lor
     )
     assert leaves_equal(stored, trainable)
 
-    real_write = metrics.MetricsWriter.write
-
-    def crash_at_6(self, step, m):
-        real_write(self, step, m)
-        if step == 6:
-            raise Crash("simulated preemption after step 6 (last checkpoint: 4)")
-
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crash_at_6)
+    crash_after(monkeypatch, 6)  # the last checkpoint before it: step 4
     with pytest.raises(Crash):
         lm.run(config, mesh_of(config), str(root / "sft_b"))
     monkeypatch.undo()
@@ -400,14 +405,7 @@ def test_lora_ppo_trains_adapters_and_value_head_and_resumes_bitwise(
     distinct = {id(x): x.nbytes for x in jax.tree.leaves((params, frozen, reward))}
     assert sum(distinct.values()) == nbytes((params, reward)) - nbytes(v_base) > 0
 
-    real_write = metrics.MetricsWriter.write
-
-    def crash_at_1(self, step, m):
-        real_write(self, step, m)
-        if step == 1:
-            raise Crash("simulated preemption after iteration 1")
-
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crash_at_1)
+    crash_after(monkeypatch, 1)
     with pytest.raises(Crash):
         run(root / "ppo_b")
     monkeypatch.undo()
