@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from cpu_env import cpu_env
 
@@ -129,3 +130,30 @@ def test_bad_input_is_one_line_error(workdir, prompts_file, tmp_path, capsys):
     line = error_of(["--checkpoint", workdir, "--prompts", long, "--out", tmp_path / "o"], capsys)
     assert line.startswith(f"error: {long}:2: prompt is") and "room for 128" in line
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_keep_loaded_restores_each_checkpoint_once_and_only_inside_the_block(workdir, monkeypatch):
+    from rlhf_jax.infra import restore
+    from rlhf_jax.sampling import load
+
+    reads = []
+    real = restore.restore_params
+    monkeypatch.setattr(
+        restore, "restore_params", lambda *a, **k: reads.append(a[0]) or real(*a, **k)
+    )
+    mesh = mesh_lib.build_mesh(pretrain.get_config().mesh, jax.devices()[:1])
+    with load.keep_loaded(1):
+        first = load.load_model(workdir, mesh)
+        again = load.load_model(workdir, mesh)
+        assert again[1] is first[1] and len(reads) == 1  # the same arrays, not read again
+        step2 = load.load_model(workdir, mesh, step=2)  # the latest step: the same key
+        assert step2[1] is first[1] and len(reads) == 1
+        other_mesh = mesh_lib.build_mesh(pretrain.get_config().mesh, jax.devices()[1:2])
+        moved = load.load_model(workdir, other_mesh)  # another placement: read, and the
+        assert len(reads) == 2 and moved[1] is not first[1]  # first model evicted (n = 1)
+        load.load_model(workdir, mesh)
+        assert len(reads) == 3
+    outside = load.load_model(workdir, mesh)
+    assert len(reads) == 4 and outside[1] is not first[1]
+    for a, b in zip(jax.tree.leaves(first[1]), jax.tree.leaves(outside[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

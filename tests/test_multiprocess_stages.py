@@ -1,15 +1,15 @@
-"""PPO-ptx with a reward function, preempted and resumed, and the generate, score and best_of_k
-tools, as 2 processes x 4 CPU devices through the real entry, equal to 1 process x 8.
+"""PPO-ptx with a reward function, preempted and resumed, and the generate tool through the
+paged rollout engine, as 2 processes x 4 CPU devices through the real entry, equal to 1 process x 8.
 
 Pod slices are always several processes, and a stage that fetches an array spanning processes
 (a samples table, a reward function's inputs, an eval) crashes only there. The other stages (SFT
-with eval samples, the RM with its normalisation, PPO and PPO-ptx with the RM, best-of-K
-fine-tuning, collection and evaluation) are compared the same way as the whole 2-process pipeline
-in test_pipeline.py. Here: PPO-ptx scored by a reward function, SIGTERM to one of the two
-processes after the first iteration (both agree on a step, checkpoint it and exit 75), the same
-command resuming, every logged number and sampled text equal to one uninterrupted process; and
-each tool through `launch.local --module rlhf_jax.tools.NAME` writing what one process writes
-(the generate tool also through the paged rollout engine, `--engine paged`).
+with eval samples, the RM with its normalisation, PPO-ptx with the RM, best-of-K fine-tuning,
+DPO, KTO, GRPO, collection and evaluation) and the tools' library paths are compared the same way
+in test_pipeline.py's 2-process twin. Here: PPO-ptx scored by a reward function, SIGTERM to one of
+the two processes after the first iteration (both agree on a step, checkpoint it and exit 75),
+the same command resuming, every logged number and sampled text equal to one uninterrupted
+process; and the generate tool through `launch.local --module`, its paged engine sharded over
+both processes, writing what the 1-process static sampler writes.
 """
 
 import json
@@ -80,27 +80,24 @@ def test_ppo_reward_fn_preempted_two_processes_match_one(chain, tmp_path):
     assert info[0]["config_hash"] == info[1]["config_hash"]
 
 
-def test_tools_two_processes_match_one(chain, tmp_path):
-    r, sft, rm = tmp_path, str(chain / "sft"), str(chain / "rm")
-    prompts = r / "prompts.jsonl"  # 5 prompts x 2 samples: the last batch is padded
+def test_generate_tool_paged_two_processes_matches_static_one(chain, tmp_path):
+    """The generate tool through `launch.local --module`, the paged engine's slots and pages
+    sharded over 2 processes x 4 devices, writes the 1-process static sampler's records (tokens
+    exactly; log-probs within tolerance); 5 prompts x 2 samples pad the last batch.
+
+    The library paths of the generate, score and best_of_k tools (`completions.write_completions`,
+    `reward.score_texts`, `best_of_k.best_of_k`) run as 2 processes in test_pipeline.py's twin
+    (collection, the evaluation's RM scores, best-of-K and rsft), compared with 1 process there."""
+    r, sft = tmp_path, str(chain / "sft")
+    prompts = r / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"apple {i}"}) + "\n" for i in range(5)))
-    tools = {
-        "generate": ["--checkpoint", sft, "--prompts", str(prompts)]
-        + ["--max-new-tokens", "8", "--num-samples", "2", "--temperature", "0.8"],
-        "score": ["--checkpoint", rm, "--data", str(r / "generate1.jsonl")],
-        "best_of_k": ["--policy", sft, "--reward", rm, "--prompts", str(prompts)]
-        + ["--k", "2", "--max-new-tokens", "8"],
-    }
-    for name, flags in tools.items():
-        module = f"rlhf_jax.tools.{name}"
-        one_process(None, *flags, "--out", str(r / f"{name}1.jsonl"), module=module)
-        two_processes(None, *flags, "--out", str(r / f"{name}2.jsonl"), module=module)
-        assert_same_records(read_jsonl(r / f"{name}1.jsonl"), read_jsonl(r / f"{name}2.jsonl"))
-    # The paged rollout engine, slots and pages sharded over 2 processes x 4 devices, writes the
-    # static sampler's records (tokens exactly; log-probs within tolerance).
-    paged = [*tools["generate"], "--engine", "paged", "--out", str(r / "generate_paged2.jsonl")]
-    two_processes(None, *paged, module="rlhf_jax.tools.generate")
-    assert_same_records(read_jsonl(r / "generate1.jsonl"), read_jsonl(r / "generate_paged2.jsonl"))
-    assert (
-        len(read_jsonl(r / "generate2.jsonl")) == 10 and len(read_jsonl(r / "score2.jsonl")) == 10
+    flags = ["--checkpoint", sft, "--prompts", str(prompts), "--max-new-tokens", "8"]
+    flags += ["--num-samples", "2", "--temperature", "0.8"]
+    module = "rlhf_jax.tools.generate"
+    one_process(None, *flags, "--out", str(r / "static1.jsonl"), module=module)
+    two_processes(
+        None, *flags, "--engine", "paged", "--out", str(r / "paged2.jsonl"), module=module
     )
+    static, paged = read_jsonl(r / "static1.jsonl"), read_jsonl(r / "paged2.jsonl")
+    assert len(paged) == 10
+    assert_same_records(static, paged)

@@ -366,9 +366,7 @@ def read_meta(workdir_or_dir: str, step: int | None = None) -> dict | None:
     # processes, and hand-off checks run where processes may take different paths (a stage
     # asking whether another's checkpoint exists yet). orbax's JsonSave writes `meta/metadata`.
     directory = epath.Path(_resolve_dir(workdir_or_dir))
-    steps = sorted(
-        int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / _COMMIT_FILE).exists()
-    )
+    steps = committed_steps(workdir_or_dir)
     if step is None:
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {directory}")
@@ -384,6 +382,15 @@ def read_meta(workdir_or_dir: str, step: int | None = None) -> dict | None:
         return json.loads((meta_dir / "metadata").read_text())
     with Checkpointer(str(directory), read_only=True) as ckpt:  # another orbax file layout
         return ckpt.read_meta(step)
+
+
+def committed_steps(workdir_or_dir: str) -> list[int]:
+    """The committed checkpoint steps of a stage workdir (or its checkpoints directory), sorted:
+    a file listing, no CheckpointManager (no collective), as `read_meta`."""
+    directory = epath.Path(_resolve_dir(workdir_or_dir))
+    return sorted(
+        int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / _COMMIT_FILE).exists()
+    )
 
 
 def _key_str(key) -> str:

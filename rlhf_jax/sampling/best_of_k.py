@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from rlhf_jax.infra import checkpoint, sharding
@@ -157,7 +156,7 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
     """`score(pairs, finished=None) -> float64 [N]`: the RM in `rm_dir` on (prompt, response)
     pairs, plus its normalisation bias, each read as the RM was trained (its own template and
     seq_len) at the last token of the response, its EOS when `finished[i]` (None: all
-    finished, i.e. `reward.score_texts`)."""
+    finished). It is `reward.score_texts`, the score tool's path, with the RM's own settings."""
     rules = sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_RULES)
     graphdef, params, cfg, tok, meta = load.load_model(rm_dir, mesh, rules)
     if cfg.head != "scalar":
@@ -166,32 +165,14 @@ def load_scorer(rm_dir: str, mesh, rules=None, batch_size: int = 32):
     template = config.get("data", {}).get("prompt_template") or "{prompt}"
     seq_len = config.get("train", {}).get("seq_len") or cfg.max_len
     bias = float(meta.get("reward_bias", 0.0))
-    dp = sharding.data_parallel_size(mesh, rules)
-    rows = max(dp, batch_size - batch_size % dp)
-
-    def fn(params, tokens, mask):
-        with sharding.use_rules(mesh, rules):
-            return reward.sequence_scores(graphdef, params, tokens, mask, right_padded=True)
-
-    jitted = jax.jit(fn)
 
     def score(pairs: Sequence[tuple[str, str]], finished: Sequence[bool] | None = None):
         pairs = list(pairs)
         finished = [True] * len(pairs) if finished is None else list(finished)
-        out = []
-        for lo in range(0, len(pairs), rows):
-            chunk = slice(lo, lo + rows)
-            done = finished[chunk]
-            tokens, mask = reward.encode_scored(pairs[chunk], done, tok, template, seq_len)
-            n = len(tokens)
-            if n < rows:  # fill the last batch with 1-token dummy rows (one compiled shape)
-                tokens = np.concatenate([tokens, np.full((rows - n, seq_len), tok.pad_id)])
-                mask = np.concatenate([mask, np.zeros((rows - n, seq_len), bool)])
-                mask[n:, 0] = True
-            batch = sharding.put_global({"t": tokens.astype(np.int32), "m": mask}, mesh, rules)
-            got = sharding.to_host(jitted(params, batch["t"], batch["m"]))
-            out.append(np.asarray(got, np.float64)[:n])
-        return (np.concatenate(out) if out else np.zeros(0)) + bias
+        return reward.score_texts(
+            graphdef, params, tok, pairs, template=template, seq_len=seq_len, mesh=mesh,
+            rules=rules, batch_size=batch_size, bias=bias, finished=finished,
+        )  # fmt: skip
 
     return score
 

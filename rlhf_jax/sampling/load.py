@@ -10,6 +10,8 @@ depend on the batch size or the number of processes.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 
@@ -41,6 +43,50 @@ def load_model(workdir: str, mesh, rules=None, step: int | None = None):
       ValueError: the checkpoint has no model config or does not match it.
     """
     rules = rules if rules is not None else sharding.DEFAULT_RULES
+    key = None
+    if _KEPT is not None:
+        latest = (checkpoint.committed_steps(workdir) or [None])[-1]
+        key = (os.path.realpath(workdir), latest if step is None else step, mesh)
+        key += (sharding.normalize_rules(rules),)
+        if key in _KEPT:
+            _KEPT.move_to_end(key)
+            return _KEPT[key]
+    loaded = _load(workdir, mesh, rules, step)
+    if key is not None:
+        _KEPT[key] = loaded
+        while len(_KEPT) > _KEEP:
+            _KEPT.popitem(last=False)  # the least recently used model's arrays are freed
+    return loaded
+
+
+# The models `keep_loaded` holds: (workdir, step, mesh, rules) -> load_model's tuple, in LRU
+# order; None outside a `keep_loaded` block (every call restores from disk).
+_KEPT: collections.OrderedDict | None = None
+_KEEP = 0
+
+
+@contextlib.contextmanager
+def keep_loaded(n: int = 3):
+    """Within the block, `load_model` hands back the arrays it restored for the same checkpoint
+    (workdir and step, mesh, rules) instead of reading them again, for the `n` most recently used.
+
+    The pipeline's evaluation reads each model up to four times (sampling, held-out loss, KL,
+    RM score) and the SFT reference and the RM once per evaluated model: with n = 3 (the model,
+    its reference and the RM) each is restored once. At most n models stay in device memory.
+    Callers must not donate the params they get. Nested blocks share the outer cache.
+    """
+    global _KEPT, _KEEP
+    if _KEPT is not None:
+        yield
+        return
+    _KEPT, _KEEP = collections.OrderedDict(), n
+    try:
+        yield
+    finally:
+        _KEPT, _KEEP = None, 0
+
+
+def _load(workdir: str, mesh, rules, step):
     meta = checkpoint.read_meta(workdir, step)
     if not meta or "model" not in meta:
         raise ValueError(f"checkpoint in {workdir} has no model config in its meta")

@@ -55,7 +55,10 @@ def comparison_scores(graphdef, params, tokens, mask):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_scorer(graphdef, mesh, rules):
+def jitted_scorer(graphdef, mesh, rules):
+    """jit of (params, tokens [B, T], mask [B, T]) -> scores [B] of right-padded rows, one per
+    (graphdef, mesh, rules): every RM of one graph shares its trace and compile."""
+
     def fn(params, tokens, mask):
         with sharding.use_rules(mesh, rules):
             return sequence_scores(graphdef, params, tokens, mask, right_padded=True)
@@ -103,7 +106,7 @@ def score_texts(
     with `finished` [N], the [eos] only where `finished[i]` (`encode_scored`).
     """
     rules = sharding.normalize_rules(rules)  # hashable, for the compile cache
-    fn = _jitted_scorer(graphdef, mesh, rules)
+    fn = jitted_scorer(graphdef, mesh, rules)
     dp = sharding.data_parallel_size(mesh, rules)
     batch_size = max(dp, batch_size - batch_size % dp)
     out = []

@@ -277,7 +277,7 @@ def plan_rsft(config, mesh, rules, rm_size: str = "") -> list[Function]:
     tokens = (rows(mesh, rules, (sb, n), jnp.int32), rows(mesh, rules, (sb, n), jnp.bool_))
     score = Function(
         "score",
-        reward._jitted_scorer(rm_graphdef, mesh, rules),
+        reward.jitted_scorer(rm_graphdef, mesh, rules),
         (rm_params, *tokens),
         {"frozen": rm_params, "batch": tokens},
         plan.forward_flops(rm_cfg, rm_params, sb * n, n),

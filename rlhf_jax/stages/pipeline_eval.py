@@ -161,53 +161,18 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
         whose workdir has no checkpoint is left out. The "sft" entry is the KL reference.
       extra_meta: merged into eval.json's meta (timings, rounds).
     """
-    from rlhf_jax.sampling import likelihood
-
     out = os.path.join(run_dir, "eval.json")
     old = read_models(out)  # models evaluated before (e.g. before more rounds ran) are kept
-    c = config.evaluate
-    rm_dir = os.path.join(run_dir, "rm")
-    has_rm = os.path.isdir(os.path.join(rm_dir, "checkpoints"))
+    has_rm = os.path.isdir(os.path.join(run_dir, "rm", "checkpoints"))
     sft_dir = next(m["workdir"] for m in models if m["key"] == "sft")
     results = {}
-    for m in models:
-        if not has_checkpoint(m["workdir"]):
-            continue
-        if m["key"] in old:
-            results[m["key"]] = old[m["key"]]
-            if m["key"] == "sft" and "best_of_k" in old:
-                results["best_of_k"] = old["best_of_k"]
-            continue
-        recs = sample(
-            m["workdir"],
-            paths["eval_prompts"],
-            os.path.join(run_dir, f"eval_{m['key']}.jsonl"),
-            mesh,
-            n=1,
-            temperature=c.temperature,
-            greedy=c.temperature == 0,
-            max_new_tokens=c.max_new_tokens,
-            seed=config.seed + 1,
-            rollout=config.get("rollout"),
-        )
-        entry = {k: m[k] for k in ("label", "method", "round")} | gold_entry(recs, c.samples)
-        entry["heldout_pretrain_loss"] = heldout_loss(
-            m["workdir"], paths["heldout"], c.seq_len, mesh, rules
-        )
-        if m["method"] != "pretrained" and c.temperature > 0:
-            # Both models scored at the temperature the records were sampled at: KL(pi_T ||
-            # sft_T). At temperature 1 log-probs of tempered samples are no KL (can be < 0).
-            kl = likelihood.kl_to_reference(
-                recs, m["workdir"], sft_dir, mesh=mesh, rules=rules, temperature=c.temperature
-            )
-            entry["kl_from_sft"], entry["kl_sem"] = kl["kl"], kl["kl_sem"]
-        elif m["method"] != "pretrained":  # greedy: a point mass, no sample estimate of a KL
-            entry["kl_from_sft"], entry["kl_sem"] = None, None
-        if has_rm:
-            entry["rm_score"] = rm_mean_score(rm_dir, recs, mesh, rules)
-        results[m["key"]] = entry
-        if m["key"] == "sft" and has_rm and c.best_of_k > 1:
-            results["best_of_k"] = best_of_k_entry(config, run_dir, paths, entry, mesh, rules)
+    # Each model is read once for its sampling, held-out loss, KL and RM score, and the SFT
+    # reference and the RM once for all models (load.keep_loaded: the model, SFT and the RM).
+    with load.keep_loaded(3):
+        for m in models:
+            if not has_checkpoint(m["workdir"]):
+                continue
+            results |= _evaluate_model(config, run_dir, paths, m, old, sft_dir, has_rm, mesh, rules)
     meta = {
         "seed": config.seed,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -216,6 +181,49 @@ def evaluate(config, run_dir: str, paths: dict, models: list[dict], mesh, rules,
     }
     meta["elapsed_seconds"] = sum(meta.get("timings", {}).values())
     lm_data.write_json(out, {"models": results, "meta": meta})
+    return out
+
+
+def _evaluate_model(config, run_dir, paths, m, old, sft_dir, has_rm, mesh, rules) -> dict:
+    """{key: entry} of one model (and best-of-K beside SFT); entries in `old` are kept."""
+    from rlhf_jax.sampling import likelihood
+
+    if m["key"] in old:
+        kept = {m["key"]: old[m["key"]]}
+        if m["key"] == "sft" and "best_of_k" in old:
+            kept["best_of_k"] = old["best_of_k"]
+        return kept
+    c = config.evaluate
+    recs = sample(
+        m["workdir"],
+        paths["eval_prompts"],
+        os.path.join(run_dir, f"eval_{m['key']}.jsonl"),
+        mesh,
+        n=1,
+        temperature=c.temperature,
+        greedy=c.temperature == 0,
+        max_new_tokens=c.max_new_tokens,
+        seed=config.seed + 1,
+        rollout=config.get("rollout"),
+    )
+    entry = {k: m[k] for k in ("label", "method", "round")} | gold_entry(recs, c.samples)
+    entry["heldout_pretrain_loss"] = heldout_loss(
+        m["workdir"], paths["heldout"], c.seq_len, mesh, rules
+    )
+    if m["method"] != "pretrained" and c.temperature > 0:
+        # Both models scored at the temperature the records were sampled at: KL(pi_T ||
+        # sft_T). At temperature 1 log-probs of tempered samples are no KL (can be < 0).
+        kl = likelihood.kl_to_reference(
+            recs, m["workdir"], sft_dir, mesh=mesh, rules=rules, temperature=c.temperature
+        )
+        entry["kl_from_sft"], entry["kl_sem"] = kl["kl"], kl["kl_sem"]
+    elif m["method"] != "pretrained":  # greedy: a point mass, no sample estimate of a KL
+        entry["kl_from_sft"], entry["kl_sem"] = None, None
+    if has_rm:
+        entry["rm_score"] = rm_mean_score(os.path.join(run_dir, "rm"), recs, mesh, rules)
+    out = {m["key"]: entry}
+    if m["key"] == "sft" and has_rm and c.best_of_k > 1:
+        out["best_of_k"] = best_of_k_entry(config, run_dir, paths, entry, mesh, rules)
     return out
 
 
