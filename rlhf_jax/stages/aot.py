@@ -36,6 +36,7 @@ from rlhf_jax.stages.aot_inputs import (
     Function,
     describe,
     model_config_of,
+    reference_params,
     reward_config,
     rows,
     stored_model,
@@ -198,7 +199,8 @@ def _reference_steps(config, mesh, rules, stage, batch, seqs: int, extra, note: 
     train, evaluate = stage.compile_steps(graphdef, tx, shardings, config, mesh, rules)
     params, opt = state["params"], state["opt_state"]
     no_grad, refs = extra
-    ref = state_lib.abstract_params(cfg, mesh, rules) if refs else {}  # the policy's shapes
+    # The policy's shapes; `{}` for a reference-free loss and for a LoRA policy's own base.
+    ref = (refs and reference_params(config, config.stage, cfg, mesh, rules)) or {}
     n, name = t.seq_len, config.stage
     # The head runs on every predicting position (stages/dpo.response_logprobs).
     fwd = plan.forward_flops(cfg, params, seqs * n, n, seqs * (n - 1))

@@ -18,7 +18,7 @@ import jax
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
-from rlhf_jax.models import hf_init
+from rlhf_jax.models import hf_init, lora
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import setup
 
@@ -84,7 +84,19 @@ def model_config_of(config) -> model_config.ModelConfig:
     current = setup.model_config_from(
         config, config.tokenizer.vocab_size if trains_tokenizer else None
     )
-    return stored_model(config.init_from, current) or current
+    cfg = stored_model(config.init_from, current) or current
+    # `config.lora` on the stored base, as setup.resolve_model builds the stage's model.
+    return dataclasses.replace(lora.base_config(cfg), **setup.lora_fields(config))
+
+
+def reference_params(config, section: str, policy, mesh, rules, held=None):
+    """The frozen KL reference as rl_data.reference holds it: None for a LoRA policy without
+    `<section>.reference_from` (its own base with the adapters off is the reference), that model
+    with zero adapters with one, else the policy's shapes (held in `held`'s dtype)."""
+    if policy.lora_rank and not config[section].reference_from:
+        return None
+    cfg = held if held is not None and not policy.lora_rank else policy
+    return state_lib.abstract_params(cfg, mesh, rules)
 
 
 def reward_config(policy: model_config.ModelConfig, reward_from: str, rm_size: str):
@@ -116,7 +128,14 @@ def train_state(cfg, config, mesh, rules, tx=None):
 
 def describe(cfg, params) -> str:
     n = model_lib.param_count(params)
-    return (
+    out = (
         f"{cfg.family} {n / 1e6:,.1f}M params (vocab {cfg.vocab_size}), {cfg.dtype}, "
         f"remat={cfg.remat}, scan_layers={cfg.scan_layers}"
     )
+    if cfg.lora_rank:
+        trained = model_lib.param_count(lora.split_trainable(params)[0])
+        out += (
+            f"; LoRA r={cfg.lora_rank} on {cfg.lora_targets}, "
+            f"{trained / 1e6:,.2f}M trained, base {cfg.lora_base_dtype or cfg.param_dtype}"
+        )
+    return out

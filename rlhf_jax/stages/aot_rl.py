@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.infra import plan, sharding
 from rlhf_jax.infra import state as state_lib
+from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import aot_rollout, grpo_steps, ppo, ppo_steps, setup
 from rlhf_jax.stages.aot_inputs import (
@@ -26,6 +27,7 @@ from rlhf_jax.stages.aot_inputs import (
     describe,
     key_dtype,
     model_config_of,
+    reference_params,
     reward_config,
     rows,
     scalar,
@@ -43,18 +45,40 @@ def _check_len(cfg, p: int, t: int, section: str) -> None:
 
 
 def _ppo_models(config, rm_size: str):
-    """The four models as `ppo.build_models` holds them: the reward model from a
-    `ppo.reward_from` workdir here, else the `rm_size` preset (default: the policy's); the value
-    model the reward model's (`ppo.value_init=rm`) or the policy's (`sft`); the frozen ones in
-    `ppo.frozen_dtype`."""
+    """(held configs, whether the reward model is the value model's base) as `ppo.build_models`
+    holds them: the reward model from a `ppo.reward_from` workdir here, else the `rm_size`
+    preset (default: the policy's base); the value model the reward model's (`ppo.value_init=rm`)
+    or the policy's (`sft`), with the policy's adapters under LoRA; the frozen ones in
+    `ppo.frozen_dtype`, a reward model that shares the LoRA value model's base in its dtype."""
     policy = model_config_of(config)
-    reward = reward_config(policy, config.ppo.reward_from, rm_size)
-    scalar_policy = dataclasses.replace(policy, head="scalar")
-    value = reward if config.ppo.value_init == "rm" else scalar_policy
-    cfgs = {"policy": policy, "ref": policy, "value": value, "reward": reward}
+    reward = reward_config(lora.base_config(policy), config.ppo.reward_from, rm_size)
+    if config.ppo.value_init == "rm":
+        value = dataclasses.replace(reward, **setup.lora_fields(config))
+    else:
+        value = dataclasses.replace(policy, head="scalar")
+    cfgs = {"policy": policy, "ref": lora.base_config(policy), "value": value, "reward": reward}
     if config.ppo.reward_fn:
         del cfgs["reward"]
-    return setup.frozen_configs(cfgs, config.ppo.frozen_dtype)
+    held = setup.frozen_configs(cfgs, config.ppo.frozen_dtype)
+    shared = ppo.shares_reward_base(config, cfgs)
+    if shared:
+        dtype = state_lib.base_dtype(cfgs["value"]).name
+        held["reward"] = dataclasses.replace(held["reward"], param_dtype=dtype)
+    return held, shared
+
+
+def _ppo_frozen(config, cfgs, shared: bool, mesh, rules) -> dict:
+    """The frozen params `ppo.build_models` restores, abstract: the reference unless a LoRA
+    policy is its own (adapters off), and the reward model, or only its scalar head when it
+    shares the value model's base."""
+    out = {}
+    ref = reference_params(config, "ppo", cfgs["policy"], mesh, rules, cfgs["ref"])
+    if ref is not None:
+        out["ref"] = ref
+    if "reward" in cfgs:
+        rm = state_lib.abstract_params(cfgs["reward"], mesh, rules)
+        out.update({"reward_head": lora.split_lora(rm)[0]} if shared else {"reward": rm})
+    return out
 
 
 def plan_ppo(config, mesh, rules, rm_size: str = "") -> list[Function]:
@@ -63,12 +87,12 @@ def plan_ppo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     for key in ("rollout_batch", "minibatch") + (("ptx_batch",) if c.ptx_coef > 0 else ()):
         sharding.check_batch(c[key], f"ppo.{key}", mesh, rules)
     ppo_cfg = ppo_steps.ppo_config_from(config, eos_id=-1)  # -1 never matches: full length
-    cfgs = _ppo_models(config, rm_size)
+    cfgs, shared = _ppo_models(config, rm_size)
     graphdefs = {k: model_lib.abstract(v)[0] for k, v in cfgs.items()}
     tx = ppo_steps.make_tx(ppo_cfg, config.train.steps)
     shardings, params, opt = ppo.train_state_shardings(cfgs, tx, mesh, rules)
     state = {"step": scalar(mesh, jnp.int32), "params": params, "opt_state": opt}
-    models = {k: state_lib.abstract_params(cfgs[k], mesh, rules) for k in cfgs if k not in params}
+    models = _ppo_frozen(config, cfgs, shared, mesh, rules)
 
     class _Tok:  # the sampler needs only these ids
         eos_id, eos_ids, pad_id = -1, (-1,), 0
@@ -77,7 +101,8 @@ def plan_ppo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     b, p, t, mb = c.rollout_batch, c.prompt_len, c.max_new_tokens, c.minibatch
     s = p + t
     pol = cfgs["policy"]
-    every = {**params, **models}
+    # FLOPs by model: the reference and a shared-base reward model count the params they run.
+    every = {"ref": params["policy"], "reward": params["value"], **params, **models}
     fwd = lambda k, tokens, ctx, head=None: plan.forward_flops(cfgs[k], every[k], tokens, ctx, head)
     note = (
         f"policy {describe(pol, params['policy'])}; value/reward "
@@ -179,12 +204,13 @@ def plan_grpo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     graphdef, tx, state, shardings = train_state(policy, config, mesh, rules)
     params, opt = state["params"], state["opt_state"]
     cfgs, graphdefs = {"policy": policy, "ref": policy}, {"policy": graphdef}
-    models = {"ref": state_lib.abstract_params(policy, mesh, rules)}
+    ref = reference_params(config, "grpo", policy, mesh, rules)
+    models = {} if ref is None else {"ref": ref}  # none: a LoRA policy's own base
     if not c.reward_fn:  # the stage loads `grpo.reward_from` then
-        cfgs["reward"] = reward_config(policy, c.reward_from, rm_size)
+        cfgs["reward"] = reward_config(lora.base_config(policy), c.reward_from, rm_size)
         graphdefs["reward"] = model_lib.abstract(cfgs["reward"])[0]
         models["reward"] = state_lib.abstract_params(cfgs["reward"], mesh, rules)
-    every = {"policy": params, **models}
+    every = {"policy": params, "ref": params, **models}
     fwd = lambda k, tokens, ctx, head=None: plan.forward_flops(cfgs[k], every[k], tokens, ctx, head)
     kw = dict(g=g, p=p, mesh=mesh, rules=rules)
 
