@@ -53,8 +53,11 @@ def lr_schedule(cfg: OptimConfig):
     )
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases)."""
+    """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
+    One object per OptimConfig in a process, so a step jitted with it is found again
+    (infra/compiled.py)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = []
     if cfg.grad_clip > 0:

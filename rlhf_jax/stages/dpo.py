@@ -32,7 +32,6 @@ temperature 1 (`eval/kl_sem` its standard error).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -41,7 +40,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.data import dpo_data, sft_data
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
@@ -178,17 +177,19 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     free = config.dpo.loss in dpo.REFERENCE_FREE
     ref_sh = None if free else reference_shardings(config, "dpo", shardings)
     kw = dict(graphdef=graphdef, c=config.dpo, mesh=mesh, rules=rules)
-    train = jax.jit(
-        functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
+    train = compiled.jit(
+        train_step,
         in_shardings=(shardings, ref_sh, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(eval_step, microbatches=config.train.grad_accum, **kw),
+        tx=tx, grad_accum=config.train.grad_accum, **kw,
+    )  # fmt: skip
+    evaluate = compiled.jit(
+        eval_step,
         in_shardings=(shardings["params"], ref_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
-    )
+        microbatches=config.train.grad_accum, **kw,
+    )  # fmt: skip
     return train, evaluate
 
 

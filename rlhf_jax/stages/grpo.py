@@ -26,13 +26,11 @@ updates, ...); `train.grad_accum` is refused (`grpo.minibatch` sets a gradient s
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.sampling import rollout
@@ -97,7 +95,7 @@ def run(config, mesh, workdir: str):
         rules=rules,
     )
     kw = dict(g=g, p=p, mesh=mesh, rules=rules)
-    score = jax.jit(functools.partial(grpo_steps.score_step, graphdefs=graphdefs, **kw))
+    score = compiled.jit(grpo_steps.score_step, graphdefs=graphdefs, **kw)
     s = loop.Setup(
         config=config,
         mesh=mesh,
@@ -113,12 +111,13 @@ def run(config, mesh, workdir: str):
         meta=setup.checkpoint_meta(config, policy_cfg, tok, "grpo", reward_bias=bias),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
-    update = jax.jit(
-        functools.partial(grpo_steps.update_step, graphdef=graphdef, tx=tx, **kw),
+    update = compiled.jit(
+        grpo_steps.update_step,
         in_shardings=(shardings, None, None, None),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    )
+        graphdef=graphdef, tx=tx, **kw,
+    )  # fmt: skip
 
     def rollout_and_score(params, batch, iteration, stream):
         keys = rl_data.rollout_keys(config.seed, stream, iteration, batch["sample"])

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.data import kto_data
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.rl import kto
 from rlhf_jax.stages import accumulate
@@ -126,17 +126,19 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
     kw = dict(graphdef=graphdef, c=config.kto, mesh=mesh, rules=rules)
     ref_sh = dpo_stage.reference_shardings(config, "kto", shardings)
-    train = jax.jit(
-        functools.partial(train_step, tx=tx, grad_accum=config.train.grad_accum, **kw),
+    train = compiled.jit(
+        train_step,
         in_shardings=(shardings, ref_sh, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(eval_step, microbatches=config.train.grad_accum, **kw),
+        tx=tx, grad_accum=config.train.grad_accum, **kw,
+    )  # fmt: skip
+    evaluate = compiled.jit(
+        eval_step,
         in_shardings=(shardings["params"], ref_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
-    )
+        microbatches=config.train.grad_accum, **kw,
+    )  # fmt: skip
     return train, evaluate
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.data import lm_data, sft_data
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.rl import losses
@@ -82,21 +82,19 @@ def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
     """The jitted train and eval steps with explicit shardings; state donated. Both run a batch
     in `grad_accum` microbatches."""
     batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in ("inputs", "targets", "mask")}
-    train = jax.jit(
-        functools.partial(
-            train_step, graphdef=graphdef, tx=tx, grad_accum=grad_accum, mesh=mesh, rules=rules
-        ),
+    train = compiled.jit(
+        train_step,
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(
-            eval_step, graphdef=graphdef, mesh=mesh, rules=rules, microbatches=grad_accum
-        ),
+        graphdef=graphdef, tx=tx, grad_accum=grad_accum, mesh=mesh, rules=rules,
+    )  # fmt: skip
+    evaluate = compiled.jit(
+        eval_step,
         in_shardings=(shardings["params"], batch_sh),
         out_shardings=sharding.replicated(mesh),
-    )
+        graphdef=graphdef, mesh=mesh, rules=rules, microbatches=grad_accum,
+    )  # fmt: skip
     return train, evaluate
 
 

@@ -31,13 +31,12 @@ with the RM's head (`build_models`), not a second copy either: two frozen bases 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
@@ -192,13 +191,14 @@ class Iteration:
             rules=rules,
         )
         kw = dict(graphdefs=graphdefs, cfg=ppo_cfg, p=p, mesh=mesh, rules=rules)
-        self.score = jax.jit(functools.partial(ppo_steps.score_step, **kw))
-        self.update = jax.jit(
-            functools.partial(ppo_steps.update_step, tx=tx, **kw),
+        self.score = compiled.jit(ppo_steps.score_step, **kw)
+        self.update = compiled.jit(
+            ppo_steps.update_step,
             in_shardings=(shardings, None, None, None),
             out_shardings=(shardings, sharding.replicated(mesh)),
             donate_argnums=0,
-        )
+            tx=tx, **kw,
+        )  # fmt: skip
 
     def rollout(self, params, batch, iteration, seed: int, stream: int = 0):
         """Samples responses for a device batch {"tokens", "mask" [B, P], "sample" [B]}."""

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.data import rm_data, sft_data
-from rlhf_jax.infra import checkpoint, sharding
+from rlhf_jax.infra import checkpoint, compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
 from rlhf_jax.models import transformer as model_lib
@@ -167,27 +167,19 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
         key: sharding.batch_sharding(mesh, rules, nd)
         for key, nd in (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
     }
-    train = jax.jit(
-        functools.partial(
-            train_step,
-            graphdef=graphdef,
-            tx=tx,
-            batching=config.rm.batching,
-            margin=config.rm.margin,
-            mesh=mesh,
-            rules=rules,
-            grad_accum=config.train.grad_accum,
-        ),
+    train = compiled.jit(
+        train_step,
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(
-            eval_step, graphdef=graphdef, margin=config.rm.margin, mesh=mesh, rules=rules
-        ),
+        graphdef=graphdef, tx=tx, batching=config.rm.batching, margin=config.rm.margin,
+        mesh=mesh, rules=rules, grad_accum=config.train.grad_accum,
+    )  # fmt: skip
+    evaluate = compiled.jit(
+        eval_step,
         in_shardings=(shardings["params"], batch_sh),
-    )
+        graphdef=graphdef, margin=config.rm.margin, mesh=mesh, rules=rules,
+    )  # fmt: skip
     return train, evaluate
 
 
