@@ -340,6 +340,12 @@ def test_lora_rm_and_dpo_from_a_lora_sft(chain, lora_sft, lora_rm):
     assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["dpo/tie_frac"] == 1.0 and rows[1]["dpo/loss"] != rows[0]["dpo/loss"]
     assert leaves_equal(lora.split_trainable(state["params"])[1], merged)
+    # The pipeline names the LoRA SFT workdir as the reference too: read merged, it is the
+    # policy at step 0 (a check against its LoRA fields stopped this run before).
+    d.dpo.reference_from = str(sft_dir)
+    dpo_stage.run(d, mesh_of(d), str(root / "dpo_ref"))
+    first = metrics.read_metrics(str(root / "dpo_ref" / "metrics.jsonl"))[0]
+    assert first["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def count_a(prompts, responses):

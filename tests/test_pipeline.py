@@ -296,3 +296,20 @@ def test_reuse_refuses_a_run_of_another_seed_or_unfinished(tmp_path):
     with pytest.raises(ValueError, match="has not finished step 'collect'"):
         pipeline.link_reused(config, str(tmp_path), {})
     assert os.path.realpath(tmp_path / "sft") == os.path.realpath(base / "sft")
+
+
+def test_the_pipelines_lora_section_reaches_every_stage_after_pretraining():
+    from experiments import pipeline as pipeline_exp
+    from rlhf_jax.stages import pipeline
+
+    config = pipeline_exp.get_config("size=tiny")
+    config.lora.update(rank=16, base_dtype="bfloat16")
+    for name in ("sft", "rm", "dpo", "ppo", "grpo", "rsft"):
+        cfg = pipeline.stage_config(config, config.stages[name], pretraining=False, init_from="x")
+        assert (cfg.lora.rank, cfg.lora.base_dtype, cfg.init_from) == (16, "bfloat16", "x"), name
+    pre = pipeline.stage_config(config, config.stages.pretrain, pretraining=True)
+    assert pre.lora.rank == 0
+    config.stages.dpo.lora.rank = 4  # a stage's own section wins
+    assert pipeline.stage_config(config, config.stages.dpo, pretraining=False).lora.rank == 4
+    config.lora.rank = 0
+    assert pipeline.stage_config(config, config.stages.sft, pretraining=False).lora.rank == 0

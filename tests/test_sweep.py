@@ -73,6 +73,17 @@ def point_files(workdir):
 # --- helpers and names --------------------------------------------------------------------------
 
 
+def test_every_bundled_sweep_file_loads():
+    folder = os.path.join(ROOT, "experiments", "sweeps")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py")
+    assert {"kl_overopt.py", "lora_vs_full.py", "tiny_lr.py"} <= set(files)
+    for name in files:
+        s = sweep.load_sweep(os.path.join(folder, name))
+        assert s.points and len(set(s.names)) == len(s.names), name
+    lora = sweep.load_sweep(os.path.join(folder, "lora_vs_full.py"))
+    assert lora.names == [f"rank={r}+seed={s}" for r in (0, 16) for s in (0, 1, 2)]
+
+
 def test_grid_zipped_product():
     assert sweep.grid({"a": [1, 2], "b": ["x", "y"]}) == [
         {"a": 1, "b": "x"},

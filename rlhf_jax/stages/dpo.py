@@ -278,7 +278,7 @@ def reference_params(config, model_cfg, mesh, rules, section="dpo"):
     else:
         if ref_from:
             meta = setup.read_init_meta(src) or {}
-            setup.check_same_model(meta, base_cfg, src)
+            setup.check_same_model(meta, base_cfg, src, merged=True)  # a LoRA SFT, merged
             if meta.get("model", {}).get("head", "lm") != "lm":
                 raise ValueError(f"{section}.reference_from {src!r} is not an LM-head model")
         abstract = state_lib.abstract_params(base_cfg, mesh, rules)

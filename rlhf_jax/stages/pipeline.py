@@ -99,6 +99,26 @@ def link_reused(config, workdir: str, timings: dict):
         timings[name] = 0.0  # reused: no time spent here
 
 
+def stage_config(config, cfg, *, pretraining: bool, **over):
+    """A stage's config as the pipeline runs it: `cfg` (a `stages.<name>` section) with the
+    pipeline's overrides `over` ("data.train", "init_from", ...), its seed and generator
+    (`config.rollout`: one for the whole run) and, for every stage after pretraining, the
+    pipeline's `lora` section when its rank is set (a stage whose own `lora.rank` is set keeps
+    its own): `--config.lora.rank=16` trains SFT, the RM and every method with adapters."""
+    cfg = cfg.copy_and_resolve_references()
+    for key, value in over.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg.seed = config.seed
+    cfg.rollout.update(config.rollout)  # one generator for the whole run (rollout.py)
+    if config.lora.rank and not pretraining and not cfg.lora.rank:
+        cfg.lora.update(config.lora)
+    return cfg
+
+
 def run(config, mesh, workdir: str):
     """Runs (or resumes) every step of the pipeline into `workdir`."""
     rules = sharding.normalize_rules(config.sharding.rules)
@@ -154,15 +174,7 @@ def run(config, mesh, workdir: str):
     at = lambda *p: os.path.join(workdir, *p)  # noqa: E731
 
     def stage(sub, cfg, module, **over):
-        cfg = cfg.copy_and_resolve_references()
-        for key, value in over.items():
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        cfg.seed = config.seed
-        cfg.rollout.update(config.rollout)  # one generator for the whole run (rollout.py)
+        cfg = stage_config(config, cfg, pretraining=sub == "pretrain", **over)
         tracking.nest(cfg, config, workdir, at(sub))  # wandb: `<run>/<sub>`, grouped by run
         module.run(cfg, mesh, at(sub))
 

@@ -264,11 +264,17 @@ def _check_set_fields_match(config, stored: dict) -> None:
             )
 
 
-def check_same_model(meta: dict | None, model_cfg: model_config.ModelConfig, where) -> None:
-    """Resuming with a different architecture is one clear error, not an orbax traceback."""
+def check_same_model(
+    meta: dict | None, model_cfg: model_config.ModelConfig, where, merged: bool = False
+) -> None:
+    """Resuming with a different architecture is one clear error, not an orbax traceback.
+    `merged`: the checkpoint is read as its model with any adapters folded in (a LoRA workdir
+    as a reference), so its LoRA fields are not compared."""
     stored = (meta or {}).get("model")
     if stored is None:
         return
+    if merged:
+        stored = {k: v for k, v in stored.items() if k not in model_config.LORA_FIELDS}
     current = dataclasses.asdict(model_cfg)
     # A field added to ModelConfig after the checkpoint was written has its default there.
     defaults = {f.name: f.default for f in dataclasses.fields(model_config.ModelConfig)}
