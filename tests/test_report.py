@@ -50,6 +50,11 @@ def _write_eval(run, models, seed=0, **meta_fields):
         json.dump({"models": models, "meta": meta}, f)
 
 
+def _read_models(run):
+    with open(os.path.join(run, "eval.json")) as f:
+        return json.load(f)["models"]
+
+
 def _new(gold, loss, kl, label, method, rnd, **fields):
     """A model entry of the iterated pipeline's eval.json: label, method, round, KL from SFT."""
     return _model(gold, 0.25, loss, kl_from_sft=kl, label=label, method=method, round=rnd, **fields)
@@ -176,6 +181,14 @@ def test_full_report_tables_plots_and_samples(tmp_path):
         json.dump({"pretrain": 1800.0, "sft": 600.0, "evaluate": 1500.0}, f)
     md = Path(report.build_report(run)).read_text()
     assert "| 0 | 1h 05m 00s | cpu x8 |" in md and "| evaluate | 25m 00s | 38% |" in md
+    assert "LoRA" not in md  # full-parameter stages: nothing said
+    lora = {"rank": 16, "alpha": 16.0, "targets": "q,k,v,o", "base_dtype": "bfloat16"}
+    _write_eval(run, _read_models(run), lora=lora)
+    md = Path(report.build_report(run)).read_text()
+    assert (
+        "Every stage after pretraining trained LoRA adapters: rank 16 on q,k,v,o, alpha 16.0, "
+        "the base held in bfloat16" in md
+    )
     # results (an old-shape eval.json: no label, method, round or KL): gold ± std, KL from SFT,
     # held-out loss, RM score, length, finished fraction
     assert _row(md, "Pretrained") == ["Pretrained", "-0.500 ± 0.250", "n/a", "3.125", "0.500",

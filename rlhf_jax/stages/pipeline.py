@@ -275,6 +275,8 @@ def run(config, mesh, workdir: str):
 
     def evaluate():
         meta = {"timings": timings, "rounds": [round_meta(workdir, x) for x in rounds]}
+        if config.lora.rank:  # the report says every model after pretraining is adapters
+            meta["lora"] = config.lora.to_dict()
         ev.evaluate(config, workdir, paths, models, mesh, rules, meta)
 
     # Evaluation is done only while it covers every trained model: a rerun with more rounds

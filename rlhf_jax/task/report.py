@@ -224,6 +224,13 @@ def _header(meta: dict, run_dir: str) -> list[str]:
     total = max(meta.get("elapsed_seconds") or 0.0, sum(timings.values())) or None
     md = ["| seed | total time | device | command |", "|---|---|---|---|"]
     md += [f"| {shown['seed']} | {_duration(total)} | {shown['device']} | {shown['command']} |"]
+    if lora := meta.get("lora"):
+        md += [
+            "",
+            f"Every stage after pretraining trained LoRA adapters: rank {lora.get('rank')} on "
+            f"{lora.get('targets')}, alpha {lora.get('alpha')}, the base held in "
+            f"{lora.get('base_dtype')} (`config.lora`).",
+        ]
     if timings:
         md += ["", "| stage | time | share |", "|---|---:|---:|"]
         for stage, t in timings.items():
