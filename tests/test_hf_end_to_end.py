@@ -10,6 +10,7 @@ steps each: the test is about the hand-offs (params, tokenizer, template, eos id
 
 import json
 import os
+import re
 import socket
 
 import jax
@@ -114,9 +115,12 @@ def _data(root) -> dict:
     }
 
 
-def _stages(root, hf_dir: str, data: dict, mesh) -> dict:
+def _stages(root, hf_dir: str, data: dict, mesh, lora_rank: int = 0) -> dict:
+    """SFT -> RM -> PPO-ptx from `hf:hf_dir`, each stage LoRA adapters of `lora_rank` (0: all
+    params train)."""
     out = {k: str(root / k) for k in ("sft", "rm", "ppo")}
     s = sft.get_config()
+    s.lora.rank = lora_rank
     s.init_from = f"hf:{hf_dir}"
     s.data.train = data["demos"]
     s.sft.eval_samples = 0
@@ -126,6 +130,7 @@ def _stages(root, hf_dir: str, data: dict, mesh) -> dict:
     lm.run(s, mesh, out["sft"])
 
     r = rm.get_config()
+    r.lora.rank = lora_rank
     r.init_from = out["sft"]
     r.data.train = data["pairs"]
     r.rm.norm_max = 8
@@ -133,6 +138,7 @@ def _stages(root, hf_dir: str, data: dict, mesh) -> dict:
     rm_stage.run(r, mesh, out["rm"])
 
     p = ppo_ptx.get_config()
+    p.lora.rank = lora_rank
     p.init_from = out["sft"]
     p.ppo.reward_from = out["rm"]
     p.data.train = data["prompts"]
@@ -188,11 +194,13 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
 
 
-def test_hf_qwen3_sft_rm_ppo_export_generates_as_transformers(tmp_path, offline):
+def test_hf_qwen3_lora_sft_rm_ppo_export_generates_as_transformers(tmp_path, offline):
+    """LoRA SFT -> LoRA RM -> LoRA PPO-ptx from a Qwen3 directory, exported merged.
+    (Full-parameter stages from a Hugging Face model: test_pipeline_starts_from_an_hf_model.)"""
     hf_dir = _hf_qwen3(str(tmp_path / "qwen3"))
     data = _data(tmp_path)
     mesh = mesh_lib.build_mesh(sft.get_config().mesh, jax.devices()[:2])
-    work = _stages(tmp_path, hf_dir, data, mesh)
+    work = _stages(tmp_path, hf_dir, data, mesh, lora_rank=4)
 
     # The stages kept the model's tokenizer.json (not a trained sentencepiece) and its template.
     for stage in ("sft", "rm", "ppo"):
@@ -207,10 +215,14 @@ def test_hf_qwen3_sft_rm_ppo_export_generates_as_transformers(tmp_path, offline)
     convert.export_workdir(work["ppo"], export, mesh, sft.get_config().sharding.rules)
     model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(export)
-    # Every tensor is the trained policy's, not the source model's.
+    # The adapted projections (attention q/k/v/o and the MLP) are the trained policy's, merged;
+    # everything else (embeddings, norms) is the frozen source model's, bit for bit.
     source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    same = [n for n, p in source.state_dict().items() if torch.equal(p, model.state_dict()[n])]
-    assert not same and model.config.tie_word_embeddings
+    ours_sd = model.state_dict()
+    same = {n for n, p in source.state_dict().items() if torch.equal(p, ours_sd[n])}
+    adapted = {n for n in ours_sd if re.search(r"(q|k|v|o|up|gate|down)_proj\.weight$", n)}
+    assert adapted and not (adapted & same) and same == set(ours_sd) - adapted
+    assert model.config.tie_word_embeddings
     prompt = hf_tok.apply_chat_template(
         data["chat"], add_generation_prompt=True, tokenize=True, return_dict=False
     )
