@@ -93,7 +93,7 @@ def reference_params(config, section: str, policy, mesh, rules, held=None):
     """The frozen KL reference as rl_data.reference holds it: None for a LoRA policy without
     `<section>.reference_from` (its own base with the adapters off is the reference), that model
     with zero adapters with one, else the policy's shapes (held in `held`'s dtype)."""
-    if policy.lora_rank and not config[section].reference_from:
+    if setup.reference_is_own_base(config, section, policy):
         return None
     cfg = held if held is not None and not policy.lora_rank else policy
     return state_lib.abstract_params(cfg, mesh, rules)

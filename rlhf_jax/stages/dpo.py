@@ -251,11 +251,6 @@ def make_kl_eval(config, graphdef, ref_params, tok, prompts, mesh, rules, sectio
     return evaluate
 
 
-def shares_base(config, section: str, model_cfg) -> bool:
-    """Whether the reference is the LoRA policy's own base (no `reference_from`)."""
-    return bool(model_cfg.lora_rank) and not config[section].reference_from
-
-
 def reference_shardings(config, section: str, shardings):
     """The step's reference argument shardings: the params', or none for the empty dict that
     stands for a LoRA policy's own base."""
@@ -267,7 +262,7 @@ def reference_params(config, model_cfg, mesh, rules, section="dpo"):
     """The frozen reference: `<section>.reference_from`, else `init_from`, else the seeded
     init (tests). A LoRA policy's reference is `{}` (its own base, `reference`) without
     `reference_from`; with it, that model plus zero adapters, so the policy's step runs it."""
-    if shares_base(config, section, model_cfg):
+    if setup.reference_is_own_base(config, section, model_cfg):
         return {}
     base_cfg = lora.base_config(model_cfg)
     _, _, p_shard = state_lib.param_shardings(base_cfg, mesh, rules)

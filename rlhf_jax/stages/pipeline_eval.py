@@ -6,7 +6,6 @@ on stage workdirs (any model a stage wrote) and writes JSONL/JSON in the project
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import iterators, lm_data, sft_data
-from rlhf_jax.infra import sharding
+from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.sampling import completions, load
 from rlhf_jax.stages import lm
 from rlhf_jax.task import world, world_data
@@ -100,18 +99,12 @@ def heldout_loss(workdir: str, text_path: str, seq_len: int, mesh, rules) -> flo
     )
     dp = sharding.data_parallel_size(mesh, rules)
     batches = iterators.eval_batches(ex, batch_size=dp * max(1, 32 // dp))
-    fn = _eval_step(graphdef, mesh, rules)
+    # Every model of an evaluation shares the policy's graph: traced and compiled once.
+    fn = compiled.jit(lm.eval_step, graphdef=graphdef, mesh=mesh, rules=rules)
     # Every process holds every batch: placed as global batches, the scalar sums read back.
     sums = sharding.to_host([fn(params, sharding.put_global(b, mesh, rules)) for b in batches])
     total, count = np.sum(sums, axis=0)
     return float(total / max(count, 1.0))
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_step(graphdef, mesh, rules):
-    """lm.eval_step jitted once per model graph: every model of an evaluation shares the
-    policy's graph, so the step is traced and compiled once, not once per model."""
-    return jax.jit(functools.partial(lm.eval_step, graphdef=graphdef, mesh=mesh, rules=rules))
 
 
 def rm_mean_score(rm_dir, recs, mesh, rules) -> float:

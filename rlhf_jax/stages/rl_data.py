@@ -209,7 +209,7 @@ def reference(config, stage: str, policy_cfg, mesh, rules, held=None):
     own base with the adapters off is the reference (the steps' `lora.adapters_off`), no second
     copy; with it, that model plus zero adapters, so it runs with the policy's graphdef."""
     ref_from = config[stage].reference_from
-    if policy_cfg.lora_rank and not ref_from:
+    if setup.reference_is_own_base(config, stage, policy_cfg):
         return None
     src = ref_from or config.init_from
     if not policy_cfg.lora_rank:

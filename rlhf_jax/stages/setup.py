@@ -264,6 +264,13 @@ def _check_set_fields_match(config, stored: dict) -> None:
             )
 
 
+def reference_is_own_base(config, section: str, model_cfg) -> bool:
+    """Whether a stage's KL reference is its LoRA policy's own base with the adapters off (no
+    `<section>.reference_from`): then no reference copy is held (DPO, KTO, GRPO, PPO, and the
+    planner's plans of them)."""
+    return bool(model_cfg.lora_rank) and not config[section].reference_from
+
+
 def check_same_model(
     meta: dict | None, model_cfg: model_config.ModelConfig, where, merged: bool = False
 ) -> None:
