@@ -50,6 +50,14 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_collection_finish(session):
+    """The entry points' garbage-collector settings (cli.quiet_gc) for in-process tests too, once
+    every test module is imported."""
+    from rlhf_jax.infra import cli
+
+    cli.quiet_gc()
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

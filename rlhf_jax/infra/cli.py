@@ -7,6 +7,7 @@ RLHF_JAX_TRACEBACK=1 to get the traceback instead.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -15,8 +16,19 @@ from absl import flags
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
+def quiet_gc():
+    """Fewer Python garbage collections while tracing: tracing builds and drops millions of small
+    objects, and the default thresholds (700 allocations) run the young collection constantly and
+    the full one over every imported module's objects. Objects alive now (the imports) are frozen
+    out of collection; the young generation collects every 50,000 allocations. About 5% of a tiny
+    PPO run's CPU time; reference cycles are still collected."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run_or_exit(fn, *args, **kwargs):
     """Returns `fn(*args, **kwargs)`; a user error ends the process with one line, exit 2."""
+    quiet_gc()
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
