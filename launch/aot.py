@@ -74,7 +74,7 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str, only=()) ->
     """Compiles every function of `config.stage` (those named in `only`, when given) for
     `topology`; returns the report dict."""
     from rlhf_jax.infra import mesh as mesh_lib
-    from rlhf_jax.stages import aot
+    from rlhf_jax.stages import aot, aot_inputs, aot_probe
 
     devices = plan.topology_devices(topology, num_slices)
     chip = plan.chip_of(devices)
@@ -90,23 +90,36 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str, only=()) ->
         f"mesh {dict(mesh.shape)}",
         flush=True,
     )
+    aot_inputs.reset_layers_seen()
     fns = aot.functions(config, mesh, rm_size)
+    seen = aot_inputs.layers_seen()
     unknown = set(only) - {fn.name for fn in fns}
     if unknown:
         raise ValueError(
             f"--only {sorted(unknown)}: not a function of {config.stage}; expected some of "
             f"{[fn.name for fn in fns]}"
         )
-    rows = []
-    for fn in [fn for fn in fns if not only or fn.name in only]:
+    todo, stats_of, took = [fn for fn in fns if not only or fn.name in only], {}, {}
+    for fn in todo:
         t0 = time.time()
         stats = None
         if plan.chip_bytes(fn.args) + plan.chip_bytes(fn.resident) <= chip.hbm_bytes:
             stats = plan.compile_stats(fn.lower())
-        rows.append(plan.row(fn, stats, chip, n, time.time() - t0))
+        stats_of[fn.name], took[fn.name] = stats, time.time() - t0
         done = "skipped (arguments exceed HBM)" if stats is None else "compiled"
         done = "over HBM (compiler)" if stats and stats["oom"] else done
-        print(f"  {fn.name}: {done} in {time.time() - t0:.1f}s; {fn.note}".rstrip("; "), flush=True)
+        print(f"  {fn.name}: {done} in {took[fn.name]:.1f}s; {fn.note}".rstrip("; "), flush=True)
+    # Scanned layers: FLOPs and bytes from unrolled 1- and 2-layer probes (stages/aot_probe.py).
+    fitted = [name for name, st in stats_of.items() if st and not st["oom"]]
+    if config.model.scan_layers and fitted:
+        t0 = time.time()
+        for name, est in aot_probe.layer_costs(config, mesh, rm_size, fitted, seen).items():
+            st = stats_of[name]
+            st["scanned_compiler_flops"] = st["compiler_flops"]
+            st["scanned_compiler_bytes"] = st["compiler_bytes"]
+            st.update(est)
+        print(f"  per-layer cost probes {seen}: {time.time() - t0:.1f}s", flush=True)
+    rows = [plan.row(fn, stats_of[fn.name], chip, n, took[fn.name]) for fn in todo]
     report = {
         "command": "python -m launch.aot " + " ".join(sys.argv[1:]),
         "stage": config.stage,

@@ -10,6 +10,7 @@ and an abstract train state. Nothing is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -76,6 +77,40 @@ def stored_model(path: str, current: model_config.ModelConfig):
     return model_config.ModelConfig(**{**stored, **numerics})
 
 
+# Layer-count probes (stages/aot_probe.py): while `probe_layers` is active, every model config
+# a planner builds is unrolled at the probe's layer count for its group ("policy": the stage's
+# own model and every model of its shape; "reward": a reward model of another shape). Outside a
+# probe, the layer counts the planner built are recorded per group.
+_PROBE: dict = {}
+_SEEN: dict = {}
+
+
+@contextlib.contextmanager
+def probe_layers(layers: dict):
+    """Every model config built inside is unrolled with `layers[group]` layers."""
+    _PROBE.update(layers)
+    try:
+        yield
+    finally:
+        _PROBE.clear()
+
+
+def layers_seen() -> dict:
+    """{group: layers} of the models the last plan outside a probe built (reset by `reset`)."""
+    return dict(_SEEN)
+
+
+def reset_layers_seen() -> None:
+    _SEEN.clear()
+
+
+def _layers(cfg: model_config.ModelConfig, group: str) -> model_config.ModelConfig:
+    if not _PROBE:
+        _SEEN[group] = cfg.n_layers
+        return cfg
+    return dataclasses.replace(cfg, n_layers=_PROBE[group], scan_layers=False)
+
+
 def model_config_of(config) -> model_config.ModelConfig:
     """The stage's ModelConfig without a tokenizer: `model.vocab_size`, else the vocabulary a
     pretraining run would train (`tokenizer.vocab_size`), else the preset's; an `init_from`
@@ -86,7 +121,8 @@ def model_config_of(config) -> model_config.ModelConfig:
     )
     cfg = stored_model(config.init_from, current) or current
     # `config.lora` on the stored base, as setup.resolve_model builds the stage's model.
-    return dataclasses.replace(lora.base_config(cfg), **setup.lora_fields(config))
+    cfg = dataclasses.replace(lora.base_config(cfg), **setup.lora_fields(config))
+    return _layers(cfg, "policy")
 
 
 def reference_params(config, section: str, policy, mesh, rules, held=None):
@@ -106,13 +142,13 @@ def reward_config(policy: model_config.ModelConfig, reward_from: str, rm_size: s
     if reward_from and os.path.isdir(reward_from):
         stored = stored_model(reward_from, policy)
         if stored is not None:
-            return dataclasses.replace(stored, dtype=policy.dtype)
+            return _layers(dataclasses.replace(stored, dtype=policy.dtype), "reward")
     base = policy
     if rm_size:
         kw = {k: getattr(policy, k) for k in ("family", "vocab_size", "max_len")}
         kw.update({k: getattr(policy, k) for k in setup.NUMERICS + ("scan_layers",)})
         kw["param_dtype"] = policy.param_dtype
-        base = model_config.preset(rm_size, **kw)
+        base = _layers(model_config.preset(rm_size, **kw), "reward")
     return dataclasses.replace(base, head="scalar")
 
 
