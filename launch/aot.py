@@ -104,7 +104,7 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str, only=()) ->
         t0 = time.time()
         stats = None
         if plan.chip_bytes(fn.args) + plan.chip_bytes(fn.resident) <= chip.hbm_bytes:
-            stats = plan.compile_stats(fn.lower())
+            stats = plan.compile_stats(fn.lower(), list(mesh.devices.flat), chip, fn.loop_trips)
         stats_of[fn.name], took[fn.name] = stats, time.time() - t0
         done = "skipped (arguments exceed HBM)" if stats is None else "compiled"
         done = "over HBM (compiler)" if stats and stats["oom"] else done
@@ -155,8 +155,9 @@ def main(argv):
         it = report["iteration"]
         calls = " + ".join(k + (f" x {c}" if c > 1 else "") for k, c in it["functions"].items())
         print(
-            f"\n{report['stage']} iteration ({calls}): {it['roofline_s'] * 1e3:.3g} ms, "
-            f"{it['samples_per_s']:,.1f} samples/s, MFU {it['mfu']:.0%} at the roofline"
+            f"\n{report['stage']} iteration ({calls}): {it['roofline_s'] * 1e3:.3g} ms "
+            f"overlapped ({it['samples_per_s']:,.1f} samples/s, MFU {it['mfu']:.0%}), "
+            f"{it['serial_s'] * 1e3:.3g} ms serial (MFU {it['mfu_serial']:.0%})"
         )
     if _OUT.value:
         with open(_OUT.value, "w") as f:

@@ -17,13 +17,16 @@ against the chip's peaks.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
+import tempfile
 
 import jax
 import numpy as np
 
+from rlhf_jax.infra import plan_comm
 from rlhf_jax.models import config as model_config
 
 GiB = 2**30
@@ -36,6 +39,8 @@ class Chip:
     hbm_bytes: float  # HBM the compiler may use per chip
     hbm_bw: float  # HBM bytes/s per chip
     megacore: bool  # two TensorCores driven as one device (v4, v5p)
+    ici_link_bw: float = 0.0  # bidirectional bytes/s of one ICI port (per-chip figure / ports)
+    dcn_bw: float | None = None  # data-center network bytes/s per chip; None: no sourced figure
 
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) per chip, the one table behind MFU (stages),
@@ -73,19 +78,26 @@ def peak_hbm_bw(device) -> float | None:
     return p[1] if p else None
 
 
-def _chip(kind: str, hbm_gib: float, megacore: bool) -> Chip:
+def _chip(kind: str, hbm_gib: float, megacore: bool, ici: float, dcn_gbps: float | None) -> Chip:
     flops, bw = PEAKS[kind]
-    return Chip(kind, flops, hbm_gib * GiB, bw, megacore)
+    dcn = None if dcn_gbps is None else dcn_gbps * 1e9 / 8
+    return Chip(kind, flops, hbm_gib * GiB, bw, megacore, ici, dcn)
 
 
 # HBM: the capacity the TPU compiler itself allows per chip (its RESOURCE_EXHAUSTED message,
 # libtpu 0.0.42.1), a little under the docs' 32 GiB / 16 GB / 95 GB / 32 GB since the runtime
 # keeps some back.
+# ICI, bidirectional bytes/s per port: the Cloud TPU docs' per-chip bidirectional ICI bandwidth
+# over the chip's ports (cloud.google.com/tpu/docs/v5e: 400 GB/s, 4 ports; /v5p: 1,200 GB/s, a
+# 3D torus, 6 ports; /v6e: 800 GB/s, 4 ports); v4 from the TPU v4 paper (Jouppi et al., ISCA
+# 2023: 6 links of 50 GB/s each way). DCN per chip: v5p 50 Gb/s (docs/v5p); v5e 25 Gb/s (docs/v5e:
+# 2 x 100 Gb/s NICs per 8-chip host, 6.4 Tb/s per 256-chip pod); v4 and v6e have no per-chip
+# figure in those pages, so their DCN time is reported unknown rather than guessed.
 CHIPS = {
-    "v4": _chip("TPU v4", 30.75, True),
-    "v5e": _chip("TPU v5e", 15.75, False),
-    "v5p": _chip("TPU v5p", 95.74, True),
-    "v6e": _chip("TPU v6e", 31.25, False),
+    "v4": _chip("TPU v4", 30.75, True, 100e9, None),
+    "v5e": _chip("TPU v5e", 15.75, False, 100e9, 25),
+    "v5p": _chip("TPU v5p", 95.74, True, 200e9, 50),
+    "v6e": _chip("TPU v6e", 31.25, False, 200e9, None),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e"}
 
@@ -220,16 +232,34 @@ def remat_factor(cfg) -> float:
 _OOM = re.compile(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
-def compile_stats(lowered) -> dict:
+def compile_stats(lowered, devices=None, chip=None, dynamic_trips: int = 1) -> dict:
     """Memory (per chip) and cost of compiling `lowered`; an over-HBM compile is a result, not an
-    error: {"oom": True, "needed_bytes": what the compiler said it needs}."""
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # JaxRuntimeError; its type moved between jax versions
-        m = _OOM.search(str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
-            raise
-        return {"oom": True, "needed_bytes": float(m.group(1)) * GiB}
+    error: {"oom": True, "needed_bytes": what the compiler said it needs}.
+
+    With `devices` (the program's device assignment, the mesh's devices in order) and `chip`,
+    also its communication (infra/plan_comm.py), read from the compiler's dump of the program
+    after SPMD partitioning; loops whose trip count is not a constant count `dynamic_trips`."""
+    with tempfile.TemporaryDirectory(prefix="rlhf-jax-plan-") as dump:
+        options = {}
+        if devices is not None:
+            options = {
+                "xla_dump_to": dump,
+                "xla_dump_hlo_pass_re": "spmd-partitioning",
+                "xla_dump_hlo_as_text": True,
+            }
+        try:
+            compiled = lowered.compile(options) if options else lowered.compile()
+        except Exception as e:  # JaxRuntimeError; its type moved between jax versions
+            m = _OOM.search(str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+                raise
+            return {"oom": True, "needed_bytes": float(m.group(1)) * GiB}
+        comm = None
+        files = sorted(glob.glob(os.path.join(dump, "*after_*spmd-partitioning*.txt")))
+        if files:
+            with open(files[-1]) as f:
+                colls = plan_comm.collectives(f.read(), len(devices), dynamic_trips)
+            comm = plan_comm.summary(colls, devices, chip)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list in older jax
@@ -242,6 +272,7 @@ def compile_stats(lowered) -> dict:
         "code_bytes": mem.generated_code_size_in_bytes,
         "compiler_flops": float(cost.get("flops", 0.0)),
         "compiler_bytes": float(cost.get("bytes accessed", 0.0)),
+        "comm": comm,
     }
 
 
@@ -257,6 +288,11 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
     reads. With `scan_layers` the counts are not the scanned compile's (one layer seen, the
     optimizer and head outside the loop) but stages/aot_probe.py's from unrolled 1- and 2-layer
     compiles, every layer counted and the outside part once (`probes` in the row).
+
+    Communication (`comm`, from `compile_stats`): the collectives' time at the links' bandwidth
+    (infra/plan_comm.py). `roofline_s` is the bound with it overlapped with compute and HBM
+    traffic, max(compute, comm); `serial_s` the bound with none overlapped, compute + comm. A
+    row without `comm` (the compiler wrote no partitioned program) counts none.
     """
     r = {
         "function": fn.name,
@@ -281,7 +317,7 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
         r["headroom_bytes"] = chip.hbm_bytes - r["total_bytes"]
         r["fits"] = False
         return r
-    r.update({k: v for k, v in stats.items() if k != "oom"}, compiled=True)
+    r.update({k: v for k, v in stats.items() if k not in ("oom", "comm")}, compiled=True)
     total = stats["argument_bytes"] + stats["output_bytes"] - stats["alias_bytes"]
     total += stats["temp_bytes"] + stats["code_bytes"] + r["resident_bytes"]
     r.update(total_bytes=total, headroom_bytes=chip.hbm_bytes - total)
@@ -291,16 +327,29 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
     moved = stats["compiler_bytes"] * max(1.0, (fn.flops_seen or flops_chip) / seen)
     moved += fn.loop_bytes
     t_flops, t_bytes = flops_chip / chip.peak_flops, moved / chip.hbm_bw
-    t = max(t_flops, t_bytes, 1e-12)
+    comm = stats.get("comm")
+    t_comm = comm["comm_s"] if comm else 0.0
+    t_chip = max(t_flops, t_bytes, 1e-12)
+    t = max(t_chip, t_comm)  # communication overlapped with compute
+    serial = t_chip + t_comm  # none of it overlapped
+    bound = "compute" if t_flops >= t_bytes else "memory"
+    if t_comm > t_chip:
+        bound = "communication"
     r.update(
         flops_per_chip=flops_chip,
         bytes_per_chip=moved,
         roofline_s=t,
-        bound="compute" if t_flops >= t_bytes else "memory",
+        serial_s=serial,
+        compute_s=t_chip,
+        comm_s=t_comm,
+        bound=bound,
         tokens_per_s=fn.tokens / t,
         samples_per_s=fn.samples / t,
         mfu=fn.flops / (n_chips * chip.peak_flops * t),
+        mfu_serial=fn.flops / (n_chips * chip.peak_flops * serial),
     )
+    if comm is not None:
+        r["comm"] = comm
     return r
 
 
@@ -326,24 +375,34 @@ def table(rows: list[dict]) -> str:
         vals += [_size(r["hbm_bytes"]), _size(r["headroom_bytes"]), "yes" if r["fits"] else "NO"]
         lines.append(vals)
     out = [_format(lines, "memory per chip (G = GiB, M = MiB, K = KiB)")]
-    speed = [["function", "TFLOP/call", "roofline ms", "bound", "tokens/s", "samples/s", "MFU"]]
+    head = ["function", "TFLOP/call", "compute ms", "comm ms", "bound ms", "serial ms", "bound"]
+    speed = [head + ["tokens/s", "samples/s", "MFU", "MFU serial"]]
     for r in rows:
         if "roofline_s" not in r:
             why = "over HBM" if r["compiled"] else "not compiled: arguments exceed HBM"
-            speed.append([r["function"], f"{r['model_flops'] / 1e12:.3g}", why, "", "", "", ""])
+            speed.append([r["function"], f"{r['model_flops'] / 1e12:.3g}", why] + [""] * 8)
             continue
+        comm = f"{r['comm_s'] * 1e3:.3g}" if "comm" in r else "?"
         speed.append(
             [
                 r["function"],
                 f"{r['model_flops'] / 1e12:.3g}",
+                f"{r['compute_s'] * 1e3:.3g}",
+                comm,
                 f"{r['roofline_s'] * 1e3:.3g}",
+                f"{r['serial_s'] * 1e3:.3g}",
                 r["bound"],
                 f"{r['tokens_per_s']:,.0f}",
                 f"{r['samples_per_s']:,.1f}",
                 f"{r['mfu']:.0%}",
+                f"{r['mfu_serial']:.0%}",
             ]
         )
-    out.append(_format(speed, "roofline (no communication; an upper bound on speed)"))
+    title = (
+        "roofline per chip (compute: max of FLOPs and HBM bytes at peak; comm: collectives at "
+        "the links' bandwidth; bound: the two overlapped, serial: added; upper bounds on speed)"
+    )
+    out.append(_format(speed, title))
     return "\n\n".join(out)
 
 
@@ -365,12 +424,15 @@ def iteration(rows: list[dict], chip: Chip, n_chips: int) -> dict | None:
     if not its or not all("roofline_s" in r for r in its):
         return None
     t = sum(r["calls"] * r["roofline_s"] for r in its)
+    serial = sum(r["calls"] * r["serial_s"] for r in its)
     flops = sum(r["calls"] * r["model_flops"] for r in its)
     return {
         "functions": {r["function"]: r["calls"] for r in its},
         "roofline_s": t,
+        "serial_s": serial,
         "samples_per_s": its[0]["calls"] * its[0]["samples"] / t,
         "mfu": flops / (n_chips * chip.peak_flops * t),
+        "mfu_serial": flops / (n_chips * chip.peak_flops * serial),
     }
 
 

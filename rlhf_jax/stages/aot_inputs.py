@@ -39,6 +39,7 @@ class Function:
     hw_factor: float = 1.0  # hardware over model FLOPs (remat recomputes the forward)
     flops_seen: float | None = None  # per-chip FLOPs XLA's cost analysis counts, when not all
     loop_bytes: float = 0.0  # per-chip bytes of loop trips XLA's cost analysis leaves out
+    loop_trips: int = 1  # trips of a loop without a constant bound (the decode loop's steps)
     static: tuple = ()  # trailing static arguments of `jitted`
     note: str = ""
     # Calls in one iteration of an RL stage (one rsft round), whose time bound is the sum of

@@ -1,0 +1,163 @@
+"""The planner's costs: scanned vs unrolled plans (stages/aot_probe.py), communication
+(infra/plan_comm.py), through launch/aot.py's `plan_stage`.
+
+A scanned model's FLOPs and bytes come from unrolled 1- and 2-layer probes; an unrolled plan
+takes the compiler's count of the whole program. The two must agree within 10% on bytes and on
+the roofline time: the mini preset's pretrain step (4 layers, extrapolated from 1 and 2), and
+PPO-ptx's score step with a tiny policy (2 layers) and a mini reward/value model (4 layers), two
+layer counts probed apart. The scanned compile's own count scaled by model FLOPs (the method
+before the probes) is shown off by more than 1.5x on the same step, so the comparison can fail.
+
+Communication, against hand counts from the parameter bytes P (float32, every chip's full copy
+under data parallelism) on n = 4 chips: data parallel all-reduces the gradients once,
+2 (n - 1) / n P; FSDP reduce-scatters them, (n - 1) / n P, and all-gathers the weights in the
+forward and again in the backward, 2 (n - 1) / n P. The HLO reading itself (loop trips, the
+replica-group forms, an all-reduce sliced to a shard, link bandwidth by torus dimensions and
+across slices) on a hand-written program.
+"""
+
+import pytest
+
+pytest.importorskip("libtpu", reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
+
+from experiments import ppo_ptx, pretrain  # noqa: E402
+from launch import aot as aot_cli  # noqa: E402
+from rlhf_jax.infra import plan, plan_comm  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"
+
+
+def _row(config, scan: bool, fn: str, rm_size: str = "") -> dict:
+    config.model.scan_layers = scan
+    report = aot_cli.plan_stage(config, TOPOLOGY, 1, rm_size, only=(fn,))
+    (row,) = report["functions"]
+    return row
+
+
+def _close(a: dict, b: dict, what: str):
+    for key in ("bytes_per_chip", "roofline_s", "flops_per_chip"):
+        assert b[key] == pytest.approx(a[key], rel=0.10), (what, key, a[key], b[key])
+    ici = a["comm"]["ici_bytes"], b["comm"]["ici_bytes"]
+    assert ici[1] == pytest.approx(ici[0], rel=0.10), (what, "ici_bytes", ici)
+
+
+def _mini(fsdp: int):
+    c = pretrain.get_config(f"fsdp={fsdp}")
+    c.model.size = "mini"
+    c.model.attention = "xla"  # matmuls the compiler's cost analysis counts
+    return c
+
+
+@pytest.fixture(scope="module")
+def mini_rows():
+    return {
+        "fsdp": _row(_mini(4), False, "train_step"),
+        "fsdp_scanned": _row(_mini(4), True, "train_step"),
+        "data": _row(_mini(1), False, "train_step"),
+    }
+
+
+def test_scanned_pretrain_step_plans_as_the_unrolled_one(mini_rows):
+    unrolled, scanned = mini_rows["fsdp"], mini_rows["fsdp_scanned"]
+    assert "probes" not in unrolled and scanned["probes"] == 2  # 1 layer, then 2
+    _close(unrolled, scanned, "pretrain train_step")
+    # The scanned compile saw one of the 4 layers and the optimizer over all of them: scaled by
+    # model FLOPs over what it saw, the optimizer and head were counted 4 times.
+    seen = scanned["scanned_compiler_flops"]
+    old = scanned["scanned_compiler_bytes"] * scanned["flops_per_chip"] / seen
+    assert old > 1.5 * unrolled["bytes_per_chip"]
+
+
+def test_scanned_ppo_score_with_a_deeper_reward_model_plans_as_the_unrolled_one():
+    def config():
+        c = ppo_ptx.get_config("fsdp=4")
+        c.model.attention = "xla"
+        c.ppo.update(rollout_batch=16, minibatch=8, ptx_batch=8, prompt_len=32, max_new_tokens=16)
+        return c
+
+    unrolled = _row(config(), False, "score", rm_size="mini")
+    scanned = _row(config(), True, "score", rm_size="mini")
+    assert scanned["probes"] == 3  # all at 1 layer; the policy's shape at 2; the reward's at 2
+    _close(unrolled, scanned, "ppo score")
+
+
+def test_collectives_match_hand_counts_for_data_parallel_and_fsdp(mini_rows):
+    dp, fsdp = mini_rows["data"]["comm"], mini_rows["fsdp"]["comm"]
+    p = mini_rows["data"]["params_bytes"]  # float32, replicated: the whole model per chip
+    # FSDP splits the weights 4 ways; norms and biases (2% of the bytes here) stay replicated.
+    assert mini_rows["fsdp"]["params_bytes"] == pytest.approx(p / 4, rel=0.03)
+    assert set(dp["by_kind"]) == {"all-reduce"}
+    # The gradients' all-reduce, plus the loss and the few scalars the step reduces.
+    assert 2 * 3 / 4 * p <= dp["by_kind"]["all-reduce"] <= 1.10 * 2 * 3 / 4 * p
+    assert fsdp["by_kind"]["reduce-scatter"] == pytest.approx(3 / 4 * p, rel=0.05)
+    assert fsdp["by_kind"]["all-gather"] == pytest.approx(2 * 3 / 4 * p, rel=0.10)
+    # v5e:2x2: a group of all 4 chips spans both torus dimensions, 2 x 100 GB/s per chip.
+    assert fsdp["comm_s"] == pytest.approx(fsdp["ici_bytes"] / 200e9, rel=1e-6)
+    row = mini_rows["fsdp"]
+    assert row["serial_s"] == pytest.approx(row["compute_s"] + row["comm_s"])
+    assert row["roofline_s"] == pytest.approx(max(row["compute_s"], row["comm_s"]))
+
+
+_HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = f32[8]{0} all-gather(%x), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ar = f32[8]{0} all-reduce(%ag), replica_groups=[1,4]<=[4], to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  %ds = f32[2]{0} dynamic-slice(%ar, %i), dynamic_slice_sizes={2}
+  %ar2 = f32[8]{0} all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, \
+to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar2)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  %cp = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%a), \
+source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[4]{0} collective-permute-done(%cp)
+  ROOT %r = f32[4]{0} copy(%cpd)
+}
+"""
+
+
+class _Dev:
+    def __init__(self, coords, slice_index=0):
+        self.coords, self.slice_index = coords, slice_index
+
+
+def test_hlo_reading_counts_trips_groups_shards_and_links():
+    colls = {c.kind: c for c in plan_comm.collectives(_HLO, 4)}
+    assert len(plan_comm.collectives(_HLO, 4)) == 4
+    ag, rs, ar, cp = (
+        colls[k] for k in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+    )
+    assert (ag.times, ag.group, ag.moved) == (5, [0, 1, 2, 3], 32 * 3 / 4)
+    assert (rs.times, rs.group, rs.bytes, rs.moved) == (5, [0, 1, 2, 3], 8, 8 * 3)  # the shard
+    assert (ar.times, ar.group, ar.moved) == (5, [0, 1], 2 * 32 * 1 / 2)  # mesh: axis_1 of 2x2
+    assert (cp.times, cp.group, cp.moved) == (1, [0, 1], 16)  # -start only, its operand
+    chip = plan.CHIPS["v5e"]
+    square = [_Dev((0, 0, 0)), _Dev((1, 0, 0)), _Dev((0, 1, 0)), _Dev((1, 1, 0))]
+    assert plan_comm.link_bandwidth([0, 1, 2, 3], square, chip) == (2 * chip.ici_link_bw, "ici")
+    assert plan_comm.link_bandwidth([0, 1], square, chip) == (chip.ici_link_bw, "ici")
+    two_slices = [_Dev((0, 0, 0), 0), _Dev((0, 0, 0), 1)] * 2
+    assert plan_comm.link_bandwidth([0, 1], two_slices, chip) == (chip.dcn_bw, "dcn")
+    s = plan_comm.summary(plan_comm.collectives(_HLO, 4), square, chip)
+    assert s["ici_bytes"] == 5 * (24 + 24 + 32) + 16 and s["dcn_bytes"] == 0
+    expect = 5 * (24 + 24) / (2 * chip.ici_link_bw) + (5 * 32 + 16) / chip.ici_link_bw
+    assert s["comm_s"] == pytest.approx(expect)
