@@ -8,8 +8,11 @@ Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU. Every compiled function of t
 rollout, score and update; rsft's rollout, RM scoring and SFT step) is compiled by the real TPU
 compiler with its real shapes and shardings on the topology's devices, allocating nothing. For
 each, per chip: params, optimizer state, frozen models, batch, what stays resident, temporaries,
-outputs, the total against the chip's HBM; and the model FLOPs of one call, a roofline time,
-tokens/s, samples/s and MFU (rlhf_jax/infra/plan.py says how each is computed). A PPO or GRPO
+outputs, the total against the chip's HBM; and the model FLOPs of one call, its collectives'
+bytes and time on the interconnect (rlhf_jax/infra/plan_comm.py), a roofline time with that
+communication overlapped and one with it serial, tokens/s, samples/s and MFU
+(rlhf_jax/infra/plan.py says how each is computed). A scanned model's costs come from unrolled
+2- and 4-layer compiles (rlhf_jax/stages/aot_probe.py). A PPO or GRPO
 iteration, an rsft round, is bounded by the sum of its functions' roofline times, each times its
 calls. The table goes to stdout and, with `--out`, the same as JSON.
 
@@ -109,7 +112,7 @@ def plan_stage(config, topology: str, num_slices: int, rm_size: str, only=()) ->
         done = "skipped (arguments exceed HBM)" if stats is None else "compiled"
         done = "over HBM (compiler)" if stats and stats["oom"] else done
         print(f"  {fn.name}: {done} in {took[fn.name]:.1f}s; {fn.note}".rstrip("; "), flush=True)
-    # Scanned layers: FLOPs and bytes from unrolled 1- and 2-layer probes (stages/aot_probe.py).
+    # Scanned layers: FLOPs and bytes from unrolled 2- and 4-layer probes (stages/aot_probe.py).
     fitted = [name for name, st in stats_of.items() if st and not st["oom"]]
     if config.model.scan_layers and fitted:
         t0 = time.time()

@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "test_ppo.py",
     "test_hf_families.py",
     "test_aot.py",
+    "test_aot_cost.py",
     "test_sweep.py",
     "test_hf_end_to_end.py",
     "test_grpo_stage.py",

@@ -1,10 +1,10 @@
 """The planner's costs: scanned vs unrolled plans (stages/aot_probe.py), communication
 (infra/plan_comm.py), through launch/aot.py's `plan_stage`.
 
-A scanned model's FLOPs and bytes come from unrolled 1- and 2-layer probes; an unrolled plan
+A scanned model's FLOPs and bytes come from unrolled 2- and 4-layer probes; an unrolled plan
 takes the compiler's count of the whole program. The two must agree within 10% on bytes and on
-the roofline time: the mini preset's pretrain step (4 layers, extrapolated from 1 and 2), and
-PPO-ptx's score step with a tiny policy (2 layers) and a mini reward/value model (4 layers), two
+the roofline time: the mini preset's pretrain step at 6 layers (extrapolated from 2 and 4), and
+PPO-ptx's score step with a 6-layer tiny policy and a mini reward/value model (4 layers), two
 layer counts probed apart. The scanned compile's own count scaled by model FLOPs (the method
 before the probes) is shown off by more than 1.5x on the same step, so the comparison can fail.
 
@@ -44,6 +44,7 @@ def _close(a: dict, b: dict, what: str):
 def _mini(fsdp: int):
     c = pretrain.get_config(f"fsdp={fsdp}")
     c.model.size = "mini"
+    c.model.n_layers = 6
     c.model.attention = "xla"  # matmuls the compiler's cost analysis counts
     return c
 
@@ -59,10 +60,10 @@ def mini_rows():
 
 def test_scanned_pretrain_step_plans_as_the_unrolled_one(mini_rows):
     unrolled, scanned = mini_rows["fsdp"], mini_rows["fsdp_scanned"]
-    assert "probes" not in unrolled and scanned["probes"] == 2  # 1 layer, then 2
+    assert "probes" not in unrolled and scanned["probes"] == 2  # 2 layers, then 4
     _close(unrolled, scanned, "pretrain train_step")
-    # The scanned compile saw one of the 4 layers and the optimizer over all of them: scaled by
-    # model FLOPs over what it saw, the optimizer and head were counted 4 times.
+    # The scanned compile saw one of the 6 layers and the optimizer over all of them: scaled by
+    # model FLOPs over what it saw, the optimizer and head were counted 6 times.
     seen = scanned["scanned_compiler_flops"]
     old = scanned["scanned_compiler_bytes"] * scanned["flops_per_chip"] / seen
     assert old > 1.5 * unrolled["bytes_per_chip"]
@@ -71,13 +72,14 @@ def test_scanned_pretrain_step_plans_as_the_unrolled_one(mini_rows):
 def test_scanned_ppo_score_with_a_deeper_reward_model_plans_as_the_unrolled_one():
     def config():
         c = ppo_ptx.get_config("fsdp=4")
+        c.model.n_layers = 6
         c.model.attention = "xla"
         c.ppo.update(rollout_batch=16, minibatch=8, ptx_batch=8, prompt_len=32, max_new_tokens=16)
         return c
 
     unrolled = _row(config(), False, "score", rm_size="mini")
     scanned = _row(config(), True, "score", rm_size="mini")
-    assert scanned["probes"] == 3  # all at 1 layer; the policy's shape at 2; the reward's at 2
+    assert scanned["probes"] == 3  # all at 2 layers; the reward's shape at 4; the policy's at 4
     _close(unrolled, scanned, "ppo score")
 
 

@@ -10,7 +10,7 @@ Why not the compiler's own estimates: XLA's cost analysis counts a loop body onc
 4 epochs x 4 minibatches reads as one minibatch, a scanned model as one layer) and its
 `optimal_seconds` has come out negative. So FLOPs come from the model (2 N per token and pass plus
 attention, times every loop trip), bytes from the compiler scaled to every trip (a scanned model's
-layers from unrolled 1- and 2-layer probes, stages/aot_probe.py), and the time is a roofline
+layers from unrolled 2- and 4-layer probes, stages/aot_probe.py), and the time is a roofline
 against the chip's peaks.
 """
 
@@ -286,7 +286,7 @@ def row(fn, stats: dict, chip: Chip, n_chips: int, compile_s: float) -> dict:
     and the unseen trips are taken to move bytes at the rate of the one it saw (exact for
     identical trips such as microbatches or PPO minibatches), plus the decode loop's per-token
     reads. With `scan_layers` the counts are not the scanned compile's (one layer seen, the
-    optimizer and head outside the loop) but stages/aot_probe.py's from unrolled 1- and 2-layer
+    optimizer and head outside the loop) but stages/aot_probe.py's from unrolled 2- and 4-layer
     compiles, every layer counted and the outside part once (`probes` in the row).
 
     Communication (`comm`, from `compile_stats`): the collectives' time at the links' bandwidth
