@@ -255,7 +255,10 @@ def compile_stats(lowered, devices=None, chip=None, dynamic_trips: int = 1) -> d
                 raise
             return {"oom": True, "needed_bytes": float(m.group(1)) * GiB}
         comm = None
-        files = sorted(glob.glob(os.path.join(dump, "*after_*spmd-partitioning*.txt")))
+        names = sorted(glob.glob(os.path.join(dump, "*.txt")))
+        # "...after_tpu-spmd-partitioning.before_...": the program the partitioner produced (not
+        # "after_dce.before_tpu-spmd-partitioning", its input).
+        files = [f for f in names if re.search(r"after_[\w-]*spmd-partitioning\.", f)]
         if files:
             with open(files[-1]) as f:
                 colls = plan_comm.collectives(f.read(), len(devices), dynamic_trips)
