@@ -97,7 +97,7 @@ def probe_layers(layers: dict):
 
 
 def layers_seen() -> dict:
-    """{group: layers} of the models the last plan outside a probe built (reset by `reset`)."""
+    """{group: layers} of the models the last plan outside a probe built (`reset_layers_seen`)."""
     return dict(_SEEN)
 
 
