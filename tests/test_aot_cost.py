@@ -159,6 +159,9 @@ def test_hlo_reading_counts_trips_groups_shards_and_links():
     assert plan_comm.link_bandwidth([0, 1], square, chip) == (chip.ici_link_bw, "ici")
     two_slices = [_Dev((0, 0, 0), 0), _Dev((0, 0, 0), 1)] * 2
     assert plan_comm.link_bandwidth([0, 1], two_slices, chip) == (chip.dcn_bw, "dcn")
+    # A loop bound that is not a constant (the decode loop) runs `dynamic_trips` times.
+    dynamic = _HLO.replace("%c = s32[] constant(5)", "%c = s32[] get-tuple-element(%p), index=0")
+    assert {c.times for c in plan_comm.collectives(dynamic, 4, dynamic_trips=7)} == {7, 1}
     s = plan_comm.summary(plan_comm.collectives(_HLO, 4), square, chip)
     assert s["ici_bytes"] == 5 * (24 + 24 + 32) + 16 and s["dcn_bytes"] == 0
     expect = 5 * (24 + 24) / (2 * chip.ici_link_bw) + (5 * 32 + 16) / chip.ici_link_bw
