@@ -38,8 +38,11 @@ def _qkv(seed=0, b=B, t=T, s=T, n=N, k=K, h=H, std=1.0):
     return q, kk, v, dy
 
 
-def naive(q, k, v, dy, *, slots, key_mask=None, window=None, softcap=None, scale=None):
-    """Output and (dq, dk, dv) of sum(y * dy), one query row at a time, in float64."""
+def naive(
+    q, k, v, dy, *, slots, key_mask=None, segments=None, window=None, softcap=None, scale=None
+):
+    """Output and (dq, dk, dv) of sum(y * dy), one query row at a time, in float64; `segments`
+    [B, T]: a query sees only keys of its own segment, none at segment 0."""
     b_, t_, n_, h_ = q.shape
     s_, k_ = k.shape[1], k.shape[2]
     scale = 1 / np.sqrt(h_) if scale is None else scale
@@ -55,6 +58,8 @@ def naive(q, k, v, dy, *, slots, key_mask=None, window=None, softcap=None, scale
                     ok &= j > slots[b, t] - window
                 if key_mask is not None:
                     ok &= key_mask[b]
+                if segments is not None:
+                    ok &= (segments[b] == segments[b, t]) & (segments[b] > 0)
                 j = j[ok]
                 if not len(j):
                     continue  # no key to attend: output 0, gradient 0
@@ -219,3 +224,39 @@ def test_cudnn_matches_xla():
         np.testing.assert_allclose(y, xy, atol=2e-2, rtol=2e-2)
         for a, b in zip(g, xg, strict=True):
             np.testing.assert_allclose(a, b, atol=5e-2, rtol=5e-2)
+
+
+def _segments(b=B, t=T):
+    """Packed rows: examples of 5, 7 and 3 tokens then padding; one of 16; 2 x 8 with the second
+    ending early; an all-padding row."""
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :15] = np.repeat([1, 2, 3], [5, 7, 3])
+    seg[1] = 1
+    seg[2, :14] = np.repeat([1, 2], [8, 6])
+    return seg
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+@pytest.mark.parametrize("case", ["padding_gqa", "window"])
+def test_segment_ids_confine_attention_to_each_packed_example(impl, case):
+    """int32 segment ids as the key mask (packed rows): the naive loop's output and gradients,
+    a query attending only its own example's keys; padding positions output 0."""
+    kw = CASES[case]
+    q, k, v, dy = _qkv(2)
+    seg = _segments()
+    ref_y, ref_g = naive(q, k, v, dy, slots=np.arange(T), segments=seg, **kw)
+    y, g = _run(impl, q, k, v, dy, key_mask=jnp.asarray(seg), **kw)
+    _check(y, g, ref_y, ref_g, 2e-5 if impl == "xla" else 1e-4)
+    assert np.all(y[3] == 0) and np.all(y[0, 15] == 0)
+    # The first example of row 0 is unaffected by what follows it; a bool mask would leak.
+    leak, _ = _run("xla", q, k, v, dy, key_mask=jnp.asarray(seg > 0), **kw)
+    assert np.abs(leak[0, 5:15] - ref_y[0, 5:15]).max() > 1e-2
+
+
+def test_segment_ids_refuse_a_cache():
+    q, k, v, _ = _qkv(3)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attention.attend(
+            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_slot=jnp.arange(T),
+            key_mask=jnp.asarray(_segments()),
+        )  # fmt: skip

@@ -18,11 +18,12 @@ pairs (eval samples, the RM's normalisation bias) handles both forms alike.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data import chat, iterators, lm_data
+from rlhf_jax.data import chat, iterators, lm_data, packing
 from rlhf_jax.data.tokenizer import Tokenizer
 
 DEMO_FIELDS = {"prompt": str, "response": str}
@@ -139,11 +140,12 @@ def demo_ids(tokenizer: Tokenizer, template: str, demo: dict) -> tuple[list[int]
 
 
 def encode_demos(
-    demos: Sequence[dict], tokenizer: Tokenizer, template: str, seq_len: int
+    demos: Sequence[dict], tokenizer: Tokenizer, template: str, seq_len: int, *, lengths=None
 ) -> tuple[dict[str, np.ndarray], int]:
     """Tokenizes demonstrations into LM examples with a response-only loss mask.
 
     For a conversation the mask covers every assistant turn (content and EOS), nothing else.
+    `lengths`, a list, receives each example's number of real positions (for packing).
 
     Returns:
       ({"inputs": int32 [N, L], "targets": int32 [N, L], "mask": float32 [N, L]},
@@ -170,7 +172,20 @@ def encode_demos(
         targets[i, :m] = ids[1:]
         # targets[t] = ids[t + 1], so target t is learned when id t + 1 is.
         mask[i, :m] = train[1:]
+        if lengths is not None:
+            lengths.append(m)
     return {"inputs": inputs, "targets": targets, "mask": mask}, cut
+
+
+def encode_for_training(demos, tokenizer, template: str, seq_len: int, packed: bool):
+    """(examples, number cut, pad fraction): `encode_demos`' rows, packed into rows of
+    `seq_len` with `segments` and `positions` (data/packing.py) when `packed`."""
+    lengths: list[int] = []
+    ex, cut = encode_demos(demos, tokenizer, template, seq_len, lengths=lengths)
+    if not packed:
+        return ex, cut, packing.pad_fraction(lengths, seq_len)
+    ex = packing.pack(ex, lengths, seq_len)
+    return ex, cut, packing.pad_fraction(ex["segments"])
 
 
 def encode_sequences(
@@ -209,10 +224,13 @@ def build_sft_data(
     eval_fraction: float = 0.05,
     process_index: int = 0,
     process_count: int = 1,
+    packed: bool = False,
 ):
     """Train iterator, eval batches, held-out prompts for sampling, and counts for logging.
 
-    The held-out set is `eval_paths` when given, else a seeded `eval_fraction` split.
+    The held-out set is `eval_paths` when given, else a seeded `eval_fraction` split. `packed`:
+    train and eval rows hold several demonstrations each (data/packing.py; the loss, summed over
+    tokens, is unchanged); `batch_size` then counts packed rows.
 
     Returns:
       (train_iterator, eval_batch_list, eval_demos, info dict).
@@ -222,7 +240,8 @@ def build_sft_data(
         train_demos, eval_demos = demos, read_demos(eval_paths)
     else:
         train_demos, eval_demos = lm_data.split_documents(demos, eval_fraction, seed)
-    train_ex, train_cut = encode_demos(train_demos, tokenizer, template, seq_len)
+    encode = functools.partial(encode_for_training, tokenizer=tokenizer, template=template)
+    train_ex, train_cut, pad = encode(train_demos, seq_len=seq_len, packed=packed)
     it = iterators.make_train_iterator(
         train_ex,
         batch_size=batch_size,
@@ -232,7 +251,7 @@ def build_sft_data(
     )
     evals, eval_cut = [], 0
     if eval_demos:
-        eval_ex, eval_cut = encode_demos(eval_demos, tokenizer, template, seq_len)
+        eval_ex, eval_cut, _ = encode(eval_demos, seq_len=seq_len, packed=packed)
         evals = iterators.eval_batches(
             eval_ex,
             batch_size=batch_size,
@@ -244,6 +263,8 @@ def build_sft_data(
         "eval_demos": len(eval_demos),
         "cut_to_seq_len": train_cut + eval_cut,
         "response_tokens": int(train_ex["mask"].sum()),
+        "train_rows": len(train_ex["inputs"]),
+        "pad_fraction": round(pad, 4),
     }
     return it, evals, eval_demos, info
 

@@ -31,6 +31,12 @@ never kept for a backward pass. cudnn has no logit soft-capping.
 A query with no key to attend (a left-padding position, or an all-padding row) outputs 0 in
 every implementation, and its gradient is 0: the rows never carry NaN or a backend's choice.
 
+Packed rows (several examples per row, `data/packing.py`): `key_mask` may instead be int32
+segment ids [B, T], 0 at padding and k > 0 for the k-th example of the row; a query then attends
+the keys of its own segment only (self-attention, no cache), causal within it. xla builds that
+mask, splash takes the ids as its segment ids, cudnn as a [B, 1, T, T] mask. A padding position
+(segment 0) has no key and outputs 0.
+
 Shapes: B batch, T queries, S keys, N query heads, K key/value heads (N a multiple of K:
 grouped-query attention), G = N / K, H head dim.
 """
@@ -73,7 +79,9 @@ def attend(
       k, v: [B, S, K, H] keys and values (K divides N).
       q_slot: the key slot each query sits at, [T] or [B, T] int; a query attends keys with
         slot <= its own. None: the queries are the last T keys (self-attention when S == T).
-      key_mask: [B, S] bool, False at padding; None: every key is real.
+      key_mask: [B, S] bool, False at padding; None: every key is real. Or int32 segment ids
+        [B, T] of packed rows (self-attention only): 0 at padding, and a query attends only the
+        keys of its own segment.
       impl: one of IMPLS (module docstring).
       window: sliding window: a query attends keys with slot in (q_slot - window, q_slot].
       softcap: logits become softcap * tanh(logits / softcap) (Gemma 2) before masking.
@@ -83,6 +91,11 @@ def attend(
       [B, T, N, H] in q's dtype; 0 at queries with no key to attend.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if is_segments(key_mask) and (q_slot is not None or q.shape[1] != k.shape[1]):
+        raise ValueError(
+            "segment ids (packed rows) take self-attention only: no KV cache, T == S "
+            f"(got {q.shape[1]} queries over {k.shape[1]} keys)"
+        )
     chosen, why = choose(impl, q, k, q_slot=q_slot, key_mask=key_mask, softcap=softcap)
     if why and impl != "auto" and (impl, why) not in _warned:
         _warned.add((impl, why))
@@ -94,6 +107,18 @@ def attend(
     return xla(
         q, k, v, q_slot=q_slot, key_mask=key_mask, window=window, softcap=softcap, scale=scale
     )
+
+
+def is_segments(key_mask) -> bool:
+    """Whether `key_mask` holds packed rows' segment ids (integers) rather than a bool mask."""
+    return key_mask is not None and jnp.issubdtype(key_mask.dtype, jnp.integer)
+
+
+def _pairs(key_mask):
+    """[B, T, S] bool from segment ids [B, T]: query t and key s are in one segment, not
+    padding (the causal and window masks are applied beside it)."""
+    seg = key_mask
+    return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
 
 def choose(impl: str, q, k, *, q_slot=None, key_mask=None, softcap=None) -> tuple[str, str]:
@@ -155,7 +180,9 @@ def xla(q, k, v, *, q_slot=None, key_mask=None, window=None, softcap=None, scale
     mask = keys <= slot  # [1|B, T, S]
     if window is not None:
         mask = mask & (keys > slot - window)
-    if key_mask is not None:
+    if is_segments(key_mask):
+        mask = mask & _pairs(key_mask)
+    elif key_mask is not None:
         mask = mask & key_mask[:, None, :]
     qg = q.reshape(b, t, kh, n // kh, h)  # query heads grouped by their key/value head
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -177,6 +204,8 @@ def _has_key(key_mask, t: int, window):
     """[B|1, T] bool: self-attention query t has a real key in (t - window, t]."""
     if key_mask is None:
         return jnp.ones((1, t), bool)
+    if is_segments(key_mask):  # a packed position attends at least itself; padding nothing
+        return key_mask > 0
     seen = jnp.cumsum(key_mask.astype(jnp.int32), axis=1)  # [B, T] real keys at slots <= t
     if window is None or window >= t:
         return seen > 0
@@ -187,7 +216,9 @@ def _has_key(key_mask, t: int, window):
 def _cudnn(q, k, v, key_mask, window, scale):
     t = q.shape[1]
     mask = None
-    if key_mask is not None:
+    if is_segments(key_mask):
+        mask = _pairs(key_mask)[:, None]
+    elif key_mask is not None:
         mask = jnp.broadcast_to(key_mask[:, None, None, :], (q.shape[0], 1, t, t))
     y = jax.nn.dot_product_attention(
         q,
@@ -252,8 +283,15 @@ def _splash(q, k, v, key_mask, window, softcap, scale):
     to_heads = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)
     scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
     args = [to_heads(x) for x in (scaled, k, v)]
-    if key_mask is not None:  # [B, T'] segment ids: real keys 1, padding 0
-        args.append(jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, length - t))))
+    if is_segments(key_mask):  # packed rows: queries by segment, padding keys -1 (no match)
+        seg = key_mask.astype(jnp.int32)
+        q_ids, kv_ids = seg, jnp.where(seg > 0, seg, -1)
+    elif key_mask is not None:  # real keys 1, padding 0; every query 1
+        kv_ids = key_mask.astype(jnp.int32)
+        q_ids = jnp.ones_like(kv_ids)
+    if key_mask is not None:  # [B, T'] each; the slots past T match nothing real
+        extra = ((0, 0), (0, length - t))
+        args += [jnp.pad(q_ids, extra), jnp.pad(kv_ids, extra, constant_values=-1)]
 
     active = sharding.active()
     mesh = active[0] if active is not None and active[0].devices.size > 1 else None
@@ -269,8 +307,8 @@ def _splash(q, k, v, key_mask, window, softcap, scale):
             heads, splits = None, 1
     kernel = _kernel(n // splits, length, window, softcap, interpret)
 
-    def one(q1, k1, v1, seg=None):  # one row: [n, T', H], [k, T', H], [T']
-        ids = None if seg is None else sa.SegmentIds(q=jnp.ones_like(seg), kv=seg)
+    def one(q1, k1, v1, q_ids=None, kv_ids=None):  # one row: [n, T', H], [k, T', H], [T']
+        ids = None if q_ids is None else sa.SegmentIds(q=q_ids, kv=kv_ids)
         return kernel(q1, k1, v1, segment_ids=ids)
 
     run = jax.vmap(one)

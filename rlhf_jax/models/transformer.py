@@ -232,6 +232,9 @@ class Transformer(nnx.Module):
           positions: [B, T] int32 position ids; default 0..T-1 (or index.. with a cache).
           key_mask: [B, T] bool, False at padding. Without a cache it masks the keys of this
             call; with a cache it is written into the cache's mask at the slots being filled.
+            Or, for packed rows (no cache), int32 segment ids: 0 at padding, each example its
+            own k > 0, attention confined to a segment (models/attention.py); give `positions`
+            restarting at 0 per segment (data/packing.py builds both).
           cache: None, or the KV-cache pytree described in the module docstring, or the paged
             one (paged.py; give `positions`: each row continues at its own length).
           return_hidden: return the final normed hidden states [B, T, D] float32 instead of
@@ -246,6 +249,8 @@ class Transformer(nnx.Module):
         dt = _dt(cfg.dtype)
         b, t = tokens.shape
         is_paged = paged.is_paged(cache)
+        if cache is not None and attention.is_segments(key_mask):
+            raise ValueError("segment ids (packed rows) are for a forward without a KV cache")
         if positions is None:
             start = (
                 0 if cache is None else cache["lengths"][:, None] if is_paged else cache["index"]

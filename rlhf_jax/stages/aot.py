@@ -26,6 +26,7 @@ import math
 
 import jax.numpy as jnp
 
+from rlhf_jax.data import packing
 from rlhf_jax.infra import plan, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
@@ -65,13 +66,16 @@ def plan_lm(config, mesh, rules, rm_size: str = "") -> list[Function]:
     if cfg.family == "gpt2" and t.seq_len > cfg.max_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={cfg.max_len}")
     graphdef, tx, state, shardings = train_state(cfg, config, mesh, rules)
-    train, evaluate = lm.compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum)
+    packed = config.stage == "sft" and config.data.get("packing", False)
+    train, evaluate = lm.compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum, packed)
     b, n = t.batch_size, t.seq_len
     batch = {
         "inputs": rows(mesh, rules, (b, n), jnp.int32),
         "targets": rows(mesh, rules, (b, n), jnp.int32),
         "mask": rows(mesh, rules, (b, n), jnp.float32),
     }
+    if packed:  # several demonstrations per row (data/packing.py)
+        batch.update({k: rows(mesh, rules, (b, n), jnp.int32) for k in packing.PACKED_FIELDS})
     fwd = plan.forward_flops(cfg, state["params"], b * n, n)
     params, opt = state["params"], state["opt_state"]
     return [

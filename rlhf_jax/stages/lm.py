@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.data import lm_data, sft_data
+from rlhf_jax.data import lm_data, packing, sft_data
 from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import transformer as model_lib
@@ -31,9 +31,14 @@ from rlhf_jax.stages import accumulate, loop, setup
 
 
 def lm_sums(params, batch, graphdef):
-    """(summed token NLL, token count) of `batch` {"inputs", "targets", "mask"} [B, T]."""
+    """(summed token NLL, token count) of `batch` {"inputs", "targets", "mask"} [B, T], and for
+    packed rows "segments" and "positions" (data/packing.py): attention stays within each
+    example, positions restart per example."""
     model = state_lib.merge(graphdef, params)
-    logits, _ = model(batch["inputs"])
+    if "segments" in batch:
+        logits, _ = model(batch["inputs"], positions=batch["positions"], key_mask=batch["segments"])
+    else:
+        logits, _ = model(batch["inputs"])
     return losses.masked_xent(logits, batch["targets"], batch["mask"])
 
 
@@ -78,10 +83,14 @@ def eval_step(params, batch, *, graphdef, mesh, rules, microbatches: int = 1):
         return accumulate.sum_over(fn, batch, microbatches)
 
 
-def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int):
+BATCH_FIELDS = ("inputs", "targets", "mask")
+
+
+def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int, packed: bool = False):
     """The jitted train and eval steps with explicit shardings; state donated. Both run a batch
-    in `grad_accum` microbatches."""
-    batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in ("inputs", "targets", "mask")}
+    in `grad_accum` microbatches; `packed` batches carry segments and positions too."""
+    fields = BATCH_FIELDS + (packing.PACKED_FIELDS if packed else ())
+    batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in fields}
     train = compiled.jit(
         train_step,
         in_shardings=(shardings, batch_sh),
@@ -128,12 +137,14 @@ def build_data(config, tok, workdir: str):
             eval_fraction=config.data.eval_fraction,
             process_index=pi,
             process_count=pc,
+            packed=config.data.get("packing", False),
         )
     raise ValueError(f"unknown LM stage: {config.stage!r}; expected 'pretrain' or 'sft'")
 
 
 def total_steps(config, info) -> int:
-    """`train.steps`, or `train.epochs` passes over the SFT demonstrations when set."""
+    """`train.steps`, or `train.epochs` passes over the SFT rows (demonstrations, or packed rows
+    of them) when set."""
     t = config.train
     if config.stage == "sft" and t.epochs > 0 and t.steps > 0:
         raise ValueError(
@@ -141,7 +152,7 @@ def total_steps(config, info) -> int:
             "one of them: set train.epochs=0 to train for train.steps, or train.steps=0"
         )
     if config.stage == "sft" and t.epochs > 0:
-        return max(1, math.ceil(t.epochs * info["train_demos"] / t.batch_size))
+        return max(1, math.ceil(t.epochs * info["train_rows"] / t.batch_size))
     return t.steps
 
 
@@ -182,7 +193,8 @@ def run(config, mesh, workdir: str):
         meta=setup.checkpoint_meta(config, model_cfg, tok, config.stage),
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
-    train_fn, eval_fn = compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum)
+    packed = config.stage == "sft" and config.data.get("packing", False)
+    train_fn, eval_fn = compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum, packed)
     s.step_fn = train_fn
     if eval_batches:
         s.evaluate = lambda params, step: evaluate(eval_fn, params, eval_batches, mesh, rules)

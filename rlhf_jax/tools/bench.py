@@ -5,6 +5,7 @@
   python -m rlhf_jax.tools.bench rm --size small --batch 32 --k 4 --seq-len 512
   python -m rlhf_jax.tools.bench ppo --size small --batch 64 --prompt-len 256 --new-tokens 256
   python -m rlhf_jax.tools.bench rollout --size mini --rows 256 --slots 32 --new-tokens 128
+  python -m rlhf_jax.tools.bench sft --size mini --seq-len 256 --batch 16 --epochs 2
 
 `train` times the real jitted `train_step` of the LM stage on random tokens over all local devices
 (data parallel unless --fsdp/--tensor say otherwise) and prints one JSON line: median step time,
@@ -12,7 +13,8 @@ tokens/s, MFU (6N + attention FLOPs per token over the chip's dense bf16 peak), 
 peak device memory, plus the device and versions. `--out FILE` appends the line to FILE.
 `decode` times the on-device sampler (new tokens/s, ms per step, fraction of the HBM bandwidth
 bound); `rm` and `ppo` are in bench_rlhf.py, `rollout` (the static sampler and the rollout
-engine side by side on skewed and short response lengths) in bench_rollout.py.
+engine side by side on skewed and short response lengths) in bench_rollout.py, `sft` (SFT steps
+on padded vs packed rows of the same demonstrations) in bench_packing.py.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.models import transformer as model_lib
 from rlhf_jax.stages import lm, setup
-from rlhf_jax.tools import bench_rlhf, bench_rollout
+from rlhf_jax.tools import bench_packing, bench_rlhf, bench_rollout
 
 
 def environment() -> dict:
@@ -278,6 +280,7 @@ def main(argv=None):
     d.add_argument("--out", default="", help="append the JSON result line to this file")
     bench_rlhf.add_parsers(sub, list(model_config.PRESETS))
     bench_rollout.add_parser(sub, list(model_config.PRESETS))
+    bench_packing.add_parser(sub, list(model_config.PRESETS))
     args = p.parse_args(argv)
     if args.cmd == "train":
         result = bench_train(args)
@@ -289,9 +292,11 @@ def main(argv=None):
         result = bench_rlhf.bench_ppo(args, environment, make_mesh)
     elif args.cmd == "rollout":
         result = bench_rollout.bench_rollout(args, environment, make_mesh)
+    elif args.cmd == "sft":
+        result = bench_packing.bench_sft(args, environment, make_mesh)
     else:
         raise ValueError(
-            f"unknown benchmark: {args.cmd!r}; expected train, decode, rm, ppo or rollout"
+            f"unknown benchmark: {args.cmd!r}; expected train, decode, rm, ppo, rollout or sft"
         )
     line = json.dumps(result)
     print(line, flush=True)
