@@ -13,10 +13,12 @@ own example, so every example's logits are those of its unpacked row, and a loss
 tokens (the LM and SFT losses: summed NLL over the count of masked tokens) is the same number
 on the packed batch as on the unpacked one with the same examples.
 
-The packer is best fit: examples in the given order, each into the open row with the least room
-that still holds it (the earliest such row on a tie), else a new row. Deterministic in the
-order, so a run and its resume (which rebuilds the rows) pack alike; the training iterator then
-shuffles rows, not examples, so examples sharing a row stay together every epoch.
+The packer is best fit: examples in a seeded random order (a file's neighbours are often alike:
+packed in file order, a row, and so a batch, would hold one kind of example), each into the open
+row with the least room that still holds it (the earliest such row on a tie), else a new row.
+Deterministic in the seed, so a run and its resume (which rebuilds the rows) pack alike; the
+training iterator then shuffles rows, not examples, so examples sharing a row stay together
+every epoch.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ def best_fit(lengths, capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(examples: dict[str, np.ndarray], lengths, seq_len: int) -> dict[str, np.ndarray]:
-    """Packs right-padded examples into rows of `seq_len`.
+def pack(
+    examples: dict[str, np.ndarray], lengths, seq_len: int, seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Packs right-padded examples into rows of `seq_len`, in a `seed`ed random order (None:
+    the given order).
 
     Args:
       examples: name -> [N, L] arrays, example i's real positions first (`lengths[i]` of them),
@@ -68,7 +73,10 @@ def pack(examples: dict[str, np.ndarray], lengths, seq_len: int) -> dict[str, np
       [M, seq_len]; positions past a row's last example hold the arrays' fill values, segment 0.
     """
     lengths = np.asarray(lengths, np.int64)
-    rows = best_fit(lengths, seq_len)
+    order = np.arange(len(lengths))
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(lengths))
+    rows = [[int(order[j]) for j in row] for row in best_fit(lengths[order], seq_len)]
     out = {}
     for name, a in examples.items():
         fill = _fill_value(a, lengths)

@@ -177,14 +177,15 @@ def encode_demos(
     return {"inputs": inputs, "targets": targets, "mask": mask}, cut
 
 
-def encode_for_training(demos, tokenizer, template: str, seq_len: int, packed: bool):
+def encode_for_training(demos, tokenizer, template: str, seq_len: int, packed: bool, seed=0):
     """(examples, number cut, pad fraction): `encode_demos`' rows, packed into rows of
-    `seq_len` with `segments` and `positions` (data/packing.py) when `packed`."""
+    `seq_len` with `segments` and `positions` (data/packing.py, in `seed`'s order) when
+    `packed`."""
     lengths: list[int] = []
     ex, cut = encode_demos(demos, tokenizer, template, seq_len, lengths=lengths)
     if not packed:
         return ex, cut, packing.pad_fraction(lengths, seq_len)
-    ex = packing.pack(ex, lengths, seq_len)
+    ex = packing.pack(ex, lengths, seq_len, seed=seed)
     return ex, cut, packing.pad_fraction(ex["segments"])
 
 
@@ -240,7 +241,9 @@ def build_sft_data(
         train_demos, eval_demos = demos, read_demos(eval_paths)
     else:
         train_demos, eval_demos = lm_data.split_documents(demos, eval_fraction, seed)
-    encode = functools.partial(encode_for_training, tokenizer=tokenizer, template=template)
+    encode = functools.partial(
+        encode_for_training, tokenizer=tokenizer, template=template, seed=seed
+    )
     train_ex, train_cut, pad = encode(train_demos, seq_len=seq_len, packed=packed)
     it = iterators.make_train_iterator(
         train_ex,

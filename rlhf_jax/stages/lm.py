@@ -152,7 +152,8 @@ def total_steps(config, info) -> int:
             "one of them: set train.epochs=0 to train for train.steps, or train.steps=0"
         )
     if config.stage == "sft" and t.epochs > 0:
-        return max(1, math.ceil(t.epochs * info["train_rows"] / t.batch_size))
+        rows = info.get("train_rows", info["train_demos"])  # packed rows, else one per demo
+        return max(1, math.ceil(t.epochs * rows / t.batch_size))
     return t.steps
 
 

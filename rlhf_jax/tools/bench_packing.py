@@ -127,7 +127,7 @@ def bench_sft(args, environment, make_mesh) -> dict:
         evals = iterators.eval_batches(eval_ex, batch_size=args.batch)
         real = int(np.sum(lengths))
         loss_tokens = float(ex["mask"].sum())
-        packed_ex = packing.pack(ex, lengths, args.seq_len)
+        packed_ex = packing.pack(ex, lengths, args.seq_len, seed=args.seed)
         # Packed steps take as many demonstrations as padded ones on average, so both make the
         # same number of updates per epoch and their loss curves compare step for step.
         same = max(1, round(args.batch * len(packed_ex["inputs"]) / len(ex["inputs"])))
