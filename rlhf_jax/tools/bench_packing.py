@@ -36,6 +36,7 @@ from rlhf_jax.models import config as model_config
 from rlhf_jax.stages import lm
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "data")
+_FIELDS = (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))
 
 
 def demos_set(seq_len: int):
@@ -70,9 +71,6 @@ def long_tail_set(seq_len: int, n: int, tail_mean: float, vocab: int, seed: int)
             lengths.append(m)
         out.append((ex, lengths))
     return out
-
-
-_FIELDS = (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))
 
 
 def _train(cfg, mesh, rules, train_ex, evals, packed, batch_rows: int, args) -> dict:
