@@ -107,6 +107,7 @@ def start(config, workdir: str):
     paths.check_sources(config)
     setup.check_counts(config)  # every stage's, nested pipeline stages' too
     setup.check_lora(config)  # likewise: a bad lora section stops here, in one line
+    setup.check_packing(config)  # data.packing on a stage that does not pack: one line
     tracking.check(config)  # wandb on but not installed: one line, before any work
     config_hash = provenance.config_hash(config.to_dict())
     version = provenance.code_version()

@@ -173,3 +173,28 @@ def test_sft_runs_packed_and_reports_the_pad_fraction(tmp_path):
     assert len(rows) == int(np.ceil(info["train_rows"] / 8)) < int(np.ceil(info["train_demos"] / 8))
     assert all(np.isfinite(r["train/loss"]) for r in rows)
     assert 0 <= info["pad_fraction"] < 0.5
+
+
+def test_packing_is_refused_where_nothing_packs():
+    """data.packing on a stage that does not pack stops at the entry with one line naming the
+    key; the SFT stage (alone or in a pipeline) passes."""
+    from experiments import pipeline, rm
+
+    c = rm.get_config()
+    c.data.packing = True
+    with pytest.raises(ValueError, match=r"config.data.packing=True: only the SFT stage.*'rm'"):
+        setup.check_packing(c)
+    p = pipeline.get_config("size=tiny")
+    p.stages.sft.data.packing = True
+    setup.check_packing(p)
+    p.stages.dpo.data.packing = True
+    with pytest.raises(ValueError, match=r"config.stages.dpo.data.packing=True"):
+        setup.check_packing(p)
+    p.stages.dpo.data.packing = False
+    p.data.packing = True
+    with pytest.raises(ValueError, match=r"set config.stages.sft.data.packing"):
+        setup.check_packing(p)
+    s = sft.get_config()
+    s.data.packing = True
+    setup.check_packing(s)
+    assert lm.is_packed(s) and not lm.is_packed(sft.get_config())

@@ -63,8 +63,8 @@ def pack(
 
     Args:
       examples: name -> [N, L] arrays, example i's real positions first (`lengths[i]` of them),
-        L >= those lengths; every array is packed, its padding value taken from row 0's last
-        position of the unused tail where an example is shorter (e.g. the tokenizer's pad id).
+        L >= those lengths; every array is packed, padded with what an example shorter than L
+        holds past its end (e.g. the tokenizer's pad id; 0 when none is shorter).
       lengths: [N] real positions per example.
       seq_len: positions per packed row.
 

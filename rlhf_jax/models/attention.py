@@ -117,8 +117,7 @@ def is_segments(key_mask) -> bool:
 def _pairs(key_mask):
     """[B, T, S] bool from segment ids [B, T]: query t and key s are in one segment, not
     padding (the causal and window masks are applied beside it)."""
-    seg = key_mask
-    return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    return (key_mask[:, :, None] == key_mask[:, None, :]) & (key_mask[:, None, :] > 0)
 
 
 def choose(impl: str, q, k, *, q_slot=None, key_mask=None, softcap=None) -> tuple[str, str]:

@@ -66,7 +66,7 @@ def plan_lm(config, mesh, rules, rm_size: str = "") -> list[Function]:
     if cfg.family == "gpt2" and t.seq_len > cfg.max_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={cfg.max_len}")
     graphdef, tx, state, shardings = train_state(cfg, config, mesh, rules)
-    packed = config.stage == "sft" and config.data.get("packing", False)
+    packed = lm.is_packed(config)
     train, evaluate = lm.compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum, packed)
     b, n = t.batch_size, t.seq_len
     batch = {

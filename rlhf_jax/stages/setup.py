@@ -315,6 +315,23 @@ def check_counts(config, prefix: str = "config.") -> None:
             raise ValueError(f"{prefix}{key}={value} must be >= 0")
 
 
+def check_packing(config, prefix: str = "config.") -> None:
+    """Fails with one line when `data.packing` is on where nothing packs: only the SFT stage
+    packs its rows (data/packing.py); pretraining already concatenates its documents, and the
+    RM, DPO and RL stages do not pack yet. A pipeline's own `data` reaches no stage (set
+    `stages.sft.data.packing`). Run by the entry before any stage starts, nested configs too."""
+    data, stage = config.get("data"), config.get("stage")
+    if hasattr(data, "keys") and data.get("packing", False) and stage != "sft":
+        raise ValueError(
+            f"{prefix}data.packing=True: only the SFT stage packs its rows, this is "
+            f"stage {stage!r}"
+            + (" (set config.stages.sft.data.packing)" if stage == "pipeline" else "")
+        )
+    for key in list(config.keys()):
+        if hasattr(config[key], "keys") and key != "data":
+            check_packing(config[key], f"{prefix}{key}.")
+
+
 def check_batch(config, mesh, rules) -> None:
     t = config.train
     dp = sharding.data_parallel_size(mesh, rules)

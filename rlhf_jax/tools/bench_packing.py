@@ -14,7 +14,7 @@ same number of optimizer updates per epoch. Prints one JSON line: per set
 and layout the rows per epoch, pad fraction, median step time, real (non-padding) tokens per
 second and loss tokens per second, the training loss at each epoch's end, and the held-out loss
 after each epoch on one fixed padded eval set (so the two layouts are scored alike: their
-curves should agree within noise, the packed one in fewer steps).
+curves should agree within the spread of --seed).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _FIELDS = (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))
 
 
 def demos_set(seq_len: int):
-    """(train examples, eval examples, lengths of both, vocab) from the bundled demos."""
+    """([(train examples, lengths), (eval examples, lengths)], vocab) of the bundled demos."""
     docs = lm_data.read_documents(os.path.join(DATA, "tiny_corpus.jsonl"))
     with tempfile.TemporaryDirectory() as d:
         tok = tok_lib.Tokenizer.load(tok_lib.train_tokenizer(docs, os.path.join(d, "t.model"), 512))
