@@ -179,8 +179,10 @@ def test_grad_accum_equals_the_full_batch_gradient():
     g2, m2 = step(2)
     assert m1["dpo/loss"] != pytest.approx(math.log(2))  # policy != reference
     assert m1["dpo/prompts"] == 14 and m1["dpo/pairs"] == 6 * 1 + 8 * 3
+    # Rewards are beta-scaled differences of summed log-probs (|sum| ~ 30): the two programs sum
+    # in another order, so a few float32 ulps of those sums (~1e-6 here) is the tolerance.
     for key in m1:
-        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-5, err_msg=key)
     for a, x in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(x, a, rtol=1e-4, atol=1e-6)
     # The eval step in the same microbatches sums to the one-pass eval.
@@ -190,4 +192,4 @@ def test_grad_accum_equals_the_full_batch_gradient():
     e1, e2 = ev(1), ev(2)
     assert e1["prompts"] == 14
     for key in e1:
-        np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -336,9 +336,12 @@ def test_lora_rm_and_dpo_from_a_lora_sft(chain, lora_sft, lora_rm):
                    lr=1e-2, warmup_steps=0)  # fmt: skip
     state = dpo_stage.run(d, mesh_of(d), str(root / "dpo"))
     rows = [r for r in metrics.read_metrics(str(root / "dpo" / "metrics.jsonl")) if "dpo/loss" in r]
-    # The reference is the policy's own frozen base: at step 1 every margin is exactly 0.
+    # The reference is the policy's own frozen base: at step 1 every margin is 0 up to the float
+    # rounding of two compiled programs (base + a zero adapter vs the base alone; on one CPU all
+    # pairs tie exactly, on another one pair in 14 is an ulp apart).
     assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert rows[0]["dpo/tie_frac"] == 1.0 and rows[1]["dpo/loss"] != rows[0]["dpo/loss"]
+    assert abs(rows[0]["dpo/margin"]) < 1e-6 and rows[0]["dpo/tie_frac"] > 0.5
+    assert rows[1]["dpo/loss"] != rows[0]["dpo/loss"]
     assert leaves_equal(lora.split_trainable(state["params"])[1], merged)
     # The pipeline names the LoRA SFT workdir as the reference too: read merged, it is the
     # policy at step 0 (a check against its LoRA fields stopped this run before).
