@@ -182,19 +182,21 @@ def test_packing_is_refused_where_nothing_packs():
 
     c = rm.get_config()
     c.data.packing = True
-    with pytest.raises(ValueError, match=r"config.data.packing=True: only the SFT stage.*'rm'"):
+    msg = r"config.data.packing=True: only the sft and dpo stages pack their rows.*'rm'"
+    with pytest.raises(ValueError, match=msg):
         setup.check_packing(c)
     p = pipeline.get_config("size=tiny")
-    p.stages.sft.data.packing = True
+    for stage in ("sft", "dpo", "simpo"):  # SimPO is the DPO stage
+        p.stages[stage].data.packing = True
     setup.check_packing(p)
-    p.stages.dpo.data.packing = True
-    with pytest.raises(ValueError, match=r"config.stages.dpo.data.packing=True"):
+    p.stages.kto.data.packing = True
+    with pytest.raises(ValueError, match=r"config.stages.kto.data.packing=True"):
         setup.check_packing(p)
-    p.stages.dpo.data.packing = False
+    p.stages.kto.data.packing = False
     p.data.packing = True
-    with pytest.raises(ValueError, match=r"set config.stages.sft.data.packing"):
+    with pytest.raises(ValueError, match=r"set config.stages.<stage>.data.packing"):
         setup.check_packing(p)
     s = sft.get_config()
     s.data.packing = True
     setup.check_packing(s)
-    assert lm.is_packed(s) and not lm.is_packed(sft.get_config())
+    assert setup.is_packed(s) and not setup.is_packed(sft.get_config())

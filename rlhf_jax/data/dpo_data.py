@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from rlhf_jax.data import iterators, rm_data
+from rlhf_jax.data import iterators, packing, rm_data
 from rlhf_jax.data.sft_data import prompt_ids
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -45,6 +45,11 @@ def _pad_rows(examples: dict[str, np.ndarray], multiple: int) -> dict[str, np.nd
     }
 
 
+def _pad_fraction(ex: dict[str, np.ndarray]) -> float:
+    """Padding among all N K L positions of unpacked rows (the model runs absent slots too)."""
+    return 1.0 - float(ex["mask"].sum()) / max(ex["mask"].size, 1)
+
+
 def build_dpo_data(
     train_paths: str | Sequence[str],
     tokenizer: Tokenizer,
@@ -58,6 +63,7 @@ def build_dpo_data(
     eval_fraction: float = 0.05,
     process_index: int = 0,
     process_count: int = 1,
+    packed: bool = False,
 ) -> tuple[grain.DatasetIterator, list[dict[str, np.ndarray]], list, dict]:
     """Train iterator, eval batches, held-out prompts and counts for the DPO stage.
 
@@ -73,6 +79,8 @@ def build_dpo_data(
         prompts of `train_paths`.
       eval_fraction: fraction of distinct prompts held out when `eval_paths` is empty.
       process_index, process_count: this process and the number of processes.
+      packed: rows of K L positions holding whole comparisons back to back (data/packing.py
+        `pack_comparisons`, train rows in `seed`'s order); `batch_size` then counts rows.
 
     Returns:
       (train iterator of [b, K, L] batches; eval batches padded with kmask-0 rows so that no
@@ -95,21 +103,39 @@ def build_dpo_data(
     k = max(len(c["ranks"]) for c in [*train_comps, *eval_comps])
     procs = dict(process_index=process_index, process_count=process_count)
     train_ex, train_info = encode(train_comps, tokenizer, template, seq_len, k)
+    eval_ex, eval_info = (
+        encode(eval_comps, tokenizer, template, seq_len, k) if eval_comps else (None, {})
+    )
+    pairs = rm_data.num_pairs(train_ex["ranks"], train_ex["kmask"])
+    pads = {"pad_fraction": _pad_fraction(train_ex)}
+    if packed:  # one comparison slot count C for train and eval: one compile of each step
+        pack = lambda ex, c, s: packing.pack_comparisons(ex, s, c)  # noqa: E731
+        packed_ex, per_row = pack(train_ex, 0, seed)
+        if eval_comps:
+            eval_ex, per_row = pack(eval_ex, per_row, None)
+            if per_row > packed_ex["kmask"].shape[1]:
+                packed_ex, _ = pack(train_ex, per_row, seed)
+        pads = {
+            "train_rows": len(packed_ex["tokens"]),
+            "unpacked_pad_fraction": pads["pad_fraction"],
+            "pad_fraction": packing.pad_fraction(packed_ex["segments"]),
+        }
+        train_ex = packed_ex
     train_iter = iterators.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
     eval_list, cut = [], train_info["cut_sequences"]
     if eval_comps:
-        eval_ex, eval_info = encode(eval_comps, tokenizer, template, seq_len, k)
         cut += eval_info["cut_sequences"]
         eval_ex = _pad_rows(eval_ex, batch_size * process_count)
         eval_list = iterators.eval_batches(eval_ex, batch_size=batch_size, **procs)
     info = {
         "train_comparisons": len(train_comps),
         "eval_comparisons": len(eval_comps),
-        "train_pairs": rm_data.num_pairs(train_ex["ranks"], train_ex["kmask"]),
+        "train_pairs": pairs,
         "k": k,
         "cut_sequences": cut,
         "all_tie_skipped": skipped["all_tie"],
         "eval_batches": len(eval_list),
+        **pads,
     }
     n_seq = sum(len(c["ranks"]) for c in [*train_comps, *eval_comps])
     if cut > rm_data.CUT_WARN_FRACTION * n_seq:

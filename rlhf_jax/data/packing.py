@@ -113,3 +113,59 @@ def pad_fraction(segments_or_lengths, seq_len: int | None = None) -> float:
     if seq_len is None:
         return float(np.mean(a == 0)) if a.size else 0.0
     return 1.0 - float(a.sum()) / (len(a) * seq_len) if len(a) else 0.0
+
+
+def pack_comparisons(ex: dict[str, np.ndarray], seed: int | None = None, per_row: int = 0):
+    """Packs comparisons (data/dpo_data.py layout: tokens and mask [N, K, L], ranks and kmask
+    [N, K], prompt_len [N]) into rows of K * L positions, best fit in a `seed`ed order.
+
+    A comparison is the unit: its present sequences (prompt + response k, for every slot with
+    kmask 1) sit back to back in one row, each its own segment, so a row of K * L positions
+    holds at least the one comparison an unpacked row holds and as many more as fit. Per row,
+    the comparisons are listed in slots c < `per_row` (0: the most any row holds):
+
+      tokens, segments, positions  int32 [M, K L]  (segments/positions as `pack`'s)
+      scored     bool  [M, K L]    response tokens (positions >= prompt_len of their sequence)
+      ranks      int32 [M, C, K]   comparison c's ranks, -1 in absent slots and empty c
+      kmask      float32 [M, C, K] 1 where present
+      seg_of     int32 [M, C, K]   the segment id of comparison c's response k (0: absent)
+
+    Everything a comparison's loss reads stays within its row, so rows split across devices
+    and microbatches like unpacked ones. Returns (packed, per_row)."""
+    tokens, mask = ex["tokens"], ex["mask"].astype(bool)
+    n, k, length = tokens.shape
+    present = ex["kmask"] > 0
+    seq_len = np.where(present, mask.sum(axis=-1), 0)  # [N, K]
+    order = np.arange(n)
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(n)
+    sizes = np.maximum(seq_len.sum(axis=-1), 1)  # an all-absent comparison still takes a slot
+    rows = [[int(order[j]) for j in row] for row in best_fit(sizes[order], k * length)]
+    per_row = max(per_row, max((len(r) for r in rows), default=1))
+    m, width = len(rows), k * length
+    fill = _fill_value(tokens.reshape(n * k, length), mask.reshape(n * k, length).sum(axis=-1))
+    out = {
+        "tokens": np.full((m, width), fill, tokens.dtype),
+        "segments": np.zeros((m, width), np.int32),
+        "positions": np.zeros((m, width), np.int32),
+        "scored": np.zeros((m, width), bool),
+        "ranks": np.full((m, per_row, k), -1, np.int32),
+        "kmask": np.zeros((m, per_row, k), np.float32),
+        "seg_of": np.zeros((m, per_row, k), np.int32),
+    }
+    for r, members in enumerate(rows):
+        at, seg = 0, 0
+        for c, i in enumerate(members):
+            out["ranks"][r, c], out["kmask"][r, c] = ex["ranks"][i], ex["kmask"][i]
+            for j in np.nonzero(present[i])[0]:
+                s = int(seq_len[i, j])
+                seg += 1
+                out["tokens"][r, at : at + s] = tokens[i, j, :s]
+                out["segments"][r, at : at + s] = seg
+                out["positions"][r, at : at + s] = np.arange(s)
+                # A sequence's first token is never scored, so no segment's first log-prob
+                # (predicted from the segment before) counts.
+                out["scored"][r, at : at + s] = np.arange(s) >= max(ex["prompt_len"][i], 1)
+                out["seg_of"][r, c, j] = seg
+                at += s
+    return out, per_row

@@ -54,6 +54,8 @@ def teacher_forced_logprobs(
     temperature=1.0,
     right_padded: bool = False,
     return_logits: bool = False,
+    positions=None,
+    segments=None,
 ):
     """Teacher-forced log p_T(tokens[:, t+1] | tokens[:, :t+1]) of padded rows, in float32.
 
@@ -77,6 +79,8 @@ def teacher_forced_logprobs(
         default positions and no key mask (the attention kernel needs no mask bias) and gives
         the same log-probs.
       return_logits: also return the logits the log-probs are taken from (PPO's entropy).
+      positions, segments: packed rows (data/packing.py) [B, S] int32: the model reads the
+        segment ids as its key mask and the positions as given (`mask` is then segments > 0).
 
     Returns:
       logp [B, S-1-start] float32: entry t scores tokens[:, start+t+1]; 0 where it or the token
@@ -85,7 +89,9 @@ def teacher_forced_logprobs(
     """
     model = state_lib.merge(graphdef, params)
     mask = mask.astype(bool)
-    if right_padded:
+    if segments is not None:
+        hidden, _ = model(tokens, positions=positions, key_mask=segments, return_hidden=True)
+    elif right_padded:
         hidden, _ = model(tokens, return_hidden=True)  # [B, S, D]
     else:
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)  # [B, S]
@@ -94,6 +100,32 @@ def teacher_forced_logprobs(
     logp = losses.token_logprobs(logits, tokens[:, start + 1 :])
     logp = jnp.where(mask[:, start:-1] & mask[:, start + 1 :], logp, 0.0)
     return (logp, logits) if return_logits else logp
+
+
+def packed_response_sums(graphdef, params, batch, with_lengths: bool = False):
+    """log pi(response | prompt) [M C, K] of packed comparison rows (data/packing.py's
+    `pack_comparisons`: tokens, segments, positions, scored [M, T]; seg_of [M, C, K]), 0 at
+    absent slots; with `with_lengths` also the scored tokens per response [M C, K] (SimPO's |y|).
+
+    Each sequence is its own segment, so its log-probs are those of its unpacked row; they are
+    summed per segment with float32 adds (no matmul, so no backend matmul precision enters),
+    then read out at each comparison's segment ids."""
+    tokens, segments = batch["tokens"], batch["segments"]
+    m, c, k = batch["seg_of"].shape
+    logp = teacher_forced_logprobs(
+        graphdef, params, tokens, segments > 0, positions=batch["positions"], segments=segments
+    )  # [M, T-1]: entry t scores token t + 1
+    scored, seg = batch["scored"][:, 1:], segments[:, 1:]
+    one = seg[:, :, None] == jnp.arange(c * k + 1)[None, None, :]  # [M, T-1, CK+1]
+
+    def per_response(values):  # [M, T-1] -> [M C, K]
+        sums = jnp.sum(jnp.where(one & scored[:, :, None], values[:, :, None], 0.0), axis=1)
+        return jnp.take_along_axis(sums, batch["seg_of"].reshape(m, c * k), 1).reshape(m * c, k)
+
+    total = per_response(logp)
+    if with_lengths:
+        return total, per_response(jnp.ones_like(logp))
+    return total
 
 
 @functools.lru_cache(maxsize=8)

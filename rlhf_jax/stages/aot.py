@@ -66,7 +66,7 @@ def plan_lm(config, mesh, rules, rm_size: str = "") -> list[Function]:
     if cfg.family == "gpt2" and t.seq_len > cfg.max_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={cfg.max_len}")
     graphdef, tx, state, shardings = train_state(cfg, config, mesh, rules)
-    packed = lm.is_packed(config)
+    packed = setup.is_packed(config)
     train, evaluate = lm.compile_steps(graphdef, tx, shardings, mesh, rules, t.grad_accum, packed)
     b, n = t.batch_size, t.seq_len
     batch = {
@@ -167,6 +167,16 @@ def plan_dpo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     # has none (each forward over all B x K sequences).
     refs = 0 if c.loss in dpo_math.REFERENCE_FREE else 1
     note = f"K={k}; loss={c.loss}"
+    if setup.is_packed(config):  # B rows of K L positions (data/packing.pack_comparisons)
+        per_row = 8  # comparison slots per row: the data sets it; only [B, C, K] tables scale
+        batch = {f: rows(mesh, rules, (b, k * n), jnp.int32) for f in dpo.PACKED_NDIM}
+        batch.update(
+            {f: rows(mesh, rules, (b, per_row, k), jnp.int32) for f in ("ranks", "seg_of")}
+        )
+        batch["kmask"] = rows(mesh, rules, (b, per_row, k), jnp.float32)
+        batch["scored"] = rows(mesh, rules, (b, k * n), jnp.bool_)
+        note += f"; packed rows of {k * n}, {per_row} comparisons per row"
+        return _reference_steps(config, mesh, rules, dpo, batch, b, (0, refs), note, k * n)
     return _reference_steps(config, mesh, rules, dpo, batch, b * k, (0, refs), note)
 
 
@@ -190,9 +200,9 @@ def plan_kto(config, mesh, rules, rm_size: str = "") -> list[Function]:
     return _reference_steps(config, mesh, rules, kto, batch, b, (1, 2), "mismatched pairs")
 
 
-def _reference_steps(config, mesh, rules, stage, batch, seqs: int, extra, note: str):
+def _reference_steps(config, mesh, rules, stage, batch, seqs: int, extra, note: str, n=0):
     """The train and eval steps of a stage trained against a frozen reference (DPO, KTO), from
-    `stage.compile_steps`, on `batch` of `seqs` sequences of `train.seq_len` per forward.
+    `stage.compile_steps`, on `batch` of `seqs` rows of `n` (0: `train.seq_len`) per forward.
 
     `extra` = (policy forwards without gradient, reference forwards) per step, each over those
     `seqs` sequences, beside the policy's one forward and backward; eval runs the forwards."""
@@ -205,7 +215,7 @@ def _reference_steps(config, mesh, rules, stage, batch, seqs: int, extra, note: 
     no_grad, refs = extra
     # The policy's shapes; `{}` for a reference-free loss and for a LoRA policy's own base.
     ref = (refs and reference_params(config, config.stage, cfg, mesh, rules)) or {}
-    n, name = t.seq_len, config.stage
+    n, name = n or t.seq_len, config.stage
     # The head runs on every predicting position (stages/dpo.response_logprobs).
     fwd = plan.forward_flops(cfg, params, seqs * n, n, seqs * (n - 1))
     return [

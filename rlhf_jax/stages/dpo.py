@@ -49,6 +49,9 @@ from rlhf_jax.sampling import likelihood, rollout, sampler
 from rlhf_jax.stages import accumulate, loop, setup
 
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
+# Packed rows (data/packing.py `pack_comparisons`, `data.packing`): [M, T] and [M, C, K].
+PACKED_NDIM = {"tokens": 2, "segments": 2, "positions": 2, "scored": 2, "ranks": 3, "kmask": 3,
+               "seg_of": 3}  # fmt: skip
 
 
 def check_config(c) -> None:
@@ -99,17 +102,22 @@ def reference(params, ref_params):
 
 
 def batch_loss(params, ref_params, batch, *, graphdef, c):
-    """(loss, metrics) of a comparison batch under `c.loss`; SimPO never reads `ref_params`."""
-    args = (batch["tokens"], batch["mask"], batch["prompt_len"])
-    ranks, kmask = batch["ranks"], batch["kmask"]
+    """(loss, metrics) of a comparison batch under `c.loss`; SimPO never reads `ref_params`.
+    Packed rows (`segments` in the batch) hold [M, C, K] comparisons, read as [M C, K]."""
+    if "segments" in batch:
+        sums = lambda w, **kw: likelihood.packed_response_sums(graphdef, w, batch, **kw)  # noqa: E731
+        ranks, kmask = (batch[x].reshape(-1, batch[x].shape[-1]) for x in ("ranks", "kmask"))
+    else:
+        args = (batch["tokens"], batch["mask"], batch["prompt_len"])
+        sums = lambda w, **kw: response_logprobs(graphdef, w, *args, **kw)  # noqa: E731
+        ranks, kmask = batch["ranks"], batch["kmask"]
     if c.loss == "simpo":
-        logp, lengths = response_logprobs(graphdef, params, *args, with_lengths=True)
+        logp, lengths = sums(params, with_lengths=True)
         return dpo.simpo_loss(
             logp, lengths, ranks, kmask, beta=c.beta, gamma=c.simpo_gamma,
             label_smoothing=c.label_smoothing,
         )  # fmt: skip
-    logp = response_logprobs(graphdef, params, *args)
-    logp_ref = response_logprobs(graphdef, reference(params, ref_params), *args)
+    logp, logp_ref = sums(params), sums(reference(params, ref_params))
     return dpo.dpo_loss(
         logp, logp_ref, ranks, kmask, beta=c.beta, loss=c.loss,
         label_smoothing=c.label_smoothing,
@@ -173,7 +181,8 @@ def summarize(sums: list[dict]) -> dict:
 def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     """The jitted train and eval steps with explicit shardings; state donated, reference not.
     A reference-free loss (SimPO) takes an empty reference `{}`: nothing of it is held."""
-    batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
+    ndim = PACKED_NDIM if setup.is_packed(config) else BATCH_NDIM
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in ndim.items()}
     free = config.dpo.loss in dpo.REFERENCE_FREE
     ref_sh = None if free else reference_shardings(config, "dpo", shardings)
     kw = dict(graphdef=graphdef, c=config.dpo, mesh=mesh, rules=rules)
@@ -305,6 +314,7 @@ def prepare(config, mesh, workdir: str, section: str, build_data):
             f"model.max_len={model_cfg.max_len}"
         )
     pc, pi = jax.process_count(), jax.process_index()
+    packed = {"packed": True} if setup.is_packed(config) else {}  # DPO and its variants only
     train_iter, eval_batches, eval_prompts, info = build_data(
         config.data.train,
         tok,
@@ -317,6 +327,7 @@ def prepare(config, mesh, workdir: str, section: str, build_data):
         eval_fraction=config.data.eval_fraction,
         process_index=pi,
         process_count=pc,
+        **packed,
     )
     eval_batches = eval_batches[: t.eval_batches] if t.eval_batches > 0 else eval_batches
     optim_cfg = setup.optim_config_from(t, t.steps)

@@ -86,11 +86,6 @@ def eval_step(params, batch, *, graphdef, mesh, rules, microbatches: int = 1):
 BATCH_FIELDS = ("inputs", "targets", "mask")
 
 
-def is_packed(config) -> bool:
-    """Whether the stage's rows are packed (`data.packing`, SFT only: `setup.check_packing`)."""
-    return config.stage == "sft" and bool(config.data.get("packing", False))
-
-
 def compile_steps(graphdef, tx, shardings, mesh, rules, grad_accum: int, packed: bool = False):
     """The jitted train and eval steps with explicit shardings; state donated. Both run a batch
     in `grad_accum` microbatches; `packed` batches carry segments and positions too."""
@@ -142,7 +137,7 @@ def build_data(config, tok, workdir: str):
             eval_fraction=config.data.eval_fraction,
             process_index=pi,
             process_count=pc,
-            packed=is_packed(config),
+            packed=setup.is_packed(config),
         )
     raise ValueError(f"unknown LM stage: {config.stage!r}; expected 'pretrain' or 'sft'")
 
@@ -200,7 +195,7 @@ def run(config, mesh, workdir: str):
     )
     graphdef, state, shardings, start, ckpt = loop.restore_or_init(s, rules)
     train_fn, eval_fn = compile_steps(
-        graphdef, tx, shardings, mesh, rules, t.grad_accum, is_packed(config)
+        graphdef, tx, shardings, mesh, rules, t.grad_accum, setup.is_packed(config)
     )
     s.step_fn = train_fn
     if eval_batches:

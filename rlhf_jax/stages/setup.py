@@ -315,17 +315,27 @@ def check_counts(config, prefix: str = "config.") -> None:
             raise ValueError(f"{prefix}{key}={value} must be >= 0")
 
 
+# The stages that pack their rows under `data.packing` (data/packing.py): SFT (demonstrations)
+# and DPO with its loss variants (whole comparisons per row).
+PACKING_STAGES = ("sft", "dpo")
+
+
+def is_packed(config) -> bool:
+    """Whether the stage's rows are packed (`data.packing` on a stage of PACKING_STAGES)."""
+    return config.get("stage") in PACKING_STAGES and bool(config.data.get("packing", False))
+
+
 def check_packing(config, prefix: str = "config.") -> None:
-    """Fails with one line when `data.packing` is on where nothing packs: only the SFT stage
-    packs its rows (data/packing.py); pretraining already concatenates its documents, and the
-    RM, DPO and RL stages do not pack yet. A pipeline's own `data` reaches no stage (set
-    `stages.sft.data.packing`). Run by the entry before any stage starts, nested configs too."""
+    """Fails with one line when `data.packing` is on where nothing packs: pretraining already
+    concatenates its documents, and the RM, KTO and RL stages do not pack yet. A pipeline's own
+    `data` reaches no stage (set `stages.sft.data.packing`). Run by the entry before any stage
+    starts, nested configs too."""
     data, stage = config.get("data"), config.get("stage")
-    if hasattr(data, "keys") and data.get("packing", False) and stage != "sft":
+    if hasattr(data, "keys") and data.get("packing", False) and stage not in PACKING_STAGES:
         raise ValueError(
-            f"{prefix}data.packing=True: only the SFT stage packs its rows, this is "
-            f"stage {stage!r}"
-            + (" (set config.stages.sft.data.packing)" if stage == "pipeline" else "")
+            f"{prefix}data.packing=True: only the {' and '.join(PACKING_STAGES)} stages pack "
+            f"their rows, this is stage {stage!r}"
+            + (" (set config.stages.<stage>.data.packing)" if stage == "pipeline" else "")
         )
     for key in list(config.keys()):
         if hasattr(config[key], "keys") and key != "data":

@@ -13,8 +13,8 @@ tokens/s, MFU (6N + attention FLOPs per token over the chip's dense bf16 peak), 
 peak device memory, plus the device and versions. `--out FILE` appends the line to FILE.
 `decode` times the on-device sampler (new tokens/s, ms per step, fraction of the HBM bandwidth
 bound); `rm` and `ppo` are in bench_rlhf.py, `rollout` (the static sampler and the rollout
-engine side by side on skewed and short response lengths) in bench_rollout.py, `sft` (SFT steps
-on padded vs packed rows of the same demonstrations) in bench_packing.py.
+engine side by side on skewed and short response lengths) in bench_rollout.py, `sft` and `dpo` (SFT
+and DPO steps on padded vs packed rows of the same data) in bench_packing.py.
 """
 
 from __future__ import annotations
@@ -294,9 +294,11 @@ def main(argv=None):
         result = bench_rollout.bench_rollout(args, environment, make_mesh)
     elif args.cmd == "sft":
         result = bench_packing.bench_sft(args, environment, make_mesh)
+    elif args.cmd == "dpo":
+        result = bench_packing.bench_dpo(args, environment, make_mesh)
     else:
         raise ValueError(
-            f"unknown benchmark: {args.cmd!r}; expected train, decode, rm, ppo, rollout or sft"
+            f"unknown benchmark: {args.cmd!r}; expected train, decode, rm, ppo, rollout, sft or dpo"
         )
     line = json.dumps(result)
     print(line, flush=True)

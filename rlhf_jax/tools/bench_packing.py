@@ -1,6 +1,17 @@
-"""SFT packing benchmark: padded rows and packed rows side by side on the same demonstrations.
+"""Packing benchmarks: padded rows and packed rows side by side on the same data, for SFT
+(demonstrations) and DPO (comparisons).
 
   python -m rlhf_jax.tools.bench sft --size mini --seq-len 256 --batch 16 --epochs 2
+  python -m rlhf_jax.tools.bench dpo --size mini --seq-len 128 --batch 16 --epochs 2
+
+DPO (`bench_dpo`): the same comparison of layouts with the DPO stage's train and eval steps
+(`dpo.compile_steps`, `dpo.loss=sigmoid`, the reference a frozen copy of the init) on `comparisons`
+(the bundled K-way rankings, experiments/data/tiny_comparisons.jsonl) and `long_tail` (synthetic
+pairs: the chosen response copies the prompt, the rejected one is random tokens, both of
+1 + a geometric number of tokens), padded as [B, K, L] and packed as rows of K L
+(data/packing.py `pack_comparisons`); the held-out DPO loss on one fixed padded set.
+
+SFT (`bench_sft`):
 
 One process, one model init, the LM stage's own train and eval steps (`lm.compile_steps`), for
 two sets: `demos` (the bundled demonstrations, experiments/data/tiny_demos.jsonl, tokenized by a
@@ -19,6 +30,7 @@ curves should agree within the spread of --seed).
 
 from __future__ import annotations
 
+import collections
 import os
 import statistics
 import sys
@@ -28,12 +40,12 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax.data import iterators, lm_data, packing, sft_data
+from rlhf_jax.data import dpo_data, iterators, lm_data, packing, rm_data, sft_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
-from rlhf_jax.stages import lm
+from rlhf_jax.stages import dpo, lm
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "data")
 _FIELDS = (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))
@@ -164,3 +176,136 @@ def add_parser(sub, sizes):
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="", help="append the JSON result line to this file")
+    d = sub.add_parser("dpo", help="DPO steps on padded vs packed rows of the same comparisons")
+    d.add_argument("--size", default="mini", choices=sizes)
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--batch", type=int, default=16, help="padded comparisons per step")
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--rows", type=int, default=1024, help="long_tail: comparisons")
+    d.add_argument("--tail-mean", type=float, default=24.0, help="long_tail: mean response")
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="", help="append the JSON result line to this file")
+
+
+def comparisons_set(seq_len: int):
+    """([(train examples), (eval examples)], vocab) of the bundled comparisons (dpo_data's
+    layout, K = 3), tokenized by a tokenizer trained here on the bundled corpus."""
+    docs = lm_data.read_documents(os.path.join(DATA, "tiny_corpus.jsonl"))
+    with tempfile.TemporaryDirectory() as d:
+        tok = tok_lib.Tokenizer.load(tok_lib.train_tokenizer(docs, os.path.join(d, "t.model"), 512))
+    comps = rm_data.read_comparisons(
+        os.path.join(DATA, "tiny_comparisons.jsonl"), 9, collections.Counter()
+    )
+    parts = rm_data.split_by_prompt(comps, 0.1, 0)
+    k = max(len(c["ranks"]) for c in comps)
+    out = [dpo_data.encode(p, tok, sft_data.PROMPT_TEMPLATE, seq_len, k)[0] for p in parts]
+    return out, tok.vocab_size
+
+
+def long_tail_comparisons(seq_len: int, n: int, tail_mean: float, vocab: int, seed: int):
+    """Synthetic pairs (module docstring) in dpo_data's layout: [train examples, eval examples]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for count in (n, max(16, n // 10)):
+        ex = {
+            "tokens": np.zeros((count, 2, seq_len), np.int32),
+            "mask": np.zeros((count, 2, seq_len), bool),
+            "ranks": np.tile(np.array([0, 1], np.int32), (count, 1)),
+            "kmask": np.ones((count, 2), np.float32),
+            "prompt_len": np.zeros(count, np.int32),
+        }
+        for i in range(count):
+            prompt = np.concatenate([[1], rng.integers(3, vocab, size=rng.integers(4, 17))])
+            chosen = np.resize(prompt[1:], 1 + rng.geometric(1 / tail_mean))
+            rejected = rng.integers(3, vocab, size=1 + rng.geometric(1 / tail_mean))
+            for j, resp in enumerate((chosen, rejected)):
+                ids = np.concatenate([prompt, resp, [2]])[:seq_len]
+                ex["tokens"][i, j, : len(ids)], ex["mask"][i, j, : len(ids)] = ids, True
+            ex["prompt_len"][i] = len(prompt)
+        out.append(ex)
+    return out
+
+
+def _train_dpo(cfg, mesh, rules, config, train_ex, evals, batch_rows: int, args) -> dict:
+    n_rows = len(train_ex["tokens"])
+    steps_per_epoch = n_rows // batch_rows
+    config.train.update(lr=args.lr, warmup_steps=0, steps=steps_per_epoch * args.epochs)
+    tx = state_lib.make_optimizer(
+        state_lib.OptimConfig(lr=args.lr, warmup_steps=0, total_steps=config.train.steps)
+    )
+    graphdef, state, shardings = state_lib.create_train_state(cfg, tx, mesh, rules, seed=0)
+    ref = jax.tree.map(lambda x: x.copy(), state["params"])
+    train, _ = dpo.compile_steps(graphdef, tx, shardings, config, mesh, rules)
+    padded = config.copy_and_resolve_references()
+    padded.data.packing = False
+    _, eval_fn = dpo.compile_steps(graphdef, tx, shardings, padded, mesh, rules)
+    it = iterators.make_train_iterator(train_ex, batch_size=batch_rows, seed=args.seed)
+    times, losses, heldout, pairs = [], [], [], []
+    for _ in range(args.epochs):
+        for _ in range(steps_per_epoch):
+            batch = sharding.put_batch(next(it), mesh, rules)
+            t0 = time.perf_counter()
+            state, m = train(state, ref, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+            pairs.append(float(m["dpo/pairs"]))
+        losses.append(round(float(m["dpo/loss"]), 4))
+        sums = [eval_fn(state["params"], ref, sharding.put_batch(b, mesh, rules)) for b in evals]
+        heldout.append(round(dpo.summarize(sums)["eval/loss"], 4))
+    return {
+        "rows_per_epoch": n_rows,
+        "batch_rows": batch_rows,
+        "steps_per_epoch": steps_per_epoch,
+        "median_step_ms": round(statistics.median(times[1:]) * 1e3, 2),  # the first compiles
+        "pairs_per_step": round(statistics.mean(pairs), 2),
+        "train_loss": losses,
+        "heldout_loss": heldout,
+        "_epoch_rows": steps_per_epoch * batch_rows,
+        "_step_s": statistics.median(times[1:]),
+    }
+
+
+def bench_dpo(args, environment, make_mesh) -> dict:
+    from experiments import dpo as dpo_experiment
+
+    cfg_kw = dict(dtype="float32", max_len=max(3 * args.seq_len, 256))
+    mesh, rules = make_mesh(1, 1), sharding.DEFAULT_RULES
+    (comp_train, comp_eval), vocab = comparisons_set(args.seq_len)
+    sets = {
+        "comparisons": (comp_train, comp_eval, vocab),
+        "long_tail": (
+            *long_tail_comparisons(args.seq_len, args.rows, args.tail_mean, 512, args.seed),
+            512,
+        ),
+    }
+    result = {"bench": "dpo_packing", "size": args.size, "seq_len": args.seq_len}
+    for name, (ex, eval_ex, v) in sets.items():
+        cfg = model_config.preset(args.size, vocab_size=v, **cfg_kw)
+        evals = iterators.eval_batches(
+            dpo_data._pad_rows(eval_ex, args.batch), batch_size=args.batch
+        )
+        real = int(ex["mask"].sum())
+        packed_ex, _ = packing.pack_comparisons(ex, seed=args.seed)
+        # Packed steps take as many comparisons as padded ones on average (module docstring).
+        same = max(1, round(args.batch * len(packed_ex["tokens"]) / len(ex["tokens"])))
+        for layout in ("padded", "packed"):
+            config = dpo_experiment.get_config()
+            config.data.packing = layout == "packed"
+            data = packed_ex if config.data.packing else ex
+            rows_per_step = same if config.data.packing else args.batch
+            r = _train_dpo(cfg, mesh, rules, config, data, evals, rows_per_step, args)
+            step_s, frac = r.pop("_step_s"), r.pop("_epoch_rows") / len(data["tokens"])
+            r["pad_fraction"] = round(
+                packing.pad_fraction(data["segments"])
+                if config.data.packing
+                else dpo_data._pad_fraction(data),
+                4,
+            )
+            r["real_tokens_per_s"] = round(real * frac / (r["steps_per_epoch"] * step_s))
+            result[f"{name}/{layout}"] = r
+        pad, pack = result[f"{name}/padded"], result[f"{name}/packed"]
+        result[f"{name}/speedup"] = round(pack["real_tokens_per_s"] / pad["real_tokens_per_s"], 2)
+    result.update(environment())
+    result["command"] = "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:])
+    return result
