@@ -178,15 +178,15 @@ def test_sft_runs_packed_and_reports_the_pad_fraction(tmp_path):
 def test_packing_is_refused_where_nothing_packs():
     """data.packing on a stage that does not pack stops at the entry with one line naming the
     key; the SFT stage (alone or in a pipeline) passes."""
-    from experiments import pipeline, rm
+    from experiments import kto, pipeline
 
-    c = rm.get_config()
+    c = kto.get_config()
     c.data.packing = True
-    msg = r"config.data.packing=True: only the sft and dpo stages pack their rows.*'rm'"
+    msg = r"config.data.packing=True: only the sft, rm and dpo stages pack their rows.*'kto'"
     with pytest.raises(ValueError, match=msg):
         setup.check_packing(c)
     p = pipeline.get_config("size=tiny")
-    for stage in ("sft", "dpo", "simpo"):  # SimPO is the DPO stage
+    for stage in ("sft", "rm", "dpo", "simpo"):  # SimPO is the DPO stage
         p.stages[stage].data.packing = True
     setup.check_packing(p)
     p.stages.kto.data.packing = True

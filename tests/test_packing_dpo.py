@@ -1,7 +1,8 @@
-"""Packed comparison rows (data/packing.py `pack_comparisons`) for DPO and its loss variants:
-every comparison whole in one row and recoverable, the packed loss, metrics and gradient equal
-to the unpacked ones on the same comparisons (through the stage's jitted train step, in two
-microbatches), and a packed DPO stage run reporting its pad fraction."""
+"""Packed comparison rows (data/packing.py `pack_comparisons`) for the RM and for DPO and its
+loss variants: every comparison whole in one row and recoverable, the packed loss, metrics and
+gradient equal to the unpacked ones on the same comparisons (through the stages' jitted train
+steps, in two microbatches; the RM's eval sums too), the RM's packed data, and a packed DPO
+stage run reporting its pad fraction."""
 
 import functools
 
@@ -12,14 +13,15 @@ import optax
 import pytest
 from test_dpo_stage import dpo_config, setup_dir  # noqa: F401  (the module fixture)
 
-from experiments import dpo
-from rlhf_jax.data import dpo_data, packing
+from experiments import dpo, rm
+from rlhf_jax.data import dpo_data, packing, rm_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import mesh as mesh_lib
 from rlhf_jax.infra import metrics, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import config as model_config
 from rlhf_jax.stages import dpo as dpo_stage
+from rlhf_jax.stages import rm as rm_stage
 
 
 def comparisons(n: int, k: int, length: int, vocab: int, seed: int) -> dict:
@@ -149,3 +151,81 @@ def test_dpo_runs_packed_and_reports_the_pad_fraction(setup_dir, tmp_path, capsy
     assert min(r["dpo/pairs"] for r in rows) > 8
     ev = [r for r in metrics.read_metrics(str(tmp_path / "metrics.jsonl")) if "eval/loss" in r]
     assert ev and np.isfinite(ev[-1]["eval/loss"])
+
+
+@pytest.mark.parametrize("batching", ["per_prompt", "per_pair"])
+def test_packed_rm_step_and_eval_equal_the_unpacked_ones(batching):
+    """As the DPO test, for the RM's K-choose-2 loss (a comparison's last-token scores), with a
+    random score head; per_pair trains on pairs (K = 2 rows), which pack the same way."""
+    cfg = model_config.preset("tiny", family="gpt2", dtype="float32", head="scalar")
+    mesh = mesh_lib.build_mesh(rm.get_config().mesh, jax.devices())
+    rules = sharding.DEFAULT_RULES
+    tx = optax.sgd(1.0)
+    graphdef, state, _ = state_lib.create_train_state(cfg, tx, mesh, rules, seed=0)
+    head = state["params"]["score_head"]
+    state["params"]["score_head"] = jax.device_put(
+        jax.random.normal(jax.random.key(1), head.shape), head.sharding
+    )
+    ex = comparisons(16, 3, 12, cfg.vocab_size, seed=2)
+    del ex["prompt_len"]
+    if batching == "per_pair":
+        ex = rm_data.pair_examples(ex)
+        ex = dpo_data._pad_rows(ex, 16)  # pairs: a multiple of 8 devices x 2 microbatches
+    packed, _ = packing.pack_comparisons(ex, seed=0)
+    assert len(packed["tokens"]) < len(ex["tokens"]) and "scored" not in packed
+    packed = dpo_data._pad_rows(packed, 16)
+    params0 = jax.tree.map(np.asarray, state["params"])
+    kw = dict(graphdef=graphdef, margin=0.0, mesh=mesh, rules=rules)
+
+    def step(host):
+        fn = functools.partial(
+            rm_stage.train_step, tx=tx, batching=batching, grad_accum=2, **kw
+        )  # fmt: skip
+        batch = sharding.put_batch(host, mesh, rules)
+        new, m = jax.jit(fn)(jax.tree.map(jnp.copy, state), batch)
+        grads = jax.tree.map(lambda a, x: a - np.asarray(x), params0, new["params"])
+        ev = jax.jit(functools.partial(rm_stage.eval_step, **kw))(state["params"], batch)
+        return grads, jax.tree.map(float, m), jax.tree.map(float, ev)
+
+    g1, m1, e1 = step(ex)
+    g2, m2, e2 = step(packed)
+    assert m1["rm/pairs"] > 16 and 0 < m1["rm/accuracy"] < 1
+    for key in m1:
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in e1:
+        np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    # Packed rows sum a weight's gradient over other rows and positions: float32 rounding of
+    # sums whose terms reach the gradient's largest entries, so within 1e-5 of that scale (a
+    # leaf whose gradient is 0 holds rounding noise of ~1e-9 either way).
+    scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(g1))
+    for a, x in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(x, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_rm_data_packs_train_and_eval_with_one_slot_count(tmp_path):
+    """build_rm_data(packed=True): rows of K L, train and eval with the same comparison slots C,
+    the pair counts of the unpacked data, and the pad fractions in its info."""
+    from test_dpo_stage import pairwise_comparisons
+
+    from rlhf_jax.data import tokenizer as tok_lib
+
+    tok = tok_lib.load_tokenizer(
+        tok_lib.train_tokenizer(
+            ["bob went to the park with apples"] * 50, str(tmp_path / "t.model"), 300
+        )
+    )
+    pairwise_comparisons(tmp_path / "cmp.jsonl", 120, seed=3)
+    kw = dict(template=rm.get_config().data.prompt_template, seq_len=96, batch_size=4, seed=0)
+    plain = rm_data.build_rm_data(str(tmp_path / "cmp.jsonl"), tok, eval_fraction=0.2, **kw)
+    it, evals, info = rm_data.build_rm_data(
+        str(tmp_path / "cmp.jsonl"), tok, eval_fraction=0.2, packed=True, **kw
+    )
+    assert info["train_pairs"] == plain[2]["train_pairs"] and info["k"] == 2
+    assert info["train_rows"] < info["train_comparisons"]
+    assert info["pad_fraction"] < info["unpacked_pad_fraction"] == plain[2]["pad_fraction"]
+    batch = next(it)
+    assert (
+        batch["tokens"].shape == (4, 2 * 96)
+        and batch["seg_of"].shape[1:] == evals[0]["seg_of"].shape[1:]
+    )
+    assert sum(float((e["kmask"].sum(-1) == 2).sum()) for e in evals) == info["eval_comparisons"]

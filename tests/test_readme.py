@@ -130,7 +130,7 @@ def test_readme_stage_commands_run_verbatim_from_a_copy(tmp_path):
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     runs = repo / "runs"
     done = ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny", "rsft_tiny")
-    for name in (*done, "dpo_tiny", "grpo_tiny"):
+    for name in (*done, "dpo_tiny", "grpo_tiny", "sft_packed", "dpo_packed"):
         assert (runs / name / "metrics.jsonl").stat().st_size > 0, name
         assert (runs / name / "config.json").exists(), name
     for name in ("pretrain_tiny", "sft_tiny", "rm_tiny", "ppo_ptx_tiny", "ppo_tiny", "dpo_tiny"):

@@ -45,11 +45,6 @@ def _pad_rows(examples: dict[str, np.ndarray], multiple: int) -> dict[str, np.nd
     }
 
 
-def _pad_fraction(ex: dict[str, np.ndarray]) -> float:
-    """Padding among all N K L positions of unpacked rows (the model runs absent slots too)."""
-    return 1.0 - float(ex["mask"].sum()) / max(ex["mask"].size, 1)
-
-
 def build_dpo_data(
     train_paths: str | Sequence[str],
     tokenizer: Tokenizer,
@@ -107,20 +102,9 @@ def build_dpo_data(
         encode(eval_comps, tokenizer, template, seq_len, k) if eval_comps else (None, {})
     )
     pairs = rm_data.num_pairs(train_ex["ranks"], train_ex["kmask"])
-    pads = {"pad_fraction": _pad_fraction(train_ex)}
-    if packed:  # one comparison slot count C for train and eval: one compile of each step
-        pack = lambda ex, c, s: packing.pack_comparisons(ex, s, c)  # noqa: E731
-        packed_ex, per_row = pack(train_ex, 0, seed)
-        if eval_comps:
-            eval_ex, per_row = pack(eval_ex, per_row, None)
-            if per_row > packed_ex["kmask"].shape[1]:
-                packed_ex, _ = pack(train_ex, per_row, seed)
-        pads = {
-            "train_rows": len(packed_ex["tokens"]),
-            "unpacked_pad_fraction": pads["pad_fraction"],
-            "pad_fraction": packing.pad_fraction(packed_ex["segments"]),
-        }
-        train_ex = packed_ex
+    pads = {"pad_fraction": packing.comparison_pad_fraction(train_ex)}
+    if packed:
+        train_ex, eval_ex, pads = packing.pack_comparison_sets(train_ex, eval_ex, seed)
     train_iter = iterators.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
     eval_list, cut = [], train_info["cut_sequences"]
     if eval_comps:

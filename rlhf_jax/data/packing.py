@@ -116,8 +116,9 @@ def pad_fraction(segments_or_lengths, seq_len: int | None = None) -> float:
 
 
 def pack_comparisons(ex: dict[str, np.ndarray], seed: int | None = None, per_row: int = 0):
-    """Packs comparisons (data/dpo_data.py layout: tokens and mask [N, K, L], ranks and kmask
-    [N, K], prompt_len [N]) into rows of K * L positions, best fit in a `seed`ed order.
+    """Packs comparisons (data/rm_data.py layout: tokens and mask [N, K, L], ranks and kmask
+    [N, K]; DPO's also prompt_len [N]) into rows of K * L positions, best fit in a `seed`ed
+    order.
 
     A comparison is the unit: its present sequences (prompt + response k, for every slot with
     kmask 1) sit back to back in one row, each its own segment, so a row of K * L positions
@@ -125,7 +126,8 @@ def pack_comparisons(ex: dict[str, np.ndarray], seed: int | None = None, per_row
     the comparisons are listed in slots c < `per_row` (0: the most any row holds):
 
       tokens, segments, positions  int32 [M, K L]  (segments/positions as `pack`'s)
-      scored     bool  [M, K L]    response tokens (positions >= prompt_len of their sequence)
+      scored     bool  [M, K L]    response tokens (positions >= prompt_len of their sequence;
+                                   only where `ex` has prompt_len)
       ranks      int32 [M, C, K]   comparison c's ranks, -1 in absent slots and empty c
       kmask      float32 [M, C, K] 1 where present
       seg_of     int32 [M, C, K]   the segment id of comparison c's response k (0: absent)
@@ -148,11 +150,13 @@ def pack_comparisons(ex: dict[str, np.ndarray], seed: int | None = None, per_row
         "tokens": np.full((m, width), fill, tokens.dtype),
         "segments": np.zeros((m, width), np.int32),
         "positions": np.zeros((m, width), np.int32),
-        "scored": np.zeros((m, width), bool),
         "ranks": np.full((m, per_row, k), -1, np.int32),
         "kmask": np.zeros((m, per_row, k), np.float32),
         "seg_of": np.zeros((m, per_row, k), np.int32),
     }
+    prompt_len = ex.get("prompt_len")
+    if prompt_len is not None:
+        out["scored"] = np.zeros((m, width), bool)
     for r, members in enumerate(rows):
         at, seg = 0, 0
         for c, i in enumerate(members):
@@ -163,9 +167,33 @@ def pack_comparisons(ex: dict[str, np.ndarray], seed: int | None = None, per_row
                 out["tokens"][r, at : at + s] = tokens[i, j, :s]
                 out["segments"][r, at : at + s] = seg
                 out["positions"][r, at : at + s] = np.arange(s)
-                # A sequence's first token is never scored, so no segment's first log-prob
-                # (predicted from the segment before) counts.
-                out["scored"][r, at : at + s] = np.arange(s) >= max(ex["prompt_len"][i], 1)
+                if prompt_len is not None:  # a first token is never scored, so no log-prob
+                    # predicted from the segment before counts
+                    out["scored"][r, at : at + s] = np.arange(s) >= max(prompt_len[i], 1)
                 out["seg_of"][r, c, j] = seg
                 at += s
     return out, per_row
+
+
+def pack_comparison_sets(train_ex: dict, eval_ex: dict | None, seed: int):
+    """(train rows, eval rows or None, info): `pack_comparisons` of a stage's train (in `seed`'s
+    order) and eval comparisons with one comparison-slot count C for both, so each step compiles
+    once; info has train_rows, pad_fraction and the unpacked_pad_fraction of the train set."""
+    packed, per_row = pack_comparisons(train_ex, seed)
+    packed_eval = None
+    if eval_ex is not None:
+        packed_eval, per_row = pack_comparisons(eval_ex, None, per_row)
+        if per_row > packed["kmask"].shape[1]:
+            packed, _ = pack_comparisons(train_ex, seed, per_row)
+    info = {
+        "train_rows": len(packed["tokens"]),
+        "pad_fraction": pad_fraction(packed["segments"]),
+        "unpacked_pad_fraction": comparison_pad_fraction(train_ex),
+    }
+    return packed, packed_eval, info
+
+
+def comparison_pad_fraction(ex: dict) -> float:
+    """Padding among all N K L positions of unpacked comparison rows (the model runs absent
+    slots too)."""
+    return 1.0 - float(ex["mask"].sum()) / max(ex["mask"].size, 1)

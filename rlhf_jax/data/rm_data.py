@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from rlhf_jax.data import iterators, lm_data, pref_formats
+from rlhf_jax.data import iterators, lm_data, packing, pref_formats
 from rlhf_jax.data.sft_data import prompt_ids, response_ids, row_prompt
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -335,6 +335,7 @@ def build_rm_data(
     eval_batch_size: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    packed: bool = False,
 ) -> tuple[grain.DatasetIterator, list[dict[str, np.ndarray]], dict]:
     """Train iterator, eval batches and counts for the reward-model stage.
 
@@ -353,6 +354,8 @@ def build_rm_data(
       eval_fraction: fraction of distinct prompts held out when `eval_paths` is empty.
       eval_batch_size: per-process eval batch size in comparisons; defaults to `batch_size`.
       process_index, process_count: this process and the number of processes.
+      packed: whole comparisons (pairs, "per_pair") back to back in rows of K L positions
+        (data/packing.py `pack_comparisons`); batch sizes then count rows.
 
     Returns:
       (train_iterator yielding [b, K, L] batches with K = k_max, or 2 in "per_pair" mode;
@@ -395,12 +398,18 @@ def build_rm_data(
     train_pairs = num_pairs(train_ex["ranks"], train_ex["kmask"])
     if batching == "per_pair":
         train_ex = pair_examples(train_ex)
-    train_iter = iterators.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
-
-    eval_list, eval_info, eval_pairs = [], {"cut_sequences": 0, "sequences": 0, "longest": 0}, 0
+    eval_ex, eval_info, eval_pairs = None, {"cut_sequences": 0, "sequences": 0, "longest": 0}, 0
     if eval_comps:
         eval_ex, eval_info = encode_comparisons(eval_comps, tokenizer, template, seq_len, k_max)
         eval_pairs = num_pairs(eval_ex["ranks"], eval_ex["kmask"])
+    pads = {"pad_fraction": packing.comparison_pad_fraction(train_ex)}
+    n_examples = len(train_ex["kmask"])
+    if packed:
+        train_ex, eval_ex, pads = packing.pack_comparison_sets(train_ex, eval_ex, seed)
+    train_iter = iterators.make_train_iterator(train_ex, batch_size=batch_size, seed=seed, **procs)
+
+    eval_list = []
+    if eval_comps:
         eval_b = eval_batch_size or batch_size
         eval_ex = _pad_rows(eval_ex, eval_b * process_count)
         eval_list = iterators.eval_batches(eval_ex, batch_size=eval_b, **procs)
@@ -412,7 +421,7 @@ def build_rm_data(
         "distinct_prompts": len({c["prompt"] for c in all_comps}),
         "train_pairs": train_pairs,
         "eval_pairs": eval_pairs,
-        "train_examples": len(train_ex["kmask"]),
+        "train_examples": n_examples,
         "k_histogram": dict(
             sorted(collections.Counter(len(c["ranks"]) for c in all_comps).items())
         ),
@@ -420,6 +429,7 @@ def build_rm_data(
         "all_tie_skipped": skipped["all_tie"],
         "k": k_max,
         "eval_batches": len(eval_list),
+        **pads,
     }
     n_seq = train_info["sequences"] + eval_info["sequences"]
     if n_seq and info["cut_sequences"] > CUT_WARN_FRACTION * n_seq:

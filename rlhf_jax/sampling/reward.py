@@ -54,6 +54,29 @@ def comparison_scores(graphdef, params, tokens, mask):
     return flat.reshape(p, k)
 
 
+def batch_scores(graphdef, params, batch):
+    """(scores, ranks, kmask) [P, K] of a comparison batch: unpacked ({"tokens", "mask"
+    [P, K, L], "ranks", "kmask" [P, K]}) or packed (data/packing.py `pack_comparisons`: tokens,
+    segments, positions [M, T]; ranks, kmask, seg_of [M, C, K], read as P = M C).
+
+    Packed, each sequence is a segment the model attends within, positions restarting, so its
+    last token's score is its unpacked row's; absent slots read segment 0 (kmask 0)."""
+    if "segments" not in batch:
+        scores = comparison_scores(graphdef, params, batch["tokens"], batch["mask"])
+        return scores, batch["ranks"], batch["kmask"]
+    segments, seg_of = batch["segments"], batch["seg_of"]
+    m, c, k = seg_of.shape
+    model = state_lib.merge(graphdef, params)
+    per_pos, _ = model(batch["tokens"], positions=batch["positions"], key_mask=segments)  # [M, T]
+    at = jnp.arange(segments.shape[1], dtype=jnp.int32)
+    mine = segments[:, :, None] == jnp.arange(c * k + 1)[None, None, :]  # [M, T, CK+1]
+    last = jnp.max(jnp.where(mine, at[None, :, None], 0), axis=1)  # [M, CK+1]
+    per_seg = jnp.take_along_axis(per_pos, last, axis=1)
+    scores = jnp.take_along_axis(per_seg, seg_of.reshape(m, c * k), 1).reshape(m * c, k)
+    flat = lambda a: a.reshape(m * c, k)  # noqa: E731
+    return scores, flat(batch["ranks"]), flat(batch["kmask"])
+
+
 @functools.lru_cache(maxsize=8)
 def jitted_scorer(graphdef, mesh, rules):
     """jit of (params, tokens [B, T], mask [B, T]) -> scores [B] of right-padded rows, one per

@@ -122,6 +122,9 @@ def plan_rm(config, mesh, rules, rm_size: str = "") -> list[Function]:
     fwd = plan.forward_flops(cfg, state["params"], b * k * n, n)
     params, opt = state["params"], state["opt_state"]
     note = f"{describe(cfg, params)}; K={k}"
+    if setup.is_packed(config):  # B rows of K L positions, attention over the whole row
+        batch, more = packed_comparisons(mesh, rules, b, k, n, scored=False)
+        fwd, note = plan.forward_flops(cfg, params, b * k * n, k * n), note + more
     return [
         Function(
             "rm_train_step",
@@ -168,16 +171,22 @@ def plan_dpo(config, mesh, rules, rm_size: str = "") -> list[Function]:
     refs = 0 if c.loss in dpo_math.REFERENCE_FREE else 1
     note = f"K={k}; loss={c.loss}"
     if setup.is_packed(config):  # B rows of K L positions (data/packing.pack_comparisons)
-        per_row = 8  # comparison slots per row: the data sets it; only [B, C, K] tables scale
-        batch = {f: rows(mesh, rules, (b, k * n), jnp.int32) for f in dpo.PACKED_NDIM}
-        batch.update(
-            {f: rows(mesh, rules, (b, per_row, k), jnp.int32) for f in ("ranks", "seg_of")}
-        )
-        batch["kmask"] = rows(mesh, rules, (b, per_row, k), jnp.float32)
-        batch["scored"] = rows(mesh, rules, (b, k * n), jnp.bool_)
-        note += f"; packed rows of {k * n}, {per_row} comparisons per row"
-        return _reference_steps(config, mesh, rules, dpo, batch, b, (0, refs), note, k * n)
+        batch, more = packed_comparisons(mesh, rules, b, k, n, scored=True)
+        return _reference_steps(config, mesh, rules, dpo, batch, b, (0, refs), note + more, k * n)
     return _reference_steps(config, mesh, rules, dpo, batch, b * k, (0, refs), note)
+
+
+def packed_comparisons(mesh, rules, b: int, k: int, n: int, scored: bool):
+    """(abstract packed comparison batch of B rows of K L positions, a note for the plan): the
+    layout of data/packing.pack_comparisons, with `scored` for DPO's response tokens. The
+    comparison slots per row C are the data's; 8 assumed (only [B, C, K] tables scale with it)."""
+    per_row, fields = 8, ("tokens", "segments", "positions")
+    batch = {f: rows(mesh, rules, (b, k * n), jnp.int32) for f in fields}
+    batch.update({f: rows(mesh, rules, (b, per_row, k), jnp.int32) for f in ("ranks", "seg_of")})
+    batch["kmask"] = rows(mesh, rules, (b, per_row, k), jnp.float32)
+    if scored:
+        batch["scored"] = rows(mesh, rules, (b, k * n), jnp.bool_)
+    return batch, f"; packed rows of {k * n}, {per_row} comparisons per row assumed"
 
 
 def plan_kto(config, mesh, rules, rm_size: str = "") -> list[Function]:

@@ -18,6 +18,9 @@ tokens only (EOS included), from the float32 head. With LoRA (`lora.rank` > 0) a
 (`lora.adapters_off`, the step's reference argument an empty dict): no second copy is held, and
 at step 0 policy and reference are the same computation.
 
+Packed rows (`data.packing`): whole comparisons several to a row of K L positions
+(data/packing.py `pack_comparisons`, likelihood.packed_response_sums), the same loss.
+
 Resuming is the supervised loop's (stages/loop.py): params, optimizer state and the data
 position from `<workdir>/checkpoints`; the reference is restored again from its source.
 

@@ -59,14 +59,14 @@ def rm_loss(params, batch, *, graphdef, batching: str, margin: float):
     reward_std replaced by the moments it pools from (RESPONSE_MEANS) and "responses", the
     number of real responses they are means over.
     """
-    scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])  # [b, K]
+    scores, ranks, kmask = reward.batch_scores(graphdef, params, batch)  # [b, K]
     if batching == "per_prompt":
-        loss, m = losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
+        loss, m = losses.rm_loss(scores, ranks, kmask, margin)
     elif batching == "per_pair":
-        loss, m = losses.rm_loss_per_pair(scores, batch["ranks"], batch["kmask"], margin)
+        loss, m = losses.rm_loss_per_pair(scores, ranks, kmask, margin)
     else:
         raise ValueError(f"unknown rm.batching: {batching!r}; expected 'per_prompt' or 'per_pair'")
-    real = batch["kmask"] > 0  # [b, K]
+    real = kmask > 0  # [b, K]
     n = real.sum().astype(jnp.float32)
     del m["reward_std"]
     centred = jnp.where(real, scores.astype(jnp.float32) - m["reward_mean"], 0.0)  # [b, K]
@@ -119,10 +119,10 @@ def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, gra
 def eval_step(params, batch, *, graphdef, margin, mesh, rules):
     """Sums over one K-way eval batch, so batches add up exactly."""
     with sharding.use_rules(mesh, rules):
-        scores = reward.comparison_scores(graphdef, params, batch["tokens"], batch["mask"])
-        loss, m = losses.rm_loss(scores, batch["ranks"], batch["kmask"], margin)
-        per_k = losses.per_k_accuracy(scores, batch["ranks"], batch["kmask"], K_VALUES)
-        real = batch["kmask"] > 0
+        scores, ranks, kmask = reward.batch_scores(graphdef, params, batch)
+        loss, m = losses.rm_loss(scores, ranks, kmask, margin)
+        per_k = losses.per_k_accuracy(scores, ranks, kmask, K_VALUES)
+        real = kmask > 0
         return {
             "loss_sum": loss * m["prompts"],
             "prompts": m["prompts"],
@@ -161,12 +161,14 @@ def summarize(sums: list[dict]) -> dict:
 def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     """The jitted train and eval steps with explicit shardings; state donated.
 
-    Batches are {"tokens", "mask" [b, K, L], "ranks", "kmask" [b, K]}, rows over the batch axes.
+    Batches are {"tokens", "mask" [b, K, L], "ranks", "kmask" [b, K]}, or packed rows
+    (`data.packing`, reward.batch_scores), rows over the batch axes.
     """
-    batch_sh = {
-        key: sharding.batch_sharding(mesh, rules, nd)
-        for key, nd in (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
-    }
+    ndim = (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
+    if setup.is_packed(config):
+        ndim = (("tokens", 2), ("segments", 2), ("positions", 2), ("ranks", 3), ("kmask", 3),
+                ("seg_of", 3))  # fmt: skip
+    batch_sh = {key: sharding.batch_sharding(mesh, rules, nd) for key, nd in ndim}
     train = compiled.jit(
         train_step,
         in_shardings=(shardings, batch_sh),
@@ -238,6 +240,7 @@ def run(config, mesh, workdir: str):
         eval_fraction=config.data.eval_fraction,
         process_index=pi,
         process_count=pc,
+        packed=setup.is_packed(config),
     )
     eval_batches = eval_batches[: t.eval_batches] if t.eval_batches > 0 else eval_batches
     optim_cfg = setup.optim_config_from(t, t.steps)

@@ -315,9 +315,9 @@ def check_counts(config, prefix: str = "config.") -> None:
             raise ValueError(f"{prefix}{key}={value} must be >= 0")
 
 
-# The stages that pack their rows under `data.packing` (data/packing.py): SFT (demonstrations)
-# and DPO with its loss variants (whole comparisons per row).
-PACKING_STAGES = ("sft", "dpo")
+# The stages that pack their rows under `data.packing` (data/packing.py): SFT (demonstrations),
+# the RM and DPO with its loss variants (whole comparisons per row).
+PACKING_STAGES = ("sft", "rm", "dpo")
 
 
 def is_packed(config) -> bool:
@@ -327,13 +327,14 @@ def is_packed(config) -> bool:
 
 def check_packing(config, prefix: str = "config.") -> None:
     """Fails with one line when `data.packing` is on where nothing packs: pretraining already
-    concatenates its documents, and the RM, KTO and RL stages do not pack yet. A pipeline's own
+    concatenates its documents, and the KTO and RL stages do not pack yet. A pipeline's own
     `data` reaches no stage (set `stages.sft.data.packing`). Run by the entry before any stage
     starts, nested configs too."""
     data, stage = config.get("data"), config.get("stage")
     if hasattr(data, "keys") and data.get("packing", False) and stage not in PACKING_STAGES:
         raise ValueError(
-            f"{prefix}data.packing=True: only the {' and '.join(PACKING_STAGES)} stages pack "
+            f"{prefix}data.packing=True: only the {', '.join(PACKING_STAGES[:-1])} and "
+            f"{PACKING_STAGES[-1]} stages pack "
             f"their rows, this is stage {stage!r}"
             + (" (set config.stages.<stage>.data.packing)" if stage == "pipeline" else "")
         )

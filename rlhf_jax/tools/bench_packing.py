@@ -299,7 +299,7 @@ def bench_dpo(args, environment, make_mesh) -> dict:
             r["pad_fraction"] = round(
                 packing.pad_fraction(data["segments"])
                 if config.data.packing
-                else dpo_data._pad_fraction(data),
+                else packing.comparison_pad_fraction(data),
                 4,
             )
             r["real_tokens_per_s"] = round(real * frac / (r["steps_per_epoch"] * step_s))
