@@ -122,8 +122,9 @@ def base_config() -> mlc.ConfigDict:
             cache=True,  # keep tokenized pretraining text under <workdir>/cache
             prompt_template=PROMPT_TEMPLATE,  # SFT/RM/PPO: how a prompt is shown to the model
             ptx="",  # PPO-ptx / GRPO-ptx: pretraining text files for the gamma term
-            # SFT: several demonstrations per row of train.seq_len (rlhf_jax/data/packing.py;
-            # the loss is the same, train.batch_size then counts packed rows).
+            # SFT: several demonstrations per row of train.seq_len; RM and DPO (and its
+            # variants): several whole comparisons per row of K x train.seq_len
+            # (rlhf_jax/data/packing.py; the loss is the same, train.batch_size counts rows).
             packing=False,
         )
     )

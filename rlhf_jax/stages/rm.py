@@ -19,6 +19,10 @@ Accuracy (`rm/accuracy`, `eval/accuracy`, `eval/accuracy_k{K}`) counts strict wi
 (r_w > r_l); pairs the RM scores equally are reported apart as `rm/tie_frac` / `eval/tie_frac`.
 So a fresh zero head at step 0 reads accuracy 0 with tie_frac 1 ("no opinion yet"), and
 accuracy + tie_frac / 2 is the accuracy that counts a tie as half right.
+
+Packed rows (`data.packing`): whole comparisons several to a row of K L positions
+(data/packing.py `pack_comparisons`), each response scored at its segment's last token
+(reward.batch_scores); the same loss.
 """
 
 from __future__ import annotations
