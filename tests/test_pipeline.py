@@ -1,11 +1,11 @@
 """The whole pipeline through the real entry point with the smallest settings: every stage's
 output exists and the report is produced; a second run resumes and skips finished steps; the same
 pipeline as 2 processes x 4 devices (`launch.local`) writes what the 1-process 8-device run wrote:
-every logged number and sampled text of every stage (SFT with eval samples, the RM with its final
-normalisation, PPO and PPO-ptx with samples tables and held-out eval, best-of-K fine-tuning, DPO
-with its held-out comparisons and KL eval, GRPO-ptx with its pretraining term and held-out eval),
-the collected comparisons, best-of-K and the evaluation (tests/run_compare.py has the
-tolerances)."""
+every logged number and sampled text of every stage (SFT on packed rows with eval samples, the RM
+with its final normalisation, PPO and PPO-ptx with samples tables and held-out eval, best-of-K
+fine-tuning, DPO on packed rows with its held-out comparisons and KL eval, GRPO-ptx with its
+pretraining term and held-out eval), the collected comparisons, best-of-K and the evaluation
+(tests/run_compare.py has the tolerances)."""
 
 import contextlib
 import json
@@ -37,6 +37,10 @@ SMALL = [
     "--config.stages.sft.train.steps=6",
     "--config.stages.sft.train.batch_size=8",
     "--config.stages.sft.sft.eval_samples=2",
+    # SFT and DPO on packed rows (data/packing.py), so the twin compares their packed data and
+    # steps across processes too (unpacked, they run in-process and in the README commands).
+    "--config.stages.sft.data.packing=True",
+    "--config.stages.dpo.data.packing=True",
     "--config.stages.rm.train.steps=4",
     "--config.stages.rm.train.batch_size=8",
     "--config.stages.ppo.train.steps=2",

@@ -114,6 +114,9 @@ def test_tiny_rm_learns_synthetic_preference_and_bias_centres(tmp_path, tok):
     rows = metrics.read_metrics(str(tmp_path / "rm" / "metrics.jsonl"))
     acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
     assert acc[-1] > 0.95, acc
+    # The pairwise loss is blind to the head's bias: it never moves (Adam would otherwise walk
+    # it on rounding noise), so scores differ from 1 to 2 processes only as their spread does.
+    assert float(jax.device_get(state["params"]["score_bias"])) == 0.0
 
     # Normalisation: with the stored bias the reference responses average 0.
     bias = rm_stage.load_bias(str(tmp_path / "rm"))

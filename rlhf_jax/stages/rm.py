@@ -109,6 +109,13 @@ def train_step(state, batch, *, graphdef, tx, batching, margin, mesh, rules, gra
         loss, m, grads = accumulate.accumulate(
             fn, state["params"], batch, grad_accum, weight=weight, means=means, sums=("prompts",)
         )
+        # The loss sees score differences only, so the head's bias has a zero gradient but for
+        # float rounding (~1e-12), which Adam's normalisation turns into steps of +-lr: a
+        # random walk that shifted every score of 2 processes 1.5e-5 from 1 process's in 4
+        # steps. The bias stays where it started (0 for a fresh head); rm.norm_data's
+        # reward_bias centres the scores after training.
+        if "score_bias" in grads:
+            grads = {**grads, "score_bias": jnp.zeros_like(grads["score_bias"])}
         params, opt_state = state_lib.apply_gradients(
             tx, grads, state["params"], state["opt_state"]
         )
