@@ -158,6 +158,12 @@ def bench_sft(args, environment, make_mesh) -> dict:
             r["real_tokens_per_s"] = round(real * frac / epoch_s)
             r["loss_tokens_per_s"] = round(loss_tokens * frac / epoch_s)
             result[f"{name}/{layout}"] = r
+    return _finish(result, list(sets), environment)
+
+
+def _finish(result: dict, sets, environment) -> dict:
+    """Each set's packed / padded ratio of real tokens/s, the environment and the command."""
+    for name in sets:
         pad, pack = result[f"{name}/padded"], result[f"{name}/packed"]
         result[f"{name}/speedup"] = round(pack["real_tokens_per_s"] / pad["real_tokens_per_s"], 2)
     result.update(environment())
@@ -166,26 +172,18 @@ def bench_sft(args, environment, make_mesh) -> dict:
 
 
 def add_parser(sub, sizes):
-    s = sub.add_parser("sft", help="SFT steps on padded vs packed rows of the same data")
-    s.add_argument("--size", default="mini", choices=sizes)
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--batch", type=int, default=16, help="padded rows per step")
-    s.add_argument("--epochs", type=int, default=2)
-    s.add_argument("--rows", type=int, default=1024, help="long_tail: demonstrations")
-    s.add_argument("--tail-mean", type=float, default=24.0, help="long_tail: mean response")
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="", help="append the JSON result line to this file")
-    d = sub.add_parser("dpo", help="DPO steps on padded vs packed rows of the same comparisons")
-    d.add_argument("--size", default="mini", choices=sizes)
-    d.add_argument("--seq-len", type=int, default=128)
-    d.add_argument("--batch", type=int, default=16, help="padded comparisons per step")
-    d.add_argument("--epochs", type=int, default=2)
-    d.add_argument("--rows", type=int, default=1024, help="long_tail: comparisons")
-    d.add_argument("--tail-mean", type=float, default=24.0, help="long_tail: mean response")
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="", help="append the JSON result line to this file")
+    for name, what, seq_len, lr in (("sft", "demonstrations", 256, 3e-3),
+                                    ("dpo", "comparisons", 128, 1e-3)):  # fmt: skip
+        s = sub.add_parser(name, help=f"{name.upper()} steps on padded vs packed rows of {what}")
+        s.add_argument("--size", default="mini", choices=sizes)
+        s.add_argument("--seq-len", type=int, default=seq_len)
+        s.add_argument("--batch", type=int, default=16, help=f"padded {what} per step")
+        s.add_argument("--epochs", type=int, default=2)
+        s.add_argument("--rows", type=int, default=1024, help=f"long_tail: {what}")
+        s.add_argument("--tail-mean", type=float, default=24.0, help="long_tail: mean response")
+        s.add_argument("--lr", type=float, default=lr)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out", default="", help="append the JSON result line to this file")
 
 
 def comparisons_set(seq_len: int):
@@ -304,8 +302,4 @@ def bench_dpo(args, environment, make_mesh) -> dict:
             )
             r["real_tokens_per_s"] = round(real * frac / (r["steps_per_epoch"] * step_s))
             result[f"{name}/{layout}"] = r
-        pad, pack = result[f"{name}/padded"], result[f"{name}/packed"]
-        result[f"{name}/speedup"] = round(pack["real_tokens_per_s"] / pad["real_tokens_per_s"], 2)
-    result.update(environment())
-    result["command"] = "python -m rlhf_jax.tools.bench " + " ".join(sys.argv[1:])
-    return result
+    return _finish(result, list(sets), environment)
