@@ -173,6 +173,8 @@ def test_sft_runs_packed_and_reports_the_pad_fraction(tmp_path):
     assert len(rows) == int(np.ceil(info["train_rows"] / 8)) < int(np.ceil(info["train_demos"] / 8))
     assert all(np.isfinite(r["train/loss"]) for r in rows)
     assert 0 <= info["pad_fraction"] < 0.5
+    assert rows[0]["data/pad_fraction"] == pytest.approx(info["pad_fraction"])  # logged once
+    assert rows[0]["data/train_rows"] == info["train_rows"] and "data/train_rows" not in rows[1]
 
 
 def test_packing_is_refused_where_nothing_packs():

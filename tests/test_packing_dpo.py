@@ -147,6 +147,10 @@ def test_dpo_runs_packed_and_reports_the_pad_fraction(setup_dir, tmp_path, capsy
     assert info["train_rows"] < info["train_comparisons"] == 146 == info["train_pairs"]
     rows = [r for r in metrics.read_metrics(str(tmp_path / "metrics.jsonl")) if "dpo/loss" in r]
     assert len(rows) == 4 and rows[0]["dpo/loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # The first training row says the data's rows and padding (once: not at later rows).
+    assert rows[0]["data/pad_fraction"] == pytest.approx(info["pad_fraction"])
+    assert rows[0]["data/train_rows"] == info["train_rows"]
+    assert not any("data/pad_fraction" in r for r in rows[1:])
     # A packed row of 64 positions holds several comparisons: more pairs per batch of 8 rows.
     assert min(r["dpo/pairs"] for r in rows) > 8
     ev = [r for r in metrics.read_metrics(str(tmp_path / "metrics.jsonl")) if "eval/loss" in r]

@@ -28,6 +28,9 @@ import bisect
 import numpy as np
 
 PACKED_FIELDS = ("segments", "positions")
+# A stage's data info keys logged once, at its first training row, as `data/<key>`
+# (`info_metrics`): the rows an epoch visits and how much of them is padding.
+INFO_KEYS = ("train_rows", "pad_fraction", "unpacked_pad_fraction")
 
 
 def best_fit(lengths, capacity: int) -> list[list[int]]:
@@ -197,3 +200,8 @@ def comparison_pad_fraction(ex: dict) -> float:
     """Padding among all N K L positions of unpacked comparison rows (the model runs absent
     slots too)."""
     return 1.0 - float(ex["mask"].sum()) / max(ex["mask"].size, 1)
+
+
+def info_metrics(info: dict) -> dict:
+    """{"data/<key>": value} of the INFO_KEYS a stage's data info has (loop.Setup.data_info)."""
+    return {f"data/{k}": float(info[k]) for k in INFO_KEYS if k in info}

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.data import dpo_data, sft_data
+from rlhf_jax.data import dpo_data, packing, sft_data
 from rlhf_jax.infra import compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
@@ -347,6 +347,7 @@ def train(config, mesh, workdir, section, p, *, compile_fn, summarize_fn, ref, k
     rules = config.sharding.rules
     tok, model_cfg, t = p["tok"], p["model_cfg"], config.train
     s = loop.Setup(
+        data_info=packing.info_metrics(p["info"]),
         config=config,
         mesh=mesh,
         workdir=workdir,

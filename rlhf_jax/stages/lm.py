@@ -179,6 +179,7 @@ def run(config, mesh, workdir: str):
         return None
 
     s = loop.Setup(
+        data_info=packing.info_metrics(info),
         config=config,
         mesh=mesh,
         workdir=workdir,

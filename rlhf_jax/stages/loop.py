@@ -81,6 +81,8 @@ class Setup:
     layout: Layout | None = None  # None: one model from model_cfg with the optimizer tx
     host_state: object | None = None  # get_state() -> dict in each meta; set_state(meta)
     after_step: Callable | None = None  # (n, metrics, is_log, writer) -> None, on the host
+    # Logged once with a fresh run's first training row (packing.info_metrics: rows, padding).
+    data_info: dict = dataclasses.field(default_factory=dict)
 
 
 def _finite_or_raise(step_metrics, key, last_ckpt):
@@ -181,6 +183,7 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
         tracker=tracking.start(s.config, s.workdir),  # None unless config.log.wandb is on
     )  # fmt: skip
     pending, last_ckpt, t_last, untimed = [], (start or None), time.time(), 0
+    first_row = start == 0  # a fresh run's first training row also carries s.data_info
 
     def do_eval(step):
         if s.evaluate is not None:
@@ -227,6 +230,9 @@ def train(s: Setup, state, start: int, ckpt, schedule=None):
                     out[f"{_ns(s.loss_key)}/mfu"] = (
                         tps * s.flops_per_token / (peak * jax.device_count())
                     )
+                if first_row:
+                    out.update(s.data_info)
+                    first_row = False
                 writer.write(n, out)
                 pending, t_last, untimed = [], time.time(), 0
             if is_eval:

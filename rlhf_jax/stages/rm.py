@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.data import rm_data, sft_data
+from rlhf_jax.data import packing, rm_data, sft_data
 from rlhf_jax.infra import checkpoint, compiled, sharding
 from rlhf_jax.infra import state as state_lib
 from rlhf_jax.models import lora
@@ -258,6 +258,7 @@ def run(config, mesh, workdir: str):
     tx = state_lib.make_optimizer(optim_cfg)
     k = 2 if config.rm.batching == "per_pair" else info["k"]
     s = loop.Setup(
+        data_info=packing.info_metrics(info),
         config=config,
         mesh=mesh,
         workdir=workdir,
