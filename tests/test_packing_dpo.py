@@ -47,6 +47,10 @@ def test_pack_comparisons_keeps_every_comparison_whole_in_one_row():
     out, per_row = packing.pack_comparisons(ex, seed=0)
     m, width = out["tokens"].shape
     assert width == 30 and out["seg_of"].shape == (m, per_row, 3)
+    fields = packing.comparison_fields(scored=True)  # the layout the stages' shardings read
+    assert {k: (a.ndim, a.dtype) for k, a in out.items()} == {
+        k: (nd, np.dtype(dt)) for k, (nd, dt) in fields.items()
+    }
     # Best fit of whole comparisons (sizes: their present sequences' tokens) in that order.
     sizes = np.maximum((ex["mask"].sum(-1) * (ex["kmask"] > 0)).sum(-1), 1)
     order = np.random.default_rng(0).permutation(40)
@@ -233,3 +237,29 @@ def test_rm_data_packs_train_and_eval_with_one_slot_count(tmp_path):
         and batch["seg_of"].shape[1:] == evals[0]["seg_of"].shape[1:]
     )
     assert sum(float((e["kmask"].sum(-1) == 2).sum()) for e in evals) == info["eval_comparisons"]
+
+
+def test_planner_lowers_packed_rm_and_dpo_steps_with_the_packed_layout():
+    """`launch.aot` plans packed RM and DPO steps (lowered for v5e:2x2, not compiled): rows of
+    K L positions and [B, C, K] tables as packing.comparison_fields lays them out, the attention
+    counted over the whole row (more FLOPs than K rows of L for the same tokens)."""
+    pytest.importorskip("libtpu", reason="needs libtpu (pip install -e '.[tpu]')")
+    from rlhf_jax.infra import plan
+    from rlhf_jax.stages import aot
+
+    for module, scored in ((rm, False), (dpo, True)):
+        out = {}
+        for packed in (False, True):
+            config = module.get_config("fsdp=4")
+            config.data.packing = packed
+            mesh = mesh_lib.build_mesh(config.mesh, plan.topology_devices("v5e:2x2"))
+            train = aot.functions(config, mesh)[0]
+            assert train.lower().as_text()
+            out[packed] = train
+        batch = out[True].args[-1]
+        assert set(batch) == set(packing.comparison_fields(scored))
+        k, n, b = (dpo.get_config().dpo.k_max if scored else rm.get_config().rm.k_max,
+                   config.train.seq_len, config.train.batch_size)  # fmt: skip
+        assert batch["tokens"].shape == (b, k * n) and batch["seg_of"].shape[::2] == (b, k)
+        assert out[True].tokens == out[False].tokens and out[True].flops > out[False].flops
+        assert "packed rows of" in out[True].note

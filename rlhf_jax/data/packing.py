@@ -28,6 +28,24 @@ import bisect
 import numpy as np
 
 PACKED_FIELDS = ("segments", "positions")
+# `pack_comparisons`' arrays: name -> (rank, dtype); rank 2 is [M, K L], rank 3 [M, C, K].
+# "scored" exists only where the examples carry prompt_len (DPO's response tokens).
+COMPARISON_FIELDS = {
+    "tokens": (2, np.int32),
+    "segments": (2, np.int32),
+    "positions": (2, np.int32),
+    "scored": (2, np.bool_),
+    "ranks": (3, np.int32),
+    "kmask": (3, np.float32),
+    "seg_of": (3, np.int32),
+}
+
+
+def comparison_fields(scored: bool) -> dict:
+    """COMPARISON_FIELDS of a packed RM (`scored` False) or DPO (True) batch."""
+    return {k: v for k, v in COMPARISON_FIELDS.items() if scored or k != "scored"}
+
+
 # A stage's data info keys logged once, at its first training row, as `data/<key>`
 # (`info_metrics`): the rows an epoch visits and how much of them is padding.
 INFO_KEYS = ("train_rows", "pad_fraction", "unpacked_pad_fraction")

@@ -180,12 +180,12 @@ def packed_comparisons(mesh, rules, b: int, k: int, n: int, scored: bool):
     """(abstract packed comparison batch of B rows of K L positions, a note for the plan): the
     layout of data/packing.pack_comparisons, with `scored` for DPO's response tokens. The
     comparison slots per row C are the data's; 8 assumed (only [B, C, K] tables scale with it)."""
-    per_row, fields = 8, ("tokens", "segments", "positions")
-    batch = {f: rows(mesh, rules, (b, k * n), jnp.int32) for f in fields}
-    batch.update({f: rows(mesh, rules, (b, per_row, k), jnp.int32) for f in ("ranks", "seg_of")})
-    batch["kmask"] = rows(mesh, rules, (b, per_row, k), jnp.float32)
-    if scored:
-        batch["scored"] = rows(mesh, rules, (b, k * n), jnp.bool_)
+    per_row = 8
+    shape = {2: (b, k * n), 3: (b, per_row, k)}
+    batch = {
+        f: rows(mesh, rules, shape[nd], dtype)
+        for f, (nd, dtype) in packing.comparison_fields(scored).items()
+    }
     return batch, f"; packed rows of {k * n}, {per_row} comparisons per row assumed"
 
 

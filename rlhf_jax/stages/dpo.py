@@ -53,8 +53,7 @@ from rlhf_jax.stages import accumulate, loop, setup
 
 BATCH_NDIM = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2, "prompt_len": 1}
 # Packed rows (data/packing.py `pack_comparisons`, `data.packing`): [M, T] and [M, C, K].
-PACKED_NDIM = {"tokens": 2, "segments": 2, "positions": 2, "scored": 2, "ranks": 3, "kmask": 3,
-               "seg_of": 3}  # fmt: skip
+PACKED_NDIM = {k: nd for k, (nd, _) in packing.comparison_fields(scored=True).items()}
 
 
 def check_config(c) -> None:

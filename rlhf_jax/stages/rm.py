@@ -175,11 +175,10 @@ def compile_steps(graphdef, tx, shardings, config, mesh, rules):
     Batches are {"tokens", "mask" [b, K, L], "ranks", "kmask" [b, K]}, or packed rows
     (`data.packing`, reward.batch_scores), rows over the batch axes.
     """
-    ndim = (("tokens", 3), ("mask", 3), ("ranks", 2), ("kmask", 2))
+    ndim = {"tokens": 3, "mask": 3, "ranks": 2, "kmask": 2}
     if setup.is_packed(config):
-        ndim = (("tokens", 2), ("segments", 2), ("positions", 2), ("ranks", 3), ("kmask", 3),
-                ("seg_of", 3))  # fmt: skip
-    batch_sh = {key: sharding.batch_sharding(mesh, rules, nd) for key, nd in ndim}
+        ndim = {k: nd for k, (nd, _) in packing.comparison_fields(scored=False).items()}
+    batch_sh = {key: sharding.batch_sharding(mesh, rules, nd) for key, nd in ndim.items()}
     train = compiled.jit(
         train_step,
         in_shardings=(shardings, batch_sh),
