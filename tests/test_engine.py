@@ -346,3 +346,24 @@ def test_clear_errors():
     r = make(num_slots=SLOTS, yield_ids=5).start(model("gpt2")[2], *batch(), greedy=True)
     with pytest.raises(ValueError, match="row 0 is not parked"):
         r.append([0], [[1, 2]])
+
+
+def test_prefill_sizes_compiled_are_those_a_run_can_use():
+    """Each prefill size compiles a model: in one wave (a slot per row, a full pool, whole
+    prompts, no yields) the only call has every slot, so only that size is compiled; a queue, a
+    tight pool, chunks or yields need the smaller ones (1, 2, 4, ... rows per shard)."""
+    sizes = engine.loop.sizes
+    assert sizes(12, 8, 10).prefill_buckets == (12,)
+    assert sizes(12, 8, 10, num_slots=16).prefill_buckets == (16,)
+    assert sizes(12, 8, 10, shards=4).prefill_buckets == (3,)
+    assert sizes(12, 8, 10, num_slots=4).prefill_buckets == (1, 2, 4)  # a queue
+    assert sizes(12, 8, 10, num_pages=20).prefill_buckets == (1, 2, 4, 8, 12)  # a tight pool
+    assert sizes(12, 8, 10, prefill_chunk=3).prefill_buckets == (1, 2, 4, 8, 12)
+    assert sizes(12, 8, 10, prefill_rows=4).prefill_buckets == (1, 2, 4)
+    assert sizes(12, 8, 10, yields=True).prefill_buckets == (1, 2, 4, 8, 12)
+    # The one-wave program still gives the static sampler's rows (12 rows, 12 slots).
+    one_wave = engine.make_engine(model("gpt2")[1], max_new_tokens=T_NEW, eos_id=EOS,
+                                  pad_id=PAD, page_size=PAGE)  # fmt: skip
+    out = jax.device_get(one_wave(model("gpt2")[2], *batch(), greedy=True))
+    assert_same_rows(out, reference("gpt2", False))
+    assert int(out["prefill_calls"]) == 1 and int(out["preemptions"]) == 0

@@ -119,7 +119,7 @@ def make_engine(
     opts = dict(shards=shards, num_slots=num_slots, page_size=page_size, num_pages=num_pages,
                 prefill_chunk=prefill_chunk, prefill_rows=prefill_rows)  # fmt: skip
     eos, yields = sampler.stop_ids(eos_id), sampler.stop_ids(yield_ids)
-    sizes = lambda n, p: loop.sizes(n, p, max_new_tokens, **opts)
+    sizes = lambda n, p: loop.sizes(n, p, max_new_tokens, yields=bool(yields), **opts)
 
     def ctx(params, knobs, mode, z):
         return loop.Ctx(z, graphdef, params, knobs, mode, eos, yields, pad_id)

@@ -90,7 +90,7 @@ def _timed(fns, repeats: int):
 
 def _compare(static, eng, params, rows, lengths, cfg, args) -> dict:
     """Times both samplers on one set of rows (prompts, mask, keys); checks equal tokens."""
-    p_len, t_new, b = args.prompt_len, args.new_tokens, args.slots
+    p_len, t_new, b = args.prompt_len, args.new_tokens, args.static_batch or args.slots
     prompts, mask, keys = rows
     knobs = {"greedy": True} if args.greedy else {"temperature": 1.0}
     batches = [slice(i, i + b) for i in range(0, args.rows, b)]
@@ -115,7 +115,7 @@ def _compare(static, eng, params, rows, lengths, cfg, args) -> dict:
     token_bytes = paged.page_bytes(cfg, 1)  # keys and values of one token, every layer
     s_row = row(static_s, new / (b * static_steps), b * (p_len + t_new) * token_bytes)
     e_row = row(
-        engine_s,
+        engine_s,  # its useful fraction is over its own slots (args.slots)
         int(out["useful_slot_steps"]) / int(out["slot_steps"]),
         int(out["peak_pages"]) * paged.page_bytes(cfg, args.page_size),
     )
@@ -138,8 +138,9 @@ def bench_rollout(args, environment, make_mesh) -> dict:
     )
     if cfg.vocab_size < t_new + 3:
         raise ValueError(f"vocab {cfg.vocab_size} too small to force lengths up to {t_new}")
-    if args.rows % b:
-        raise ValueError(f"--rows {args.rows} is not a multiple of --slots {b}")
+    for flag, n in (("--slots", b), ("--static-batch", args.static_batch or b)):
+        if args.rows % n:
+            raise ValueError(f"--rows {args.rows} is not a multiple of {flag} {n}")
     graphdef, _, shardings = state_lib.param_shardings(cfg, make_mesh(1, 1), sharding.DEFAULT_RULES)
     params = forced_length_params(state_lib.init_params(cfg, 0, shardings), cfg)
     params = jax.device_put(params, shardings)
@@ -166,6 +167,7 @@ def bench_rollout(args, environment, make_mesh) -> dict:
         "dtype": args.dtype,
         "rows": args.rows,
         "slots": b,
+        "static_batch": args.static_batch or b,
         "prompt_len": p_len,
         "new_tokens": t_new,
         "page_size": args.page_size,
@@ -186,7 +188,8 @@ def add_parser(sub, sizes):
     r.add_argument("--layers", type=int, default=0, help="0: the preset's")
     r.add_argument("--dtype", default="float32")
     r.add_argument("--rows", type=int, default=256, help="rows (samples) in the queue")
-    r.add_argument("--slots", type=int, default=32, help="engine slots = static batch size")
+    r.add_argument("--slots", type=int, default=32, help="engine slots (and static batch)")
+    r.add_argument("--static-batch", type=int, default=0, help="static batch size; 0: --slots")
     r.add_argument("--prompt-len", type=int, default=16)
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--tail", type=float, default=0.25, help="long_tail: rows run to the limit")
