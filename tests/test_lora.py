@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import dpo, grpo, ppo_ptx, pretrain, rm, sft
+from experiments import dpo, grpo, ppo_ptx, pretrain, rm, rsft, sft
 from rlhf_jax.data import lm_data
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.infra import checkpoint, metrics, restore, sharding
@@ -29,6 +29,7 @@ from rlhf_jax.stages import grpo as grpo_stage
 from rlhf_jax.stages import lm, ppo_steps, setup
 from rlhf_jax.stages import ppo as ppo_stage
 from rlhf_jax.stages import rm as rm_stage
+from rlhf_jax.stages import rsft as rsft_stage
 from rlhf_jax.tools import convert
 
 ALL = "q,k,v,o,up,gate,down"
@@ -349,6 +350,33 @@ def test_lora_rm_and_dpo_from_a_lora_sft(chain, lora_sft, lora_rm):
     dpo_stage.run(d, mesh_of(d), str(root / "dpo_ref"))
     first = metrics.read_metrics(str(root / "dpo_ref" / "metrics.jsonl"))[0]
     assert first["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_rsft_rounds_stack_adapters_on_the_previous_round(chain, lora_sft, lora_rm):
+    """rsft with LoRA: best-of-K samples from the LoRA SFT (read merged), the LoRA RM scores
+    them, and each round's SFT trains fresh adapters on the previous round's policy, merged,
+    as its frozen base: the bases chain round to round and every round moves the model."""
+    root, _ = chain
+    sft_dir, rm_dir = lora_sft[1], lora_rm[1]
+    c = with_lora(rsft.get_config())
+    c.init_from, c.rsft.reward_from = str(sft_dir), str(rm_dir)
+    # The tiny base rarely ends with EOS: keep every prompt's best candidate.
+    c.rsft.update(k=2, rounds=2, prompts_per_round=8, max_new_tokens=8, finished_only=False)
+    c.train.update(epochs=0.0, steps=2, batch_size=8, seq_len=64, log_every=1, ckpt_every=2,
+                   lr=1e-2, warmup_steps=0)  # fmt: skip
+    final = rsft_stage.run(c, mesh_of(c), str(root / "rsft"))
+    rounds = [root / "rsft" / f"round_{r}" / "policy" for r in (1, 2)]
+    assert final == str(rounds[1])
+    bases = [checkpoint.read_meta(str(d))["lora"]["base"] for d in rounds]
+    assert bases == [str(sft_dir), str(rounds[0])]
+    cands = lm_data.read_jsonl(str(root / "rsft" / "round_1" / "candidates.jsonl"),
+                               {"prompt": str, "candidates": list})  # fmt: skip
+    assert len(cands) == 8 and all(len(r["candidates"]) == 2 for r in cands)
+    mesh = mesh_of(c)
+    merged = [load.load_model(str(d), mesh)[1] for d in (sft_dir, *rounds)]
+    for before, after in zip(merged[:-1], merged[1:], strict=True):
+        assert not leaves_equal(before, after)  # each round's adapters moved its base
 
 
 def count_a(prompts, responses):
