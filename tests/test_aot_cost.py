@@ -162,6 +162,62 @@ def test_hlo_reading_counts_trips_groups_shards_and_links():
     # A loop bound that is not a constant (the decode loop) runs `dynamic_trips` times.
     dynamic = _HLO.replace("%c = s32[] constant(5)", "%c = s32[] get-tuple-element(%p), index=0")
     assert {c.times for c in plan_comm.collectives(dynamic, 4, dynamic_trips=7)} == {7, 1}
+    # The engine's shape: a decode loop whose condition ands a step budget (2^30) with "rows
+    # left" runs dynamic_trips times; its prefill (a conditional around another unbounded loop)
+    # counts once per run of the decode loop, and a scan in it its constant trips.
+    engine = _HLO.replace(
+        "  ROOT %lt = pred[] compare(%i, %c), direction=LT",
+        "  %lt = pred[] compare(%i, %c), direction=LT\n  %more = pred[] constant(true)\n"
+        "  ROOT %go = pred[] and(%lt, %more)",
+    ).replace("%c = s32[] constant(5)", "%c = s32[] constant(1073741824)")
+    engine = (
+        engine.replace(
+            "  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar2)",
+            "  %pf = (s32[], f32[8]{0}) conditional(%pr, %p, %p), "
+            "branch_computations={%skip, %pre}\n"
+            "  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar2)",
+        )
+        + """
+%skip (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  ROOT %q = (s32[], f32[8]{0}) parameter(0)
+}
+
+%pre (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  ROOT %iw = (s32[], f32[8]{0}) while(%q), condition=%icond, body=%ibody
+}
+
+%icond (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  ROOT %more = pred[] get-tuple-element(%q), index=0
+}
+
+%ibody (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  %y = f32[8]{0} get-tuple-element(%q), index=1
+  %ar3 = f32[16]{0} all-reduce(%y), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %layers = (s32[], f32[8]{0}) while(%q), condition=%lcond, body=%lbody
+}
+
+%lcond (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+%lbody (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  %z = f32[8]{0} get-tuple-element(%q), index=1
+  %ag3 = f32[32]{0} all-gather(%z), replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %r3 = (s32[], f32[8]{0}) tuple(%i, %z)
+}
+"""
+    )
+    got = {(c.kind, c.bytes): c.times for c in plan_comm.collectives(engine, 4, dynamic_trips=7)}
+    assert got[("all-gather", 32)] == 7 and got[("all-reduce", 32)] == 7  # the decode step's
+    assert got[("all-reduce", 64)] == 1  # the prefill call: once, not 7 or 7 x 7 times
+    assert got[("all-gather", 128)] == 3  # the scan of 3 layers in it: a pure counter
     s = plan_comm.summary(plan_comm.collectives(_HLO, 4), square, chip)
     assert s["ici_bytes"] == 5 * (24 + 24 + 32) + 16 and s["dcn_bytes"] == 0
     expect = 5 * (24 + 24) / (2 * chip.ici_link_bw) + (5 * 32 + 16) / chip.ici_link_bw

@@ -15,10 +15,15 @@ link bandwidth.
   partitioner emits for FSDP's gradients) is counted as the reduce-scatter the TPU passes turn
   it into.
 - **Loop trips**: a `while` body counts once per trip. The trip count is read from the loop's
-  condition (`compare(i, constant(N)), direction=LT`, the form jax's `scan` and `fori_loop` take
-  with a counter from 0). A loop whose bound is not a constant (the sampler's decode loop, which
-  stops when every row has ended) counts `dynamic_trips` times, given by the caller (the decode
-  steps of a full-length rollout), else once. A `conditional` counts its costliest branch.
+  condition when the condition is that one comparison (`ROOT compare(i, constant(N)),
+  direction=LT`, the form jax's `scan` and `fori_loop` take with a counter from 0). A loop whose
+  bound is not a constant (the sampler's decode loop, which stops when every row has ended; the
+  engine's, whose condition also ands a step budget of 2^30 with "rows left") counts
+  `dynamic_trips` times, given by the caller (the decode steps of a full-length rollout), else
+  once. A `conditional` counts its costliest branch. Inside a loop without a constant bound,
+  further such loops and conditionals count once per run of that outer loop, not per trip: the
+  engine's prefill (a `cond` around a `while` of prefill calls in its decode loop) runs once per
+  wave of rows, not at every decode step.
 - **Bytes moved per chip**, ring algorithms over a group of n chips holding B bytes each:
   all-gather (n - 1) / n of its output, reduce-scatter (n - 1) / n of its input (n x output),
   all-reduce 2 (n - 1) / n, all-to-all (n - 1) / n, collective-permute its whole buffer.
@@ -116,31 +121,35 @@ def _groups(attrs: str, n_devices: int) -> list:
 
 def parse(hlo: str) -> dict:
     """{computation: [(name, shape text, opcode, attributes)]} and the entry's name."""
-    comps, entry, current = {}, None, None
+    comps, roots, entry, current = {}, {}, None, None
     for line in hlo.splitlines():
         m = _COMP.match(line)
         if m:
-            current = comps.setdefault(m.group(1), [])
+            name = m.group(1)
+            current = comps.setdefault(name, [])
             if line.startswith("ENTRY"):
-                entry = m.group(1)
+                entry = name
             continue
         m = _INSTR.match(line) if current is not None else None
         if m:
             shape, tail = _split_shape(m.group(2))
             opcode = tail.split("(", 1)[0].strip()
             current.append((m.group(1), shape, opcode, tail))
-    return {"computations": comps, "entry": entry}
+            if line.lstrip().startswith("ROOT"):
+                roots[name] = m.group(1)
+    return {"computations": comps, "entry": entry, "roots": roots}
 
 
-def _trip_count(cond: list) -> int | None:
-    """N of a loop condition `compare(i, constant(N)), direction=LT`, else None."""
+def _trip_count(cond: list, root: str | None) -> int | None:
+    """N of a loop condition whose root is `compare(i, constant(N)), direction=LT`, else None
+    (a condition that combines the counter with other tests has no fixed trip count)."""
     consts = {}
     for name, _, opcode, tail in cond:
         m = re.match(r"constant\((-?\d+)\)", tail) if opcode == "constant" else None
         if m:
             consts[name] = int(m.group(1))
-    for _, _, opcode, tail in cond:
-        if opcode == "compare" and "direction=LT" in tail:
+    for name, _, opcode, tail in cond:
+        if name == root and opcode == "compare" and "direction=LT" in tail:
             operands = re.findall(r"%([\w.\-]+)", tail.split(")", 1)[0])
             if len(operands) == 2 and operands[1] in consts:
                 return consts[operands[1]]
@@ -164,7 +173,8 @@ def collectives(hlo: str, n_devices: int, dynamic_trips: int = 1) -> list[Collec
     comps = module["computations"]
     out: list[Collective] = []
 
-    def walk(name: str, times: float, seen: tuple):
+    def walk(name: str, times: float, seen: tuple, once: float | None = None):
+        # once: inside a loop without a constant bound, the count of one run of that loop
         if name not in comps or name in seen:
             return
         for instr, shape, opcode, tail in comps[name]:
@@ -185,9 +195,14 @@ def collectives(hlo: str, n_devices: int, dynamic_trips: int = 1) -> list[Collec
             if opcode == "while":
                 cond = re.search(r"condition=%([\w.\-]+)", tail)
                 body = re.search(r"body=%([\w.\-]+)", tail)
-                trips = _trip_count(comps.get(cond.group(1), [])) if cond else None
-                if body:
-                    walk(body.group(1), times * (trips or dynamic_trips), seen + (name,))
+                c = cond.group(1) if cond else None
+                trips = _trip_count(comps.get(c, []), module["roots"].get(c)) if c else None
+                if body and trips is not None:
+                    walk(body.group(1), times * trips, seen + (name,), once)
+                elif body and once is None:  # the outermost loop without a constant bound
+                    walk(body.group(1), times * dynamic_trips, seen + (name,), times)
+                elif body:  # nested in one: once per run of the outer loop
+                    walk(body.group(1), once, seen + (name,), once)
                 continue
             if opcode == "conditional":
                 branches = re.findall(r"%([\w.\-]+)", tail.split("branch_computations=", 1)[-1])
@@ -198,21 +213,29 @@ def collectives(hlo: str, n_devices: int, dynamic_trips: int = 1) -> list[Collec
                         if sub > best_bytes:
                             best, best_bytes = b, sub
                 if best:
-                    walk(best, times, seen + (name,))
+                    walk(best, times if once is None else once, seen + (name,), once)
                 continue
             for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", tail):
-                walk(callee, times, seen + (name,))
+                walk(callee, times, seen + (name,), once)
 
     walk(module["entry"], 1.0, ())
     return out
 
 
-def collectives_of(comps: dict, name: str) -> float:
-    """Buffer bytes of the collectives directly in computation `name` (a branch's weight)."""
+def collectives_of(comps: dict, name: str, seen: tuple = ()) -> float:
+    """Buffer bytes of the collectives in computation `name` and what it calls, each once (a
+    branch's weight: the engine's prefill branch holds its collectives in nested loops)."""
     total = 0.0
-    for _, shape, opcode, _ in comps.get(name, []):
+    if name in seen:
+        return total
+    for _, shape, opcode, tail in comps.get(name, []):
         if opcode.removesuffix("-start") in KINDS:
             total += sum(_array_bytes(shape))
+        callees = re.findall(r"(?:calls|to_apply|body)=%([\w.\-]+)", tail)
+        if opcode == "conditional":
+            callees += re.findall(r"%([\w.\-]+)", tail.split("branch_computations=", 1)[-1])
+        for callee in callees:
+            total += collectives_of(comps, callee, seen + (name,))
     return total
 
 
