@@ -1,0 +1,176 @@
+"""The planner's search: which configuration of a stage to run on which TPU slice.
+
+  python -m launch.aot_search --config experiments/<name>.py[:args] \\
+      --topology v5e:2x2,v5e:2x4,v5e:4x4 [--rm_size SIZE] [--axes mesh,remat,...] [--lora R] \\
+      [--top 3] [--max_compiles 4] [--budget_min 30] [--out search.json] [--config.k=v ...]
+
+For each topology, every candidate along the search axes (rlhf_jax/infra/plan_search.py: mesh
+splits, remat, gradient accumulation, PPO's frozen dtype, and LoRA with `--lora R`) is built as
+the stage's abstract functions and ranked without compiling: candidates whose arguments alone
+exceed the chip's HBM are dropped, the rest ordered by an estimated step (or RL iteration) time
+from model FLOPs and the mesh's collectives. The best-ranked are then compiled by the TPU compiler,
+in order, until `--top` of them fit, `--max_compiles` candidates were compiled or `--budget_min`
+minutes passed; a function whose lowered program repeats (the rollout does not change with remat)
+compiles once, and once a gradient-accumulation count does not fit, smaller counts of the same
+candidate (more activations per microbatch) are not compiled. Printed per
+topology: the ranked candidates compiled (per-chip GiB the compiler needs, whether it fits, the
+estimate), how many were dropped or refused by the stage's own checks (first reason shown),
+and at the end the smallest listed slice with a fitting candidate and the `launch.aot` line that
+plans it in full (with its roofline and communication). Exit code 2 when nothing fits.
+
+Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rlhf_jax.infra import cli, paths, plan, plan_search  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=False
+)
+_TOPOLOGY = flags.DEFINE_list("topology", None, "TPU slices to try, e.g. v5e:2x2,v5e:2x4.")
+_RM_SIZE = flags.DEFINE_string("rm_size", "", "PPO, GRPO, rsft: the reward model's preset.")
+_AXES = flags.DEFINE_list("axes", list(plan_search.AXES), "Search axes.")
+_LORA = flags.DEFINE_integer("lora", 0, "Also try LoRA at this rank (0: full parameters only).")
+_TOP = flags.DEFINE_integer("top", 3, "Fitting candidates to find per topology.")
+_MAX = flags.DEFINE_integer("max_compiles", 4, "Candidates to compile per topology at most.")
+_BUDGET = flags.DEFINE_float(
+    "budget_min", 30.0, "Start no compile after this many minutes (the search reports so far)."
+)
+_OUT = flags.DEFINE_string("out", None, "Write the search as JSON here.")
+START = time.time()
+
+
+def _compile(fns, devices, chip, n, cache: dict) -> list[dict]:
+    """plan.row of every function, compiling each distinct lowered program once."""
+    rows = []
+    for fn in fns:
+        t0 = time.time()
+        lowered = fn.lower()
+        key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+        if key not in cache:
+            cache[key] = plan.compile_stats(lowered, devices, chip, fn.loop_trips)
+        rows.append(plan.row(fn, cache[key], chip, n, time.time() - t0))
+    return rows
+
+
+def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
+    from rlhf_jax.infra import mesh as mesh_lib
+    from rlhf_jax.stages import aot
+
+    devices = plan.topology_devices(topology)
+    chip, n = plan.chip_of(devices), len(devices)
+    ranked, dropped, refused = [], 0, {}
+    for cand in plan_search.candidates(base, topology, _AXES.value, _LORA.value):
+        config = plan_search.apply(base, cand.overrides)
+        try:
+            mesh = mesh_lib.build_mesh(config.mesh, devices)
+            fns = aot.functions(config, mesh, rm_size)
+        except ValueError as e:  # the stage's own checks (rows that do not split, ...)
+            refused.setdefault(str(e).splitlines()[0], cand.label())
+            continue
+        est = plan_search.estimate(config, fns, mesh, chip)
+        if est["arg_bytes"] > chip.hbm_bytes:
+            dropped += 1
+            continue
+        ranked.append((est["est_s"], cand, mesh, fns, est))
+    ranked.sort(key=lambda r: r[0])
+    tried, fits, misfit_accum = [], 0, {}
+    for est_s, cand, mesh, fns, est in ranked:
+        if len(tried) >= _MAX.value or time.time() - START > 60 * _BUDGET.value:
+            break
+        # Fewer microbatches hold more activations: once accum a does not fit, a' <= a cannot.
+        rest = tuple((k, v) for k, v in cand.overrides.items() if k != "train.grad_accum")
+        if cand.overrides.get("train.grad_accum", 1) <= misfit_accum.get(rest, 0):
+            continue
+        t0 = time.time()
+        rows = _compile(fns, list(mesh.devices.flat), chip, n, cache)
+        need = max(r["total_bytes"] for r in rows)
+        ok = all(r["fits"] for r in rows)
+        fits += ok
+        if not ok:
+            accum = cand.overrides.get("train.grad_accum", 1)
+            misfit_accum[rest] = max(misfit_accum.get(rest, 0), accum)
+        tried.append({"candidate": cand.label(), "overrides": cand.overrides, "est_s": est_s,
+                      "arg_bytes": est["arg_bytes"], "total_bytes": need, "fits": ok,
+                      "compile_s": round(time.time() - t0, 1)})  # fmt: skip
+        print(f"  {topology} {cand.label()}: est {est_s * 1e3:,.0f} ms, needs "
+              f"{need / plan.GiB:.2f} GiB per chip ({'fits' if ok else 'does not fit'}), "
+              f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
+        if fits >= _TOP.value:
+            break
+    return {"topology": topology, "chips": n, "hbm_bytes": chip.hbm_bytes,
+            "candidates": len(ranked) + dropped + sum(1 for _ in refused), "ranked": len(ranked),
+            "dropped_over_hbm": dropped, "refused": refused, "compiled": tried}  # fmt: skip
+
+
+def _command(topology: str, overrides: dict) -> str:
+    flags_ = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    rm = f" --rm_size {_RM_SIZE.value}" if _RM_SIZE.value else ""
+    extra = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
+    config = next(a for a in sys.argv[1:] if a.startswith("--config=") or a == "--config")
+    config = config if "=" in config else f"--config {sys.argv[sys.argv.index(config) + 1]}"
+    return f"python -m launch.aot {config} --topology {topology}{rm} {extra} {flags_}".replace(
+        "  ", " "
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise app.UsageError("--config and --topology are required")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    paths.resolve_config(_CONFIG.value)
+    base, cache, out = _CONFIG.value, {}, []
+    order = sorted(_TOPOLOGY.value, key=lambda t: math.prod(plan.parse_topology(t)[1]))
+    print(f"search: {base.stage} on {', '.join(order)}; axes {', '.join(_AXES.value)}", flush=True)
+    for topology in order:
+        out.append(cli.run_or_exit(search_topology, base, topology, _RM_SIZE.value, cache))
+    print()
+    best = None
+    for res in out:
+        good = sorted((c for c in res["compiled"] if c["fits"]), key=lambda c: c["est_s"])
+        print(f"{res['topology']} ({res['chips']} chips, {res['hbm_bytes'] / plan.GiB:.2f} GiB "
+              f"each): {res['candidates']} candidates, {res['dropped_over_hbm']} over HBM on "
+              f"their arguments alone, {len(res['refused'])} kinds refused, "
+              f"{len(res['compiled'])} compiled, {len(good)} fit")  # fmt: skip
+        for reason, example in res["refused"].items():
+            print(f"  refused ({example}): {reason}")
+        for c in good[: _TOP.value]:
+            print(f"  fits: {c['candidate']}: {c['total_bytes'] / plan.GiB:.2f} GiB per chip, "
+                  f"est {c['est_s'] * 1e3:,.0f} ms")  # fmt: skip
+        if good and best is None:
+            best = (res["topology"], good[0])
+    report = {"command": "python -m launch.aot_search " + " ".join(sys.argv[1:]),
+              "stage": base.stage, "topologies": out}  # fmt: skip
+    if best is not None:
+        report["smallest"] = {"topology": best[0], **best[1]}
+        report["plan_command"] = _command(best[0], best[1]["overrides"])
+        print(f"\nsmallest slice that fits: {best[0]} with {best[1]['candidate']}")
+        print(f"plan it in full: {report['plan_command']}")
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {_OUT.value}")
+    if best is None:
+        print("error: no candidate fits any of the topologies searched", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
