@@ -2,17 +2,18 @@
 
   python -m launch.aot_search --config experiments/<name>.py[:args] \\
       --topology v5e:2x2,v5e:2x4,v5e:4x4 [--rm_size SIZE] [--axes mesh,remat,...] [--lora R] \\
-      [--top 3] [--max_compiles 4] [--budget_min 30] [--out search.json] [--config.k=v ...]
+      [--top 3] [--max_compiles 6] [--budget_min 30] [--out search.json] [--config.k=v ...]
 
 For each topology, every candidate along the search axes (rlhf_jax/infra/plan_search.py: mesh
 splits, remat, gradient accumulation, PPO's frozen dtype, and LoRA with `--lora R`) is built as
 the stage's abstract functions and ranked without compiling: candidates whose arguments alone
 exceed the chip's HBM are dropped, the rest ordered by an estimated step (or RL iteration) time
 from model FLOPs and the mesh's collectives. The best-ranked are then compiled by the TPU compiler,
-in order, until `--top` of them fit, `--max_compiles` candidates were compiled or `--budget_min`
-minutes passed; a function whose lowered program repeats (the rollout does not change with remat)
-compiles once, and once a gradient-accumulation count does not fit, smaller counts of the same
-candidate (more activations per microbatch) are not compiled. Printed per
+in order, until `--top` of them fit, `--max_compiles` candidates compiled a new program or
+`--budget_min` minutes passed. A function whose lowered program repeats (the rollout does not
+change with remat) compiles once and is looked at first, a candidate stops at its first function
+that does not fit, and once a gradient-accumulation count does not fit, smaller counts of the same
+candidate (more activations per microbatch) are not tried. Printed per
 topology: the ranked candidates compiled (per-chip GiB the compiler needs, whether it fits, the
 estimate), how many were dropped or refused by the stage's own checks (first reason shown),
 and at the end the smallest listed slice with a fitting candidate and the `launch.aot` line that
@@ -47,7 +48,9 @@ _RM_SIZE = flags.DEFINE_string("rm_size", "", "PPO, GRPO, rsft: the reward model
 _AXES = flags.DEFINE_list("axes", list(plan_search.AXES), "Search axes.")
 _LORA = flags.DEFINE_integer("lora", 0, "Also try LoRA at this rank (0: full parameters only).")
 _TOP = flags.DEFINE_integer("top", 3, "Fitting candidates to find per topology.")
-_MAX = flags.DEFINE_integer("max_compiles", 4, "Candidates to compile per topology at most.")
+_MAX = flags.DEFINE_integer(
+    "max_compiles", 6, "Candidates per topology that may compile a new program."
+)
 _BUDGET = flags.DEFINE_float(
     "budget_min", 30.0, "Start no compile after this many minutes (the search reports so far)."
 )
@@ -55,17 +58,28 @@ _OUT = flags.DEFINE_string("out", None, "Write the search as JSON here.")
 START = time.time()
 
 
-def _compile(fns, devices, chip, n, cache: dict) -> list[dict]:
-    """plan.row of every function, compiling each distinct lowered program once."""
-    rows = []
+def _compile(fns, devices, chip, n, cache: dict) -> tuple[list[dict], int]:
+    """(plan.row of the functions up to the first that does not fit, programs newly compiled).
+
+    Each distinct lowered program compiles once across candidates; functions already compiled
+    are looked at first, so a candidate whose cached program does not fit costs no compile."""
+    lowered = []
     for fn in fns:
+        low = fn.lower()
+        lowered.append((fn, low, hashlib.sha256(low.as_text().encode()).hexdigest()))
+    # The known ones first, then the largest arguments (the update, with the optimizer state),
+    # the likeliest not to fit.
+    lowered.sort(key=lambda x: (x[2] not in cache, -plan.chip_bytes(x[0].args)))
+    rows, new = [], 0
+    for fn, low, key in lowered:
         t0 = time.time()
-        lowered = fn.lower()
-        key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
         if key not in cache:
-            cache[key] = plan.compile_stats(lowered, devices, chip, fn.loop_trips)
+            cache[key] = plan.compile_stats(low, devices, chip, fn.loop_trips)
+            new += 1
         rows.append(plan.row(fn, cache[key], chip, n, time.time() - t0))
-    return rows
+        if not rows[-1]["fits"]:
+            break  # the candidate does not fit: the rest need not compile
+    return rows, new
 
 
 def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
@@ -89,28 +103,31 @@ def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
             continue
         ranked.append((est["est_s"], cand, mesh, fns, est))
     ranked.sort(key=lambda r: r[0])
-    tried, fits, misfit_accum = [], 0, {}
+    tried, fits, misfit_accum, compiled = [], 0, {}, 0
     for est_s, cand, mesh, fns, est in ranked:
-        if len(tried) >= _MAX.value or time.time() - START > 60 * _BUDGET.value:
+        if compiled >= _MAX.value or time.time() - START > 60 * _BUDGET.value:
             break
         # Fewer microbatches hold more activations: once accum a does not fit, a' <= a cannot.
         rest = tuple((k, v) for k, v in cand.overrides.items() if k != "train.grad_accum")
         if cand.overrides.get("train.grad_accum", 1) <= misfit_accum.get(rest, 0):
             continue
         t0 = time.time()
-        rows = _compile(fns, list(mesh.devices.flat), chip, n, cache)
+        rows, new = _compile(fns, list(mesh.devices.flat), chip, n, cache)
+        compiled += new > 0
         need = max(r["total_bytes"] for r in rows)
         ok = all(r["fits"] for r in rows)
+        short = "" if ok else f" ({rows[-1]['function']})"
         fits += ok
         if not ok:
             accum = cand.overrides.get("train.grad_accum", 1)
             misfit_accum[rest] = max(misfit_accum.get(rest, 0), accum)
         tried.append({"candidate": cand.label(), "overrides": cand.overrides, "est_s": est_s,
                       "arg_bytes": est["arg_bytes"], "total_bytes": need, "fits": ok,
+                      "misfit": None if ok else rows[-1]["function"], "new_programs": new,
                       "compile_s": round(time.time() - t0, 1)})  # fmt: skip
         print(f"  {topology} {cand.label()}: est {est_s * 1e3:,.0f} ms, needs "
-              f"{need / plan.GiB:.2f} GiB per chip ({'fits' if ok else 'does not fit'}), "
-              f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
+              f"{need / plan.GiB:.2f} GiB per chip ({'fits' if ok else 'does not fit'}{short}), "
+              f"{new} programs compiled, {time.time() - t0:.0f} s", flush=True)  # fmt: skip
         if fits >= _TOP.value:
             break
     return {"topology": topology, "chips": n, "hbm_bytes": chip.hbm_bytes,
