@@ -2,22 +2,27 @@
 
   python -m launch.aot_search --config experiments/<name>.py[:args] \\
       --topology v5e:2x2,v5e:2x4,v5e:4x4 [--rm_size SIZE] [--axes mesh,remat,...] [--lora R] \\
-      [--top 3] [--max_compiles 6] [--budget_min 30] [--out search.json] [--config.k=v ...]
+      [--top 3] [--max_compiles 12] [--budget_min 30] [--out search.json] [--config.k=v ...]
 
 For each topology, every candidate along the search axes (rlhf_jax/infra/plan_search.py: mesh
 splits, remat, gradient accumulation, PPO's frozen dtype, and LoRA with `--lora R`) is built as
 the stage's abstract functions and ranked without compiling: candidates whose arguments alone
-exceed the chip's HBM are dropped, the rest ordered by an estimated step (or RL iteration) time
-from model FLOPs and the mesh's collectives. The best-ranked are then compiled by the TPU compiler,
-in order, until `--top` of them fit, `--max_compiles` candidates compiled a new program or
-`--budget_min` minutes passed. A function whose lowered program repeats (the rollout does not
-change with remat) compiles once and is looked at first, a candidate stops at its first function
-that does not fit, and once a gradient-accumulation count does not fit, smaller counts of the same
-candidate (more activations per microbatch) are not tried. Printed per
-topology: the ranked candidates compiled (per-chip GiB the compiler needs, whether it fits, the
-estimate), how many were dropped or refused by the stage's own checks (first reason shown),
-and at the end the smallest listed slice with a fitting candidate and the `launch.aot` line that
-plans it in full (with its roofline and communication). Exit code 2 when nothing fits.
+exceed the chip's HBM are dropped, the rest get an estimated step (or RL iteration) time from
+model FLOPs and the mesh's collectives. Candidates that differ only in remat and accumulation form
+a family, a ladder from its fastest member to its leanest; families are searched fastest first
+(ties: the least argument bytes per chip, the most room for activations, first), each down its
+ladder until a member fits (its best: the rest are no faster), compiled by the TPU compiler.
+The search stops when `--top` families fit and the next one cannot beat them (its fastest member
+is slower than the slowest found), after `--max_compiles` candidates compiled a new program, or
+after `--budget_min` minutes. A function whose lowered program repeats (the rollout does not
+change with remat) compiles once and is looked at first; a candidate stops at its first function
+that does not fit, the largest arguments (the update) tried first.
+
+Printed per topology: every candidate compiled (per-chip GiB the compiler needs, whether it fits
+and which function did not, the estimate), how many were dropped or refused by the stage's own
+checks or the torus's shape (first reason shown), the families that fit, and at the end the
+smallest listed slice with one and the `launch.aot` line that plans it in full (its roofline and
+communication). Exit code 2 when nothing fits.
 
 Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU.
 """
@@ -49,7 +54,7 @@ _AXES = flags.DEFINE_list("axes", list(plan_search.AXES), "Search axes.")
 _LORA = flags.DEFINE_integer("lora", 0, "Also try LoRA at this rank (0: full parameters only).")
 _TOP = flags.DEFINE_integer("top", 3, "Fitting candidates to find per topology.")
 _MAX = flags.DEFINE_integer(
-    "max_compiles", 6, "Candidates per topology that may compile a new program."
+    "max_compiles", 12, "Candidates per topology that may compile a new program."
 )
 _BUDGET = flags.DEFINE_float(
     "budget_min", 30.0, "Start no compile after this many minutes (the search reports so far)."
@@ -88,50 +93,52 @@ def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
 
     devices = plan.topology_devices(topology)
     chip, n = plan.chip_of(devices), len(devices)
-    ranked, dropped, refused = [], 0, {}
+    ranked, dropped, refused, n_refused = [], 0, {}, 0
     for cand in plan_search.candidates(base, topology, _AXES.value, _LORA.value):
         config = plan_search.apply(base, cand.overrides)
         try:
             mesh = mesh_lib.build_mesh(config.mesh, devices)
             fns = aot.functions(config, mesh, rm_size)
-        except ValueError as e:  # the stage's own checks (rows that do not split, ...)
-            refused.setdefault(str(e).splitlines()[0], cand.label())
+        except (ValueError, NotImplementedError) as e:  # the stage's checks, the torus's shape
+            refused.setdefault(str(e).splitlines()[0][:200], cand.label())
+            n_refused += 1
             continue
         est = plan_search.estimate(config, fns, mesh, chip)
         if est["arg_bytes"] > chip.hbm_bytes:
             dropped += 1
             continue
-        ranked.append((est["est_s"], cand, mesh, fns, est))
-    ranked.sort(key=lambda r: r[0])
-    tried, fits, misfit_accum, compiled = [], 0, {}, 0
-    for est_s, cand, mesh, fns, est in ranked:
-        if compiled >= _MAX.value or time.time() - START > 60 * _BUDGET.value:
+        ranked.append((est, cand, mesh, fns))
+    tried, good, compiled = [], [], 0
+    for ladder in plan_search.families(ranked):
+        over = compiled >= _MAX.value or time.time() - START > 60 * _BUDGET.value
+        # Branch and bound: a family whose fastest member is slower than the worst of the
+        # `--top` found cannot enter them.
+        bound = len(good) >= _TOP.value and ladder[0][0]["est_s"] > max(good)
+        if over or bound:
             break
-        # Fewer microbatches hold more activations: once accum a does not fit, a' <= a cannot.
-        rest = tuple((k, v) for k, v in cand.overrides.items() if k != "train.grad_accum")
-        if cand.overrides.get("train.grad_accum", 1) <= misfit_accum.get(rest, 0):
-            continue
-        t0 = time.time()
-        rows, new = _compile(fns, list(mesh.devices.flat), chip, n, cache)
-        compiled += new > 0
-        need = max(r["total_bytes"] for r in rows)
-        ok = all(r["fits"] for r in rows)
-        short = "" if ok else f" ({rows[-1]['function']})"
-        fits += ok
-        if not ok:
-            accum = cand.overrides.get("train.grad_accum", 1)
-            misfit_accum[rest] = max(misfit_accum.get(rest, 0), accum)
-        tried.append({"candidate": cand.label(), "overrides": cand.overrides, "est_s": est_s,
-                      "arg_bytes": est["arg_bytes"], "total_bytes": need, "fits": ok,
-                      "misfit": None if ok else rows[-1]["function"], "new_programs": new,
-                      "compile_s": round(time.time() - t0, 1)})  # fmt: skip
-        print(f"  {topology} {cand.label()}: est {est_s * 1e3:,.0f} ms, needs "
-              f"{need / plan.GiB:.2f} GiB per chip ({'fits' if ok else 'does not fit'}{short}), "
-              f"{new} programs compiled, {time.time() - t0:.0f} s", flush=True)  # fmt: skip
-        if fits >= _TOP.value:
-            break
+        for est, cand, mesh, fns in ladder:
+            t0 = time.time()
+            rows, new = _compile(fns, list(mesh.devices.flat), chip, n, cache)
+            compiled += new > 0
+            need = max(r["total_bytes"] for r in rows)
+            ok = all(r["fits"] for r in rows)
+            short = "" if ok else f" ({rows[-1]['function']})"
+            tried.append({"candidate": cand.label(), "overrides": cand.overrides,
+                          "est_s": est["est_s"], "arg_bytes": est["arg_bytes"],
+                          "total_bytes": need, "fits": ok,
+                          "misfit": None if ok else rows[-1]["function"], "new_programs": new,
+                          "compile_s": round(time.time() - t0, 1)})  # fmt: skip
+            print(f"  {topology} {cand.label()}: est {est['est_s'] * 1e3:,.0f} ms, needs "
+                  f"{need / plan.GiB:.2f} GiB per chip "
+                  f"({'fits' if ok else 'does not fit'}{short}), {new} programs compiled, "
+                  f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
+            if ok:
+                good.append(est["est_s"])
+                break  # the family's best: its other members are no faster
+            if compiled >= _MAX.value or time.time() - START > 60 * _BUDGET.value:
+                break
     return {"topology": topology, "chips": n, "hbm_bytes": chip.hbm_bytes,
-            "candidates": len(ranked) + dropped + sum(1 for _ in refused), "ranked": len(ranked),
+            "candidates": len(ranked) + dropped + n_refused, "ranked": len(ranked),
             "dropped_over_hbm": dropped, "refused": refused, "compiled": tried}  # fmt: skip
 
 

@@ -49,6 +49,27 @@ def test_meshes_and_candidates_are_the_hand_enumerated_grid():
     assert len(only_mesh) == len(plan_search.meshes(4, 4))
 
 
+def test_families_are_ladders_searched_fastest_then_roomiest_first():
+    def item(mesh, remat, est_s, arg_bytes, accum=1):
+        o = {"mesh.ici.data": mesh[0], "mesh.ici.fsdp": mesh[1], "mesh.ici.tensor": mesh[2],
+             "model.remat": remat, "train.grad_accum": accum}  # fmt: skip
+        return ({"est_s": est_s, "arg_bytes": arg_bytes}, plan_search.Candidate("v5e:2x2", o))
+
+    a, b, c = (4, 1, 1), (1, 4, 1), (2, 2, 1)
+    ranked = [
+        item(a, "full", 1.33, 10), item(a, "none", 1.0, 10), item(a, "dots", 1.0, 10),
+        item(a, "none", 1.0, 10, accum=2),
+        item(b, "none", 1.0, 5), item(b, "full", 1.33, 5),
+        item(c, "full", 0.7, 20), item(c, "none", 0.5, 20),
+    ]  # fmt: skip
+    fams = plan_search.families(ranked)
+    meshes = [tuple(f[0][1].overrides[f"mesh.ici.{k}"] for k in ("data", "fsdp", "tensor"))
+              for f in fams]  # fmt: skip
+    assert meshes == [c, b, a]  # fastest; then, at equal estimates, the fewest argument bytes
+    rungs = [(x[1].overrides["model.remat"], x[1].overrides["train.grad_accum"]) for x in fams[2]]
+    assert rungs == [("none", 1), ("none", 2), ("dots", 1), ("full", 1)]
+
+
 def test_estimate_counts_arguments_compute_and_data_parallel_gradients_by_hand():
     devices = plan.topology_devices("v5e:2x2")
     chip = plan.chip_of(devices)

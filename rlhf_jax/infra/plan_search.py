@@ -201,3 +201,29 @@ def _itemsize(tree) -> int:
 
     leaves = jax.tree.leaves(tree)
     return leaves[0].dtype.itemsize if leaves else 4
+
+
+LADDER_KEYS = ("model.remat", "train.grad_accum")  # along a family: less memory, no faster
+
+
+def families(ranked: list[tuple]) -> list[list[tuple]]:
+    """Candidates grouped into families that differ only in remat and gradient accumulation,
+    each family a ladder from its fastest member (remat none, fewest microbatches) down to its
+    leanest, families ordered by their fastest member's estimate and, among equal estimates, by
+    the least argument bytes per chip (the most room left for activations) first.
+
+    `ranked` holds (estimate dict, Candidate, ...) tuples; the order of the search (module
+    docstring of launch/aot_search.py): a family's first member that fits is its best, since
+    members further down are no faster."""
+    groups: dict[tuple, list] = {}
+    for item in ranked:
+        cand = item[1]
+        key = tuple((k, v) for k, v in cand.overrides.items() if k not in LADDER_KEYS)
+        groups.setdefault(key, []).append(item)
+    rung = lambda item: (
+        item[0]["est_s"],
+        REMATS.index(item[1].overrides.get("model.remat", "none")),
+        item[1].overrides.get("train.grad_accum", 1),
+    )
+    ladders = [sorted(g, key=rung) for g in groups.values()]
+    return sorted(ladders, key=lambda g: (g[0][0]["est_s"], g[0][0]["arg_bytes"]))
