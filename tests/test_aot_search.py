@@ -45,6 +45,9 @@ def test_meshes_and_candidates_are_the_hand_enumerated_grid():
     keys = {k for cand in ppo for k in cand.overrides}
     assert "ppo.frozen_dtype" in keys and "lora.rank" in keys and "train.grad_accum" not in keys
     assert {cand.overrides.get("lora.base_dtype") for cand in ppo} == {None, "bfloat16"}
+    lora = [cand for cand in ppo if cand.overrides.get("lora.rank")]
+    assert lora and not any("ppo.frozen_dtype" in cand.overrides for cand in lora)
+    assert 3 * len(lora) == len(ppo)  # full: 2 frozen dtypes; LoRA: its bf16 base only
     only_mesh = plan_search.candidates(c, "v5e:2x2", axes=("mesh",))
     assert len(only_mesh) == len(plan_search.meshes(4, 4))
 

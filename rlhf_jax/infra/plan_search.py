@@ -8,7 +8,7 @@ A candidate is the stage's config with overrides along the search axes:
 - `grad_accum`: `train.grad_accum` 1, 2, 4, ... where the stage's train step accumulates (LM, SFT,
   RM, DPO and its variants, KTO) and the per-shard rows divide.
 - `frozen_dtype`: `ppo.frozen_dtype` float32 | bfloat16 for PPO (its reference and reward models
-  held frozen in that dtype).
+  held frozen in that dtype); not with LoRA, whose reference is its own bf16 base.
 - `lora`: full parameters or LoRA at a rank (`--lora R`: rank R on q/k/v/o and the MLP, the base
   in bfloat16), only when asked for: it changes the method, not just how it runs.
 
@@ -108,6 +108,9 @@ def candidates(config, topology: str, axes=AXES, lora_rank: int = 0) -> list[Can
         if stage in ACCUM_STAGES and _rows_per_step(config) % (d * f * accum):
             continue  # the step's rows do not split over the shards and microbatches
         if o.get("lora.rank"):
+            if o.get("ppo.frozen_dtype", FROZEN_DTYPES[0]) != FROZEN_DTYPES[0]:
+                continue  # LoRA's reference is its bf16 base: the frozen dtype changes nothing
+            o.pop("ppo.frozen_dtype", None)
             o["lora.base_dtype"] = "bfloat16"
         out.append(Candidate(topology, {"mesh.ici.data": d, "mesh.ici.fsdp": f,
                                         "mesh.ici.tensor": t, **o}))  # fmt: skip
