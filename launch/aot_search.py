@@ -13,7 +13,7 @@ a family, a ladder from its fastest member to its leanest; families are searched
 (ties: the least argument bytes per chip, the most room for activations, first), each down its
 ladder until a member fits (its best: the rest are no faster), compiled by the TPU compiler.
 The search stops when `--top` families fit and the next one cannot beat them (its fastest member
-is slower than the slowest found), after `--max_compiles` candidates compiled a new program, or
+is no faster than the slowest found), after `--max_compiles` candidates compiled a new program, or
 after `--budget_min` minutes. A function whose lowered program repeats (the rollout does not
 change with remat) compiles once and is looked at first; a candidate stops at its first function
 that does not fit, the largest arguments (the update) tried first.
@@ -111,9 +111,9 @@ def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
     tried, good, compiled = [], [], 0
     for ladder in plan_search.families(ranked):
         over = compiled >= _MAX.value or time.time() - START > 60 * _BUDGET.value
-        # Branch and bound: a family whose fastest member is slower than the worst of the
-        # `--top` found cannot enter them.
-        bound = len(good) >= _TOP.value and ladder[0][0]["est_s"] > max(good)
+        # Branch and bound: a family whose fastest member is no faster than the slowest of the
+        # `--top` found cannot improve on them.
+        bound = len(good) >= _TOP.value and ladder[0][0]["est_s"] >= max(good)
         if over or bound:
             break
         for est, cand, mesh, fns in ladder:
