@@ -40,6 +40,7 @@ LONGEST_FIRST = (
     "test_aot.py",
     "test_aot_cost.py",
     "test_sweep.py",
+    "test_lora_stages.py",
     "test_hf_end_to_end.py",
     "test_grpo_stage.py",
     "test_best_of_k.py",

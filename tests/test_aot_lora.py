@@ -4,7 +4,8 @@ PPO-ptx with LoRA holds no reference copy (the policy's base with its adapters o
 reference), and its reward model is the value model's frozen base plus the RM's scalar head;
 only adapters and heads have AdamW moments; the bases are held in `lora.base_dtype`. DPO and GRPO
 hold no reference. These are the trees ppo.build_models, dpo.py and grpo.py build for a run
-(tests/test_lora.py runs them); here they are planned without a checkpoint and lowered for TPU.
+(tests/test_lora_stages.py runs them); here they are planned without a checkpoint and lowered
+for TPU.
 """
 
 import jax
