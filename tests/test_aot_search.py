@@ -119,13 +119,16 @@ def _search(*args):
 
 def test_search_compiles_the_best_ranked_and_names_the_smallest_slice(tmp_path):
     out = tmp_path / "search.json"
+    # 12 rows per step: they split over the v5e:2x2's 4 data shards, not over the v5e:2x4's 8.
     proc = _search("--config", "experiments/pretrain.py", "--topology", "v5e:2x4,v5e:2x2",
-                   "--axes", "remat", "--top", "1", "--out", str(out))  # fmt: skip
+                   "--axes", "remat", "--top", "1", "--out", str(out),
+                   "--config.train.batch_size=12")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert [t["topology"] for t in report["topologies"]] == ["v5e:2x2", "v5e:2x4"]  # smallest 1st
     small = report["topologies"][0]
     assert small["candidates"] == 3 and len(small["compiled"]) == 1  # one fits: --top 1
+    assert small["compiled"][0]["overrides"]["mesh.ici.data"] == 4
     best = small["compiled"][0]
     assert best["fits"] and best["overrides"]["model.remat"] == "none"  # no recompute: fastest
     assert 0 < best["arg_bytes"] <= best["total_bytes"] < small["hbm_bytes"]
@@ -133,9 +136,10 @@ def test_search_compiles_the_best_ranked_and_names_the_smallest_slice(tmp_path):
     assert report["plan_command"].startswith(
         "python -m launch.aot --config experiments/pretrain.py --topology v5e:2x2"
     )
+    assert "--config.train.batch_size=12" in report["plan_command"]
     assert "smallest slice that fits: v5e:2x2" in proc.stdout
-    # The second slice compiles the same remat=none step on 8 chips: a new program, compiled.
-    assert report["topologies"][1]["compiled"][0]["fits"]
+    big = report["topologies"][1]  # no candidate: the rows do not split, nothing compiled
+    assert (big["topology"], big["candidates"], big["compiled"]) == ("v5e:2x4", 0, [])
 
 
 def test_search_drops_candidates_whose_arguments_exceed_hbm_without_compiling():
