@@ -19,10 +19,13 @@ change with remat) compiles once and is looked at first; a candidate stops at it
 that does not fit, the largest arguments (the update) tried first.
 
 Printed per topology: every candidate compiled (per-chip GiB the compiler needs, whether it fits
-and which function did not, the estimate), how many were dropped or refused by the stage's own
-checks or the torus's shape (first reason shown), the families that fit, and at the end the
-smallest listed slice with one and the `launch.aot` line that plans it in full (its roofline and
-communication). Exit code 2 when nothing fits.
+and which function did not, the estimate, and for one that fits the planner's roofline bound
+from its compile: an unrolled model's is `launch.aot`'s; a scanned model's is the compile's own
+count, which over-counts what sits outside the layer loop, so plan the pick with `launch.aot`,
+whose probes correct it), how many were dropped or refused by the stage's own checks or the
+torus's shape (first reason shown), and the families that fit, by that bound; at the end the
+smallest listed slice with one and the `launch.aot` line that plans it in full. Exit code 2 when
+nothing fits.
 
 Needs `libtpu` (`pip install -e ".[tpu]"`); no TPU.
 """
@@ -123,12 +126,14 @@ def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
             need = max(r["total_bytes"] for r in rows)
             ok = all(r["fits"] for r in rows)
             short = "" if ok else f" ({rows[-1]['function']})"
+            bound_s = plan_search.compiled_bound(rows, chip, n)
             tried.append({"candidate": cand.label(), "overrides": cand.overrides,
-                          "est_s": est["est_s"], "arg_bytes": est["arg_bytes"],
+                          "est_s": est["est_s"], "bound_s": bound_s, "arg_bytes": est["arg_bytes"],
                           "total_bytes": need, "fits": ok,
                           "misfit": None if ok else rows[-1]["function"], "new_programs": new,
                           "compile_s": round(time.time() - t0, 1)})  # fmt: skip
-            print(f"  {topology} {cand.label()}: est {est['est_s'] * 1e3:,.0f} ms, needs "
+            at = "" if bound_s is None else f", bound {bound_s * 1e3:,.0f} ms"
+            print(f"  {topology} {cand.label()}: est {est['est_s'] * 1e3:,.0f} ms{at}, needs "
                   f"{need / plan.GiB:.2f} GiB per chip "
                   f"({'fits' if ok else 'does not fit'}{short}), {new} programs compiled, "
                   f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
@@ -168,7 +173,9 @@ def main(argv):
     print()
     best = None
     for res in out:
-        good = sorted((c for c in res["compiled"] if c["fits"]), key=lambda c: c["est_s"])
+        # The fits by the compiled bound (the estimate where a bound is missing).
+        good = sorted((c for c in res["compiled"] if c["fits"]),
+                      key=lambda c: c["bound_s"] or c["est_s"])  # fmt: skip
         print(f"{res['topology']} ({res['chips']} chips, {res['hbm_bytes'] / plan.GiB:.2f} GiB "
               f"each): {res['candidates']} candidates, {res['dropped_over_hbm']} over HBM on "
               f"their arguments alone, {len(res['refused'])} kinds refused, "
@@ -176,8 +183,10 @@ def main(argv):
         for reason, example in res["refused"].items():
             print(f"  refused ({example}): {reason}")
         for c in good[: _TOP.value]:
-            print(f"  fits: {c['candidate']}: {c['total_bytes'] / plan.GiB:.2f} GiB per chip, "
-                  f"est {c['est_s'] * 1e3:,.0f} ms")  # fmt: skip
+            print(
+                f"  fits: {c['candidate']}: {c['total_bytes'] / plan.GiB:.2f} GiB per chip, "
+                f"bound {(c['bound_s'] or 0) * 1e3:,.0f} ms, est {c['est_s'] * 1e3:,.0f} ms"
+            )
         if good and best is None:
             best = (res["topology"], good[0])
     report = {"command": "python -m launch.aot_search " + " ".join(sys.argv[1:]),

@@ -132,6 +132,9 @@ def test_search_compiles_the_best_ranked_and_names_the_smallest_slice(tmp_path):
     best = small["compiled"][0]
     assert best["fits"] and best["overrides"]["model.remat"] == "none"  # no recompute: fastest
     assert 0 < best["arg_bytes"] <= best["total_bytes"] < small["hbm_bytes"]
+    # The compiled bound (the planner's roofline of the train step) is no faster than FLOPs at
+    # peak, the estimate's compute (at this size the estimate is compute: no collectives).
+    assert best["bound_s"] >= best["est_s"] > 0
     assert report["smallest"]["topology"] == "v5e:2x2"
     assert report["plan_command"].startswith(
         "python -m launch.aot --config experiments/pretrain.py --topology v5e:2x2"

@@ -230,3 +230,15 @@ def families(ranked: list[tuple]) -> list[list[tuple]]:
     )
     ladders = [sorted(g, key=rung) for g in groups.values()]
     return sorted(ladders, key=lambda g: (g[0][0]["est_s"], g[0][0]["arg_bytes"]))
+
+
+def compiled_bound(rows: list[dict], chip, n_chips: int) -> float | None:
+    """The planner's roofline bound of a compiled candidate: its RL iteration (or rsft round),
+    else its train step, else its slowest function; None when a function did not fit."""
+    if not rows or not all(r.get("fits") and "roofline_s" in r for r in rows):
+        return None
+    it = plan.iteration(rows, chip, n_chips)
+    if it is not None:
+        return it["roofline_s"]
+    step = [r["roofline_s"] for r in rows if r["function"] == "train_step"]
+    return step[0] if step else max(r["roofline_s"] for r in rows)
