@@ -163,6 +163,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config and --topology are required")
+    unknown = sorted(set(_AXES.value) - set(plan_search.AXES))
+    if unknown:
+        raise app.UsageError(f"--axes {unknown}: expected some of {list(plan_search.AXES)}")
     logging.getLogger("absl").setLevel(logging.ERROR)
     paths.resolve_config(_CONFIG.value)
     base, cache, out = _CONFIG.value, {}, []

@@ -145,6 +145,13 @@ def test_search_compiles_the_best_ranked_and_names_the_smallest_slice(tmp_path):
     assert (big["topology"], big["candidates"], big["compiled"]) == ("v5e:2x4", 0, [])
 
 
+def test_search_refuses_an_unknown_axis_in_one_line():
+    proc = _search("--config", "experiments/pretrain.py", "--topology", "v5e:2x2",
+                   "--axes", "mesh,tp")  # fmt: skip
+    assert proc.returncode != 0
+    assert "--axes ['tp']: expected some of ['mesh', 'remat'" in proc.stderr
+
+
 def test_search_drops_candidates_whose_arguments_exceed_hbm_without_compiling():
     proc = _search("--config", "experiments/pretrain.py:size=6b", "--topology", "v5e:1x1",
                    "--axes", "remat")  # fmt: skip
