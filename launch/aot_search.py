@@ -165,7 +165,9 @@ def main(argv):
         raise app.UsageError("--config and --topology are required")
     unknown = sorted(set(_AXES.value) - set(plan_search.AXES))
     if unknown:
-        raise app.UsageError(f"--axes {unknown}: expected some of {list(plan_search.AXES)}")
+        print(f"error: --axes {unknown}: expected some of {list(plan_search.AXES)}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     logging.getLogger("absl").setLevel(logging.ERROR)
     paths.resolve_config(_CONFIG.value)
     base, cache, out = _CONFIG.value, {}, []

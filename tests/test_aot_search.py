@@ -148,8 +148,11 @@ def test_search_compiles_the_best_ranked_and_names_the_smallest_slice(tmp_path):
 def test_search_refuses_an_unknown_axis_in_one_line():
     proc = _search("--config", "experiments/pretrain.py", "--topology", "v5e:2x2",
                    "--axes", "mesh,tp")  # fmt: skip
-    assert proc.returncode != 0
-    assert "--axes ['tp']: expected some of ['mesh', 'remat'" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --axes ['tp']: expected some of "
+        "['mesh', 'remat', 'grad_accum', 'frozen_dtype', 'lora']"
+    ]
 
 
 def test_search_drops_candidates_whose_arguments_exceed_hbm_without_compiling():
