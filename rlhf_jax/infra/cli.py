@@ -72,3 +72,17 @@ def parse_flags(argv):
             text = f"unknown config key {text}"
         print(f"error: bad flag or config override: {text}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def with_overrides(config, overrides: dict):
+    """A copy of an ml_collections `config` with dotted-key overrides ("train.lr": 1e-4), as
+    `--config.train.lr=1e-4` sets them: the pipeline's per-stage configs, the planner's search
+    candidates."""
+    c = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

@@ -35,7 +35,7 @@ import dataclasses
 import itertools
 import math
 
-from rlhf_jax.infra import plan, plan_comm
+from rlhf_jax.infra import cli, plan, plan_comm
 
 REMATS = ("none", "dots", "full")
 FROZEN_DTYPES = ("float32", "bfloat16")
@@ -118,15 +118,8 @@ def candidates(config, topology: str, axes=AXES, lora_rank: int = 0) -> list[Can
 
 
 def apply(config, overrides: dict):
-    """A copy of `config` with dotted-key overrides."""
-    c = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    """A copy of `config` with a candidate's dotted-key overrides."""
+    return cli.with_overrides(config, overrides)
 
 
 def axis_bandwidth(mesh, axis: str, chip) -> float:

@@ -54,7 +54,7 @@ import jax
 
 from rlhf_jax import methods
 from rlhf_jax.data import lm_data
-from rlhf_jax.infra import preemption, sharding, tracking
+from rlhf_jax.infra import cli, preemption, sharding, tracking
 from rlhf_jax.models import hf_import, hf_init
 from rlhf_jax.stages import lm, rm
 from rlhf_jax.stages import pipeline_eval as ev
@@ -105,13 +105,7 @@ def stage_config(config, cfg, *, pretraining: bool, **over):
     (`config.rollout`: one for the whole run) and, for every stage after pretraining, the
     pipeline's `lora` section when its rank is set (a stage whose own `lora.rank` is set keeps
     its own): `--config.lora.rank=16` trains SFT, the RM and every method with adapters."""
-    cfg = cfg.copy_and_resolve_references()
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg = cli.with_overrides(cfg, over)
     cfg.seed = config.seed
     cfg.rollout.update(config.rollout)  # one generator for the whole run (rollout.py)
     if config.lora.rank and not pretraining and not cfg.lora.rank:
