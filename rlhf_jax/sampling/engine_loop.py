@@ -87,9 +87,9 @@ def sizes(rows, prompt, new, *, shards=1, num_slots=None, page_size=16, num_page
 
     One wave: with a slot for every row, a pool that holds every slot at full length, whole
     prompts per call, every slot per call and no yields, every row is admitted in the first
-    iteration, its prompt goes in one prefill call and no row ever waits for pages, is
-    preempted or gets tokens inserted: the only prefill call has every slot, so only that size
-    is compiled (the static sampler's single dense prefill).
+    iteration, its prompt goes in one prefill call and no row ever waits for pages or is
+    preempted: that call has every slot, so only that size is compiled (the static sampler's
+    single dense prefill). Any later prefill (tokens a `Rollout` appends) fits it too.
     """
     slots = num_slots or rows
     if slots % shards:
