@@ -66,6 +66,12 @@ _OUT = flags.DEFINE_string("out", None, "Write the search as JSON here.")
 START = time.time()
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds for the printout: whole above 100, three significant digits below."""
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def _compile(fns, devices, chip, n, cache: dict) -> tuple[list[dict], int]:
     """(plan.row of the functions up to the first that does not fit, programs newly compiled).
 
@@ -132,8 +138,8 @@ def search_topology(base, topology: str, rm_size: str, cache: dict) -> dict:
                           "total_bytes": need, "fits": ok,
                           "misfit": None if ok else rows[-1]["function"], "new_programs": new,
                           "compile_s": round(time.time() - t0, 1)})  # fmt: skip
-            at = "" if bound_s is None else f", bound {bound_s * 1e3:,.0f} ms"
-            print(f"  {topology} {cand.label()}: est {est['est_s'] * 1e3:,.0f} ms{at}, needs "
+            at = "" if bound_s is None else f", bound {_ms(bound_s)} ms"
+            print(f"  {topology} {cand.label()}: est {_ms(est['est_s'])} ms{at}, needs "
                   f"{need / plan.GiB:.2f} GiB per chip "
                   f"({'fits' if ok else 'does not fit'}{short}), {new} programs compiled, "
                   f"{time.time() - t0:.0f} s", flush=True)  # fmt: skip
@@ -190,7 +196,7 @@ def main(argv):
         for c in good[: _TOP.value]:
             print(
                 f"  fits: {c['candidate']}: {c['total_bytes'] / plan.GiB:.2f} GiB per chip, "
-                f"bound {(c['bound_s'] or 0) * 1e3:,.0f} ms, est {c['est_s'] * 1e3:,.0f} ms"
+                f"bound {_ms(c['bound_s'] or 0)} ms, est {_ms(c['est_s'])} ms"
             )
         if good and best is None:
             best = (res["topology"], good[0])
