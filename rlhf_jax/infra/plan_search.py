@@ -72,10 +72,6 @@ def meshes(n_chips: int, kv_heads: int, max_tensor: int = 8) -> list[tuple[int, 
     return out
 
 
-def _rows_per_step(config) -> int:
-    return config.train.batch_size
-
-
 def candidates(config, topology: str, axes=AXES, lora_rank: int = 0) -> list[Candidate]:
     """The grid of candidates of `config` on `topology` along `axes` (module docstring)."""
     from rlhf_jax.stages import aot_inputs  # the stages import the infra, not the reverse
@@ -105,7 +101,7 @@ def candidates(config, topology: str, axes=AXES, lora_rank: int = 0) -> list[Can
         o = dict(zip(keys, values, strict=True))
         d, f, t = o.pop("mesh")
         accum = o.get("train.grad_accum", 1)
-        if stage in ACCUM_STAGES and _rows_per_step(config) % (d * f * accum):
+        if stage in ACCUM_STAGES and config.train.batch_size % (d * f * accum):
             continue  # the step's rows do not split over the shards and microbatches
         if o.get("lora.rank"):
             if o.get("ppo.frozen_dtype", FROZEN_DTYPES[0]) != FROZEN_DTYPES[0]:
